@@ -1,0 +1,240 @@
+"""Input checking, in one place, before any work starts.
+
+:func:`prepare` turns the public arguments ``(model, inputs, h0, ...)`` into a :class:`Problem` with
+batch-first inputs ``(B, T, I)`` and a flat initial state ``(B, D)``, or raises a ``ValueError`` /
+``TypeError`` that says what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .dynamics import Dynamics, as_dynamics
+
+STATES = ("full", "h")
+METHODS = ("auto", "analytic", "autograd")
+
+
+class NonFiniteError(ValueError):
+    """NaN or Inf found in weights, inputs, states or Jacobians (the message names the first step)."""
+
+
+@dataclass
+class Problem:
+    """Normalised arguments: ``xs`` is ``(B, T, I)``, ``s0`` is ``(B, D)`` (full state)."""
+
+    dyn: Dynamics
+    xs: Tensor
+    s0: Tensor
+    unbatched: bool
+    method: str
+    state: str
+
+    @property
+    def batch(self) -> int:
+        return self.xs.shape[0]
+
+    @property
+    def steps(self) -> int:
+        return self.xs.shape[1]
+
+
+def check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def check_positive_int(name: str, value, *, minimum: int = 1, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
+def first_nonfinite_step(x: Tensor, time_dim: int = 1) -> int | None:
+    """Index along ``time_dim`` of the first slice with a NaN/Inf, or None."""
+    bad = ~torch.isfinite(x)
+    if not bool(bad.any()):
+        return None
+    dims = [d for d in range(x.dim()) if d != time_dim % x.dim()]
+    per_t = bad.any(dim=dims[0]) if len(dims) == 1 else bad.permute(time_dim, *dims).flatten(1).any(1)
+    return int(torch.nonzero(per_t)[0, 0])
+
+
+def check_finite_weights(dyn: Dynamics) -> None:
+    for t in dyn.tensors():
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"the model's weights contain NaN or Inf (a tensor of shape {tuple(t.shape)})")
+
+
+def check_states_finite(states: Tensor, offset: int = 0) -> None:
+    """``states`` is ``(B, T+1, D)`` with ``states[:, 0] = s_0``; reports the first bad step t."""
+    t = first_nonfinite_step(states, 1)
+    if t is not None:
+        raise NonFiniteError(
+            f"the hidden state becomes NaN/Inf at step t={t + offset} (s_t, t counted from 1; s_0 is the "
+            "initial state): the dynamics diverged or an input/weight is non-finite"
+        )
+
+
+def _as_tensor(name: str, value) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    raise TypeError(f"{name} must be a torch.Tensor (or numpy array); got {type(value).__name__}")
+
+
+def _flat_h0(dyn: Dynamics, h0, batch: int, unbatched: bool, like: Tensor) -> Tensor:
+    d = dyn.state_size
+    if h0 is None:
+        if dyn.custom is not None:
+            raise ValueError("h0 is required for a custom cell: it fixes the state size D (shape (B, D))")
+        return like.new_zeros(batch, d)
+    if isinstance(h0, (tuple, list)):
+        if dyn.arch != "lstm" or len(h0) != 2:
+            raise ValueError(
+                f"h0 as a tuple is the LSTM's (h0, c0) format; got a tuple of {len(h0)} for {dyn.arch}"
+            )
+        h, c = (_as_tensor("h0", t) for t in h0)
+        want_h = (dyn.num_layers, dyn.proj_size or dyn.hidden_size)
+        want_c = (dyn.num_layers, dyn.hidden_size)
+        if dyn.kind == "cell":
+            want_h, want_c = want_h[1:], want_c[1:]
+        if not unbatched:
+            ins = 0 if dyn.kind == "cell" else 1
+            want_h = want_h[:ins] + (batch,) + want_h[ins:]
+            want_c = want_c[:ins] + (batch,) + want_c[ins:]
+        if tuple(h.shape) != want_h or tuple(c.shape) != want_c:
+            raise ValueError(
+                f"h0 = (h0, c0) must have shapes {want_h} and {want_c}; got {tuple(h.shape)} and {tuple(c.shape)}"
+            )
+        if dyn.kind == "cell":
+            h, c = h.unsqueeze(0), c.unsqueeze(0)
+        if unbatched:
+            h, c = h.unsqueeze(1), c.unsqueeze(1)
+        return dyn.join([(h[li], c[li]) for li in range(dyn.num_layers)])
+    h0 = _as_tensor("h0", h0)
+    flat = (d,) if unbatched else (batch, d)
+    if tuple(h0.shape) == flat:
+        return h0 if not unbatched else h0.unsqueeze(0)
+    if dyn.kind == "module" and dyn.arch != "lstm":
+        mod = (dyn.num_layers, dyn.hidden_size) if unbatched else (dyn.num_layers, batch, dyn.hidden_size)
+        if tuple(h0.shape) == mod:
+            h0 = h0.unsqueeze(1) if unbatched else h0
+            return dyn.join([(h0[li], None) for li in range(dyn.num_layers)])
+        raise ValueError(f"h0 must have shape {mod} (the module's format) or {flat} (flat state); got {tuple(h0.shape)}")
+    if dyn.arch == "lstm" and dyn.custom is None:
+        raise ValueError(
+            f"h0 for an LSTM must be the (h0, c0) tuple or a flat state of shape {flat}; got {tuple(h0.shape)}"
+        )
+    raise ValueError(f"h0 must have shape {flat} (flat state, D={d}); got {tuple(h0.shape)}")
+
+
+def _check_custom_step(dyn: Dynamics, s0: Tensor, x0: Tensor) -> None:
+    s = s0.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = dyn.custom.step(s, x0.detach())
+    if not isinstance(out, Tensor):
+        raise TypeError(f"custom step must return a Tensor of shape {tuple(s0.shape)}; got {type(out).__name__}")
+    if tuple(out.shape) != tuple(s0.shape):
+        raise ValueError(
+            f"custom step(s, x) must return the next state with the shape of s {tuple(s0.shape)}; "
+            f"got {tuple(out.shape)}"
+        )
+    if not out.requires_grad:
+        grad = None
+    else:
+        (grad,) = torch.autograd.grad(out.sum(), s, allow_unused=True)
+    if grad is None:
+        raise ValueError(
+            "the custom step's output does not depend on its state argument s (input 0 of step(s, x) is "
+            "disconnected from the graph): J = ds'/ds would be identically zero; check that the step "
+            "uses s through differentiable torch operations (no .detach(), .item(), numpy)"
+        )
+    if dyn.custom.jacobian is not None:
+        j = dyn.custom.jacobian(s0, x0)
+        want = (s0.shape[0], s0.shape[1], s0.shape[1])
+        if not isinstance(j, Tensor) or tuple(j.shape) != want:
+            found = tuple(j.shape) if isinstance(j, Tensor) else type(j).__name__
+            raise ValueError(f"custom jacobian(s, x) must return shape {want}; got {found}")
+
+
+def prepare(
+    model,
+    inputs,
+    h0=None,
+    *,
+    state: str = "full",
+    method: str = "auto",
+    batch_first: bool | None = None,
+    dtype: torch.dtype | None = None,
+    device=None,
+) -> Problem:
+    """Validate and normalise the public arguments (see module docstring)."""
+    check_choice("state", state, STATES)
+    check_choice("method", method, METHODS)
+    xs = _as_tensor("inputs", inputs)
+    if not xs.is_floating_point():
+        raise TypeError(f"inputs must be a floating-point tensor; got dtype {xs.dtype}")
+    if isinstance(h0, Tensor) and model is not None and not isinstance(model, torch.nn.Module):
+        state_size = h0.shape[-1]
+    else:
+        state_size = None
+    dyn = as_dynamics(model, state_size=state_size)
+    if dyn.custom is not None and state == "h":
+        state = "full"  # a custom state has only h parts
+    if xs.dim() not in (2, 3):
+        raise ValueError(
+            f"inputs must be (B, T, I) (or (T, B, I) with batch_first=False, or unbatched (T, I)); "
+            f"got {xs.dim()} dims {tuple(xs.shape)}"
+        )
+    unbatched = xs.dim() == 2
+    bf = dyn.batch_first if batch_first is None else bool(batch_first)
+    if unbatched:
+        xs = xs.unsqueeze(0)
+    elif not bf:
+        xs = xs.transpose(0, 1)
+    if xs.shape[1] < 1:
+        raise ValueError(f"inputs must have at least one time step; got T=0 in shape {tuple(xs.shape)}")
+    if dyn.custom is None and xs.shape[-1] != dyn.input_size:
+        raise ValueError(
+            f"inputs have {xs.shape[-1]} features but the model expects input_size={dyn.input_size} "
+            f"(inputs shape {tuple(inputs.shape)})"
+        )
+    if dtype is not None or device is not None:
+        dyn = dyn.to(dtype=dtype, device=device)
+        xs = xs.to(dtype=dtype or xs.dtype, device=device or xs.device)
+    if dyn.dtype is not None:
+        if xs.dtype != dyn.dtype:
+            raise TypeError(
+                f"inputs have dtype {xs.dtype} but the model's weights are {dyn.dtype}; convert one of "
+                "them (or pass dtype=...)"
+            )
+        if xs.device != dyn.device:
+            raise ValueError(f"inputs are on {xs.device} but the model's weights are on {dyn.device}")
+    t_bad = first_nonfinite_step(xs, 1)
+    if t_bad is not None:
+        raise NonFiniteError(f"inputs contain NaN/Inf, first at step t={t_bad + 1}")
+    check_finite_weights(dyn)
+    s0 = _flat_h0(dyn, h0, xs.shape[0], unbatched, xs)
+    if dyn.custom is None:
+        s0 = s0.to(dtype=xs.dtype, device=xs.device)
+    elif s0.dtype != xs.dtype:
+        raise TypeError(f"h0 has dtype {s0.dtype} but inputs have {xs.dtype}")
+    if not bool(torch.isfinite(s0).all()):
+        raise NonFiniteError("h0 contains NaN/Inf")
+    if dyn.custom is not None:
+        _check_custom_step(dyn, s0, xs[:, 0])
+    if method == "auto":
+        method = "analytic" if dyn.has_closed_form else "autograd"
+    elif method == "analytic" and not dyn.has_closed_form:
+        raise ValueError(
+            "method='analytic' needs a closed form; this CustomCell has no jacobian=... (use "
+            "method='autograd' or 'auto')"
+        )
+    return Problem(dyn=dyn, xs=xs, s0=s0, unbatched=unbatched, method=method, state=state)

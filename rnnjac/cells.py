@@ -1,0 +1,301 @@
+r"""One recurrent layer: its step, and its closed-form linearisation.
+
+Every built-in layer maps ``(x, h, c) -> (h', c')`` (``c`` only for LSTM) with PyTorch's gate order.
+``x`` is the layer's input at this step (the network input for layer 0, ``h'`` of the layer below for
+the others). Pre-activations are ``gi = W_ih x + b_ih`` and ``gh = W_hh h + b_hh``.
+
+RNN (``phi`` = tanh or relu)::
+
+    h' = phi(gi + gh)
+    dh' = phi'(a) * (W_ih dx + W_hh dh)                      J = diag(phi'(a)) W_hh
+
+GRU (blocks r, z, n)::
+
+    r = sigmoid(gi_r + gh_r)   z = sigmoid(gi_z + gh_z)   n = tanh(gi_n + r * gh_n)
+    h' = (1 - z) * n + z * h
+    dr = r(1-r) (dgi_r + dgh_r);  dz = z(1-z) (dgi_z + dgh_z)
+    dn = (1-n^2) (dgi_n + gh_n dr + r dgh_n)
+    dh' = (h - n) dz + (1 - z) dn + z dh
+
+LSTM (blocks i, f, g, o; optional projection ``W_hr`` of shape (proj_size, hidden_size))::
+
+    c' = f c + i g      m = o tanh(c')      h' = W_hr m   (or h' = m)
+    dc' = g i(1-i) dI + c f(1-f) dF + i(1-g^2) dG + f dc      (dI = dgi_i + dgh_i, ...)
+    dm  = tanh(c') o(1-o) dO + o(1-tanh^2 c') dc'
+    dh' = W_hr dm
+
+Each ``tangent`` below is exactly the line ``d...`` above: it pushes a block of tangent vectors
+``(N, size, k)`` through the linearised step, one shared GEMM per weight matrix, so that ``J Q`` never
+materialises ``J`` (DESIGN.md, "Structure pays"). A tangent argument may be ``None`` (zero) or
+:data:`EYE` (the identity), which turns ``W @ EYE`` into ``W`` itself and lets the same code materialise
+``J`` at the cost of a few broadcasts.
+
+Each ``row_form`` writes the layer's own block as, for every output row ``i``,
+``row_i = diag_i e_i + sum_k a_ki W_k[i, :]`` over the h-input columns (plus a pure diagonal on the c
+columns), which gives ``||J||_F^2`` from a ``(K, K)`` Gram matrix per row at O(N K^2 H) cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["EYE", "ARCHITECTURES", "LayerParams"]
+
+
+class _Eye:
+    """Sentinel for the identity as a tangent block (``W @ EYE == W``)."""
+
+    def __repr__(self) -> str:
+        return "EYE"
+
+
+EYE = _Eye()
+
+
+def _mm(w: Tensor, v):
+    """``W @ V`` for V a tensor ``(N, n, k)``, ``EYE`` or ``None`` (zero)."""
+    if v is None:
+        return None
+    if v is EYE:
+        return w
+    return torch.matmul(w, v)
+
+
+def _diag(d: Tensor, v):
+    """``diag(d) @ V`` for d ``(N, m)``."""
+    if v is None:
+        return None
+    if v is EYE:
+        return torch.diag_embed(d)
+    return d.unsqueeze(-1) * v
+
+
+def _scale(a: Tensor, g):
+    """Row scaling ``a[..., None] * G`` where G may be ``None``."""
+    return None if g is None else a.unsqueeze(-1) * g
+
+
+def _add(*terms):
+    out = None
+    for t in terms:
+        if t is None:
+            continue
+        out = t if out is None else out + t
+    return out
+
+
+@dataclass
+class LayerParams:
+    """The weights of one layer, as references to the module's own tensors (never copies)."""
+
+    w_ih: Tensor
+    w_hh: Tensor
+    b_ih: Tensor | None = None
+    b_hh: Tensor | None = None
+    w_hr: Tensor | None = None
+
+    def to(self, **kwargs) -> LayerParams:
+        conv = {k: (None if v is None else v.to(**kwargs)) for k, v in self.__dict__.items()}
+        return LayerParams(**conv)
+
+    def tensors(self) -> list[Tensor]:
+        return [v for v in self.__dict__.values() if v is not None]
+
+
+def _pre(p: LayerParams, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    gi = torch.nn.functional.linear(x, p.w_ih, p.b_ih)
+    gh = torch.nn.functional.linear(h, p.w_hh, p.b_hh)
+    return gi, gh
+
+
+def _gates_tangent(p: LayerParams, dx, dh):
+    return _add(_mm(p.w_ih, dx), _mm(p.w_hh, dh))
+
+
+def _rowgram(w_hh: Tensor, n_gates: int) -> Tensor:
+    """``G[i, k, l] = <W_k[i, :], W_l[i, :]>`` for the gate blocks of ``w_hh``: shape (H, K, K)."""
+    hidden = w_hh.shape[0] // n_gates
+    w = w_hh.reshape(n_gates, hidden, -1).transpose(0, 1)  # (H, K, In)
+    return w @ w.transpose(1, 2)
+
+
+def _rowdiag(w_hh: Tensor, n_gates: int) -> Tensor:
+    """``W_k[i, i]`` for each gate block: shape (H, K) (requires a square block)."""
+    hidden = w_hh.shape[0] // n_gates
+    return torch.diagonal(w_hh.reshape(n_gates, hidden, -1), dim1=1, dim2=2).T
+
+
+def _row_norm_sq(coef: Tensor, gram: Tensor) -> Tensor:
+    """``sum_i a_i^T G_i a_i`` for coef (N, H, K), gram (H, K, K) -> (N,)."""
+    return torch.einsum("nhk,hkl,nhl->n", coef, gram, coef)
+
+
+class RNNArch:
+    """Elman RNN layer (tanh or relu)."""
+
+    n_gates = 1
+    has_c = False
+
+    def __init__(self, nonlinearity: str = "tanh"):
+        self.nonlinearity = nonlinearity
+        self.name = f"rnn_{nonlinearity}"
+
+    def step(self, p, x, h, c=None):
+        gi, gh = _pre(p, x, h)
+        a = gi + gh
+        return (torch.tanh(a) if self.nonlinearity == "tanh" else torch.relu(a)), None
+
+    def linearize(self, p, x, h, c=None):
+        gi, gh = _pre(p, x, h)
+        a = gi + gh
+        if self.nonlinearity == "tanh":
+            h_new = torch.tanh(a)
+            dphi = 1 - h_new * h_new
+        else:
+            h_new = torch.relu(a)
+            dphi = (a > 0).to(a.dtype)
+        return h_new, None, {"dphi": dphi}
+
+    def tangent(self, p, coef, dx, dh, dc=None):
+        return _scale(coef["dphi"], _gates_tangent(p, dx, dh)), None
+
+    def frobenius_sq(self, p, coef):
+        # ||diag(a) W||_F^2 = sum_i a_i^2 ||W[i]||^2
+        return (coef["dphi"] ** 2 * (p.w_hh**2).sum(-1)).sum(-1)
+
+
+class GRUArch:
+    """GRU layer, PyTorch's (r, z, n) block order with ``b_hn`` inside the reset product."""
+
+    n_gates = 3
+    has_c = False
+    name = "gru"
+
+    def step(self, p, x, h, c=None):
+        gi, gh = _pre(p, x, h)
+        gi_r, gi_z, gi_n = gi.chunk(3, -1)
+        gh_r, gh_z, gh_n = gh.chunk(3, -1)
+        r = torch.sigmoid(gi_r + gh_r)
+        z = torch.sigmoid(gi_z + gh_z)
+        n = torch.tanh(gi_n + r * gh_n)
+        return (1 - z) * n + z * h, None
+
+    def linearize(self, p, x, h, c=None):
+        gi, gh = _pre(p, x, h)
+        gi_r, gi_z, gi_n = gi.chunk(3, -1)
+        gh_r, gh_z, gh_n = gh.chunk(3, -1)
+        r = torch.sigmoid(gi_r + gh_r)
+        z = torch.sigmoid(gi_z + gh_z)
+        n = torch.tanh(gi_n + r * gh_n)
+        h_new = (1 - z) * n + z * h
+        a_n = (1 - z) * (1 - n * n)
+        coef = {
+            "z": z,
+            "a_z": (h - n) * z * (1 - z),  # on dgi_z + dgh_z
+            "a_n": a_n,  # on dgi_n
+            "a_hn": a_n * r,  # on dgh_n
+            "a_r": a_n * gh_n * r * (1 - r),  # on dgi_r + dgh_r
+        }
+        return h_new, None, coef
+
+    def tangent(self, p, coef, dx, dh, dc=None):
+        gi = _mm(p.w_ih, dx)
+        gh = _mm(p.w_hh, dh)
+        hid = coef["z"].shape[-1]
+
+        def blk(g, k):
+            return None if g is None else g[..., k * hid : (k + 1) * hid, :]
+
+        out = _add(
+            _scale(coef["a_r"], _add(blk(gi, 0), blk(gh, 0))),
+            _scale(coef["a_z"], _add(blk(gi, 1), blk(gh, 1))),
+            _scale(coef["a_n"], blk(gi, 2)),
+            _scale(coef["a_hn"], blk(gh, 2)),
+            _diag(coef["z"], dh),
+        )
+        return out, None
+
+    def frobenius_sq(self, p, coef):
+        a = torch.stack([coef["a_r"], coef["a_z"], coef["a_hn"]], -1)  # (N, H, 3)
+        gram = _rowgram(p.w_hh, 3)
+        wdiag = _rowdiag(p.w_hh, 3)  # (H, 3)
+        z = coef["z"]
+        return _row_norm_sq(a, gram) + (z * z).sum(-1) + 2 * (z * (a * wdiag).sum(-1)).sum(-1)
+
+
+class LSTMArch:
+    """LSTM layer, PyTorch's (i, f, g, o) block order, optional projection ``W_hr``."""
+
+    n_gates = 4
+    has_c = True
+    name = "lstm"
+
+    def step(self, p, x, h, c):
+        gi, gh = _pre(p, x, h)
+        i, f, g, o = (gi + gh).chunk(4, -1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c_new = f * c + i * g
+        m = o * torch.tanh(c_new)
+        h_new = m if p.w_hr is None else torch.nn.functional.linear(m, p.w_hr)
+        return h_new, c_new
+
+    def linearize(self, p, x, h, c):
+        gi, gh = _pre(p, x, h)
+        i, f, g, o = (gi + gh).chunk(4, -1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c_new = f * c + i * g
+        tc = torch.tanh(c_new)
+        m = o * tc
+        h_new = m if p.w_hr is None else torch.nn.functional.linear(m, p.w_hr)
+        coef = {
+            "s_i": g * i * (1 - i),
+            "s_f": c * f * (1 - f),
+            "s_g": i * (1 - g * g),
+            "f": f,
+            "s_o": tc * o * (1 - o),
+            "s_m": o * (1 - tc * tc),
+        }
+        return h_new, c_new, coef
+
+    def tangent(self, p, coef, dx, dh, dc):
+        gates = _gates_tangent(p, dx, dh)
+        hid = coef["f"].shape[-1]
+
+        def blk(k):
+            return None if gates is None else gates[..., k * hid : (k + 1) * hid, :]
+
+        dc_new = _add(
+            _scale(coef["s_i"], blk(0)),
+            _scale(coef["s_f"], blk(1)),
+            _scale(coef["s_g"], blk(2)),
+            _diag(coef["f"], dc),
+        )
+        dm = _add(_scale(coef["s_o"], blk(3)), _scale(coef["s_m"], dc_new))
+        dh_new = dm if p.w_hr is None else _mm(p.w_hr, dm)
+        return dh_new, dc_new
+
+    def frobenius_sq(self, p, coef):
+        if p.w_hr is not None:
+            return None  # projection mixes rows: no row-local form
+        s_i, s_f, s_g, s_o, s_m, f = (coef[k] for k in ("s_i", "s_f", "s_g", "s_o", "s_m", "f"))
+        gram = _rowgram(p.w_hh, 4)
+        a_c = torch.stack([s_i, s_f, s_g, torch.zeros_like(s_i)], -1)
+        a_h = torch.stack([s_m * s_i, s_m * s_f, s_m * s_g, s_o], -1)
+        return (
+            _row_norm_sq(a_c, gram)
+            + _row_norm_sq(a_h, gram)
+            + (f * f).sum(-1)
+            + (s_m * f).pow(2).sum(-1)
+        )
+
+
+ARCHITECTURES = {
+    "rnn_tanh": RNNArch("tanh"),
+    "rnn_relu": RNNArch("relu"),
+    "gru": GRUArch(),
+    "lstm": LSTMArch(),
+}
+"""Registry of built-in layer kinds, keyed by the name recorded in output attrs."""

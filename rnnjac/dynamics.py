@@ -1,0 +1,410 @@
+"""Adapters: every supported model as one discrete-time system ``s_t = F(s_{t-1}, x_t)``.
+
+:class:`Dynamics` is the single interface the rest of the package talks to. It holds references to
+the model's own weight tensors (so gradients flow to them) and knows the layout of the state vector:
+layer-major, ``[h; c]`` inside an LSTM layer, ``[h]`` otherwise (DESIGN.md, "State vector").
+
+Built from ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (any ``num_layers``, ``bias``, ``batch_first``,
+``proj_size``), from ``nn.RNNCell``/``GRUCell``/``LSTMCell``, or from a :class:`CustomCell`. Dropout
+between layers is ignored (eval semantics); bidirectional modules are refused.
+
+:class:`Linearization` is ``J_t`` for a batch of steps, kept in factored form for the built-in cells:
+``apply`` computes ``J Q`` with shared GEMMs, ``materialize`` forms ``J``, ``frobenius_sq`` gives
+``||J||_F^2``. For custom cells (or ``method="autograd"``) it holds the materialised Jacobian from
+``torch.func.vmap(torch.func.jacrev(step))`` or the user's own closed form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .cells import ARCHITECTURES, EYE, LayerParams
+
+__all__ = ["CustomCell", "Dynamics", "Linearization", "as_dynamics"]
+
+
+class CustomCell:
+    """A user-defined recurrent step, analysed like the built-in cells.
+
+    Parameters
+    ----------
+    step : callable
+        ``step(s, x) -> s_next`` on batched tensors ``s`` of shape ``(B, D)`` and ``x`` of shape
+        ``(B, I)``. It must be written with differentiable torch operations (it is differentiated
+        with ``torch.func``).
+    jacobian : callable, optional
+        ``jacobian(s, x) -> (B, D, D)``, the user's own closed form of ``d step / d s``. When given,
+        ``method="analytic"`` (and ``"auto"``) uses it, and :func:`rnnjac.verify` checks it.
+    name : str, optional
+        Recorded as the ``architecture`` attribute of outputs (default ``"custom"``).
+    parameters : iterable of Tensor, optional
+        Tensors the step depends on (for dtype/device conversion checks and regularizers).
+
+    Examples
+    --------
+    >>> import torch, rnnjac
+    >>> W = torch.randn(3, 3) * 0.5
+    >>> cell = rnnjac.CustomCell(lambda s, x: torch.tanh(s @ W.T + x))
+    >>> rnnjac.jacobians(cell, torch.randn(2, 5, 3), torch.zeros(2, 3)).shape
+    torch.Size([2, 5, 3, 3])
+    """
+
+    def __init__(
+        self,
+        step: Callable[[Tensor, Tensor], Tensor],
+        jacobian: Callable[[Tensor, Tensor], Tensor] | None = None,
+        *,
+        name: str = "custom",
+        parameters=None,
+    ):
+        if not callable(step):
+            raise TypeError(f"CustomCell step must be callable, got {type(step).__name__}")
+        if jacobian is not None and not callable(jacobian):
+            raise TypeError(f"CustomCell jacobian must be callable or None, got {type(jacobian).__name__}")
+        self.step = step
+        self.jacobian = jacobian
+        self.name = name
+        self.parameters = list(parameters) if parameters is not None else []
+
+    def __repr__(self) -> str:
+        return f"CustomCell({self.name!r}, jacobian={'yes' if self.jacobian else 'no'})"
+
+
+_MODULE_ARCH = {nn.RNN: "rnn", nn.GRU: "gru", nn.LSTM: "lstm"}
+_CELL_ARCH = {nn.RNNCell: "rnn", nn.GRUCell: "gru", nn.LSTMCell: "lstm"}
+
+
+class Dynamics:
+    """One recurrent model seen as ``s_t = F(s_{t-1}, x_t)`` on a flat state of size ``D``.
+
+    Use :func:`as_dynamics` to build one; the attributes describe the model.
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        layers: list[LayerParams],
+        *,
+        input_size: int,
+        hidden_size: int,
+        proj_size: int = 0,
+        batch_first: bool = True,
+        kind: str = "module",
+        custom: CustomCell | None = None,
+        state_size: int | None = None,
+    ):
+        self.arch = arch
+        self.layers = layers
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.proj_size = proj_size
+        self.batch_first = batch_first
+        self.kind = kind  # "module", "cell" or "custom"
+        self.custom = custom
+        self.num_layers = max(len(layers), 1)
+        self._cell = ARCHITECTURES.get(arch)
+        if custom is not None:
+            self.parts = [[("h", int(state_size))]]
+        else:
+            h_out = proj_size or hidden_size
+            per = [("h", h_out), ("c", hidden_size)] if self._cell.has_c else [("h", h_out)]
+            self.parts = [list(per) for _ in layers]
+
+    # ----------------------------------------------------------------------------- layout
+    @property
+    def state_size(self) -> int:
+        return sum(n for layer in self.parts for _, n in layer)
+
+    @property
+    def h_size(self) -> int:
+        return sum(n for layer in self.parts for p, n in layer if p == "h")
+
+    @property
+    def has_closed_form(self) -> bool:
+        return self.custom is None or self.custom.jacobian is not None
+
+    def size(self, state: str) -> int:
+        return self.state_size if state == "full" else self.h_size
+
+    def unit_coords(self, state: str = "full") -> dict[str, list]:
+        """``layer``, ``part``, ``neuron`` labels of the state coordinates."""
+        layer, part, neuron = [], [], []
+        for li, parts in enumerate(self.parts):
+            for name, n in parts:
+                if state == "h" and name != "h":
+                    continue
+                layer += [li] * n
+                part += [name] * n
+                neuron += list(range(n))
+        return {"layer": layer, "part": part, "neuron": neuron}
+
+    def h_index(self, device=None) -> Tensor:
+        """Positions of the h coordinates inside the full state."""
+        idx, off = [], 0
+        for parts in self.parts:
+            for name, n in parts:
+                if name == "h":
+                    idx += range(off, off + n)
+                off += n
+        return torch.tensor(idx, dtype=torch.long, device=device)
+
+    def split(self, s: Tensor) -> list[tuple[Tensor, Tensor | None]]:
+        """Full state ``(..., D)`` -> per layer ``(h, c)`` (``c`` is None without a cell state)."""
+        out, off = [], 0
+        for parts in self.parts:
+            vals = []
+            for _, n in parts:
+                vals.append(s[..., off : off + n])
+                off += n
+            out.append((vals[0], vals[1] if len(vals) > 1 else None))
+        return out
+
+    def join(self, layers: list[tuple[Tensor, Tensor | None]]) -> Tensor:
+        return torch.cat([t for h, c in layers for t in ((h,) if c is None else (h, c))], -1)
+
+    def with_h(self, h: Tensor, s: Tensor) -> Tensor:
+        """Full state ``s`` with its h parts replaced by ``h`` (``(..., h_size)``)."""
+        out, off = [], 0
+        for hh, c in self.split(s):
+            n = hh.shape[-1]
+            out.append((h[..., off : off + n], c))
+            off += n
+        return self.join(out)
+
+    # ----------------------------------------------------------------------------- parameters
+    def tensors(self) -> list[Tensor]:
+        if self.custom is not None:
+            return list(self.custom.parameters)
+        return [t for p in self.layers for t in p.tensors()]
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        ts = self.tensors()
+        return ts[0].dtype if ts else None
+
+    @property
+    def device(self) -> torch.device | None:
+        ts = self.tensors()
+        return ts[0].device if ts else None
+
+    def to(self, dtype=None, device=None) -> Dynamics:
+        """A copy on another dtype/device (the model itself is untouched)."""
+        if self.custom is not None:
+            return self
+        kw = {k: v for k, v in (("dtype", dtype), ("device", device)) if v is not None}
+        return Dynamics(
+            self.arch,
+            [p.to(**kw) for p in self.layers],
+            input_size=self.input_size,
+            hidden_size=self.hidden_size,
+            proj_size=self.proj_size,
+            batch_first=self.batch_first,
+            kind=self.kind,
+        )
+
+    def describe(self) -> dict:
+        return {
+            "architecture": self.custom.name if self.custom is not None else self.arch,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "input_size": self.input_size,
+            "proj_size": self.proj_size,
+        }
+
+    # ----------------------------------------------------------------------------- stepping
+    def step(self, s: Tensor, x: Tensor) -> Tensor:
+        """One step of the full state: ``(N, D), (N, I) -> (N, D)``."""
+        if self.custom is not None:
+            return self.custom.step(s, x)
+        out, inp = [], x
+        for p, (h, c) in zip(self.layers, self.split(s)):
+            h, c = self._cell.step(p, inp, h, c)
+            out.append((h, c))
+            inp = h
+        return self.join(out)
+
+    def run(self, s0: Tensor, xs: Tensor) -> Tensor:
+        """States ``s_0..s_T`` as ``(B, T+1, D)`` from ``s0 (B, D)`` and inputs ``xs (B, T, I)``."""
+        states = [s0]
+        s = s0
+        for t in range(xs.shape[1]):
+            s = self.step(s, xs[:, t])
+            states.append(s)
+        return torch.stack(states, 1)
+
+    def linearize(self, s: Tensor, x: Tensor, method: str = "analytic", chunk_size=None) -> Linearization:
+        """The step Jacobians at a batch of (state, input) pairs ``(N, D), (N, I)``."""
+        if method == "autograd":
+            return Linearization(self, s, x, jac=_autograd_jacobian(self.step, s, x, chunk_size))
+        if self.custom is not None:
+            return Linearization(self, s, x, jac=self.custom.jacobian(s, x))
+        coefs, inp = [], x
+        for p, (h, c) in zip(self.layers, self.split(s)):
+            h, c, coef = self._cell.linearize(p, inp, h, c)
+            coefs.append(coef)
+            inp = h
+        return Linearization(self, s, x, coefs=coefs)
+
+
+def _autograd_jacobian(step, s: Tensor, x: Tensor, chunk_size=None) -> Tensor:
+    """``vmap(jacrev(step))`` over the leading dim of ``s (N, D)`` and ``x (N, I)``."""
+    from torch.func import jacrev, vmap
+
+    def single(si, xi):
+        return step(si.unsqueeze(0), xi.unsqueeze(0)).squeeze(0)
+
+    return vmap(jacrev(single, argnums=0, chunk_size=chunk_size))(s, x)
+
+
+class Linearization:
+    """``J_t`` for ``N`` steps at once, factored (built-in cells) or materialised."""
+
+    def __init__(self, dyn: Dynamics, s: Tensor, x: Tensor, *, coefs=None, jac: Tensor | None = None):
+        self.dyn = dyn
+        self.s = s
+        self.x = x
+        self.coefs = coefs
+        self.jac = jac
+
+    @property
+    def factored(self) -> bool:
+        return self.coefs is not None
+
+    def _h_only(self, j: Tensor, rows: bool = True, cols: bool = True) -> Tensor:
+        idx = self.dyn.h_index(j.device)
+        if rows:
+            j = j.index_select(-2, idx)
+        if cols:
+            j = j.index_select(-1, idx)
+        return j
+
+    def apply(self, q: Tensor, state: str = "full") -> Tensor:
+        """``J @ Q`` for tangents ``Q`` of shape ``(N, D, k)`` (``D`` of the chosen ``state``)."""
+        dyn = self.dyn
+        if not self.factored:
+            j = self.jac if state == "full" or dyn.custom is not None else self._h_only(self.jac)
+            return j @ q
+        out, dx, off = [], None, 0
+        for p, coef, parts in zip(dyn.layers, self.coefs, dyn.parts):
+            n_h = parts[0][1]
+            dh = q[..., off : off + n_h, :]
+            off += n_h
+            dc = None
+            if len(parts) > 1 and state == "full":
+                dc = q[..., off : off + parts[1][1], :]
+                off += parts[1][1]
+            dh, dc = dyn._cell.tangent(p, coef, dx, dh, dc)
+            out.append(dh)
+            if dc is not None and state == "full":
+                out.append(dc)
+            dx = dh
+        return torch.cat(out, -2)
+
+    def materialize(self, state: str = "full") -> Tensor:
+        """``J`` as ``(N, D, D)``."""
+        dyn = self.dyn
+        if not self.factored:
+            return self.jac if state == "full" or dyn.custom is not None else self._h_only(self.jac)
+        n = self.s.shape[0]
+        cell = dyn._cell
+        rows, below = [], None  # below: h-rows of the previous layer's row block
+        total = dyn.state_size
+        done = 0
+        for p, coef, parts in zip(dyn.layers, self.coefs, dyn.parts):
+            d_l = sum(m for _, m in parts)
+            cols = [cell.tangent(p, coef, None, EYE, None)]
+            if len(parts) > 1:
+                cols.append(cell.tangent(p, coef, None, None, EYE))
+            diag = torch.cat([torch.cat([dh, dc] if dc is not None else [dh], -2) for dh, dc in cols], -1)
+            pieces = []
+            if below is not None:
+                lh, lc = cell.tangent(p, coef, below, None, None)
+                pieces.append(torch.cat([lh, lc] if lc is not None else [lh], -2))
+            pieces.append(diag)
+            left = done + d_l
+            if total > left:
+                pieces.append(diag.new_zeros(n, d_l, total - left))
+            block = torch.cat(pieces, -1)
+            rows.append(block)
+            below = block[:, : parts[0][1], :left]
+            done = left
+        j = torch.cat(rows, -2)
+        return j if state == "full" else self._h_only(j)
+
+    def frobenius_sq(self, state: str = "full") -> Tensor:
+        """``||J||_F^2`` per step, ``(N,)``; O(N K^2 H) for single-layer built-in cells."""
+        dyn = self.dyn
+        if self.factored and dyn.num_layers == 1 and (state == "full" or not dyn._cell.has_c):
+            val = dyn._cell.frobenius_sq(dyn.layers[0], self.coefs[0])
+            if val is not None:
+                return val
+        return self.materialize(state).pow(2).sum((-2, -1))
+
+
+def _rnn_layers(module, num_layers: int, *, cell: bool = False) -> list[LayerParams]:
+    out = []
+    for li in range(num_layers):
+        suffix = "" if cell else f"_l{li}"
+        get = lambda base: getattr(module, base + suffix, None)  # noqa: E731
+        out.append(
+            LayerParams(
+                w_ih=get("weight_ih"),
+                w_hh=get("weight_hh"),
+                b_ih=get("bias_ih"),
+                b_hh=get("bias_hh"),
+                w_hr=get("weight_hr"),
+            )
+        )
+    return out
+
+
+def as_dynamics(model, *, state_size: int | None = None) -> Dynamics:
+    """Adapt a module, cell, :class:`CustomCell` or bare callable to :class:`Dynamics`.
+
+    Raises ``ValueError`` for bidirectional modules and ``TypeError`` for anything unsupported.
+    """
+    if isinstance(model, Dynamics):
+        return model
+    if isinstance(model, CustomCell) or (callable(model) and not isinstance(model, nn.Module)):
+        cell = model if isinstance(model, CustomCell) else CustomCell(model)
+        return Dynamics("custom", [], input_size=-1, hidden_size=state_size or 0, custom=cell, state_size=state_size)
+    for cls, base in _MODULE_ARCH.items():
+        if isinstance(model, cls):
+            if model.bidirectional:
+                raise ValueError(
+                    f"{type(model).__name__}(bidirectional=True) is not one causal dynamical system: its "
+                    "backward direction runs from t=T down to 1. Analyse each direction as its own model "
+                    "(e.g. copy the *_reverse weights into a unidirectional module)."
+                )
+            arch = f"rnn_{model.nonlinearity}" if base == "rnn" else base
+            layers = _rnn_layers(model, model.num_layers)
+            return Dynamics(
+                arch,
+                layers,
+                input_size=model.input_size,
+                hidden_size=model.hidden_size,
+                proj_size=getattr(model, "proj_size", 0),
+                batch_first=model.batch_first,
+                kind="module",
+            )
+    for cls, base in _CELL_ARCH.items():
+        if isinstance(model, cls):
+            arch = f"rnn_{model.nonlinearity}" if base == "rnn" else base
+            return Dynamics(
+                arch,
+                _rnn_layers(model, 1, cell=True),
+                input_size=model.input_size,
+                hidden_size=model.hidden_size,
+                batch_first=True,
+                kind="cell",
+            )
+    if isinstance(model, nn.Module):
+        raise TypeError(
+            f"expected nn.RNN, nn.GRU, nn.LSTM, one of their cells, a CustomCell or a callable step(s, x), "
+            f"got {type(model).__name__}; for a larger model pass its recurrent submodule, or wrap your "
+            "step in rnnjac.CustomCell"
+        )
+    raise TypeError(f"expected a recurrent module or a callable step(s, x), got {type(model).__name__}")
