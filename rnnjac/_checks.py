@@ -19,6 +19,10 @@ STATES = ("full", "h")
 METHODS = ("auto", "analytic", "autograd")
 
 
+class RnnjacWarning(UserWarning):
+    """Warnings about something the caller can fix (e.g. a float32 finite-difference check)."""
+
+
 class NonFiniteError(ValueError):
     """NaN or Inf found in weights, inputs, states or Jacobians (the message names the first step)."""
 

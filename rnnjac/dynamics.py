@@ -107,7 +107,7 @@ class Dynamics:
         self.num_layers = max(len(layers), 1)
         self._cell = ARCHITECTURES.get(arch)
         if custom is not None:
-            self.parts = [[("h", int(state_size))]]
+            self.parts = [[("h", int(state_size or 0))]]
         else:
             h_out = proj_size or hidden_size
             per = [("h", h_out), ("c", hidden_size)] if self._cell.has_c else [("h", h_out)]
