@@ -8,14 +8,20 @@ differentiable penalties. Conventions are in the README ("Conventions").
 from ._version import __version__
 from ._checks import NonFiniteError, RnnjacWarning
 from .dynamics import CustomCell
+from .datasets import open_dataset, save
 from .jacobians import iter_jacobians, jacobians, trajectory
+from .verify import finite_difference_jacobians, verify
 
 __all__ = [
     "__version__",
     "CustomCell",
     "NonFiniteError",
     "RnnjacWarning",
+    "finite_difference_jacobians",
     "iter_jacobians",
     "jacobians",
+    "open_dataset",
+    "save",
     "trajectory",
+    "verify",
 ]

@@ -1,0 +1,260 @@
+"""The one place that builds xarray objects, and their files (netCDF via h5netcdf, or zarr).
+
+Schema (DESIGN.md, "Labelled outputs"):
+
+- dims ``batch``, ``time`` (t = 1..T, units "step"), ``sv_index``, ``eig_index``, ``le_index``,
+  ``unit`` (with coords ``layer``, ``part``, ``neuron``), ``checkpoint`` for sweeps;
+- variables listed in :data:`VARIABLES`, each with ``long_name`` and ``units``;
+- global attributes: strings and numbers only (flags 0/1, configurations as JSON strings).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+
+from ._version import __version__
+
+__all__ = ["VARIABLES", "save", "open_dataset", "validate", "build_dataset"]
+
+BATCH, TIME, SV, EIG, LE, UNIT, CHECKPOINT = "batch", "time", "sv_index", "eig_index", "le_index", "unit", "checkpoint"
+DIMS = (CHECKPOINT, BATCH, TIME, SV, EIG, LE, UNIT)
+
+#: name -> (dims, long_name, units)
+VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "singular_values": ((BATCH, TIME, SV), "singular values of the step Jacobian J_t", "1"),
+    "eigenvalues_real": ((BATCH, TIME, EIG), "real part of the eigenvalues of J_t", "1"),
+    "eigenvalues_imag": ((BATCH, TIME, EIG), "imaginary part of the eigenvalues of J_t", "1"),
+    "spectral_radius": ((BATCH, TIME), "spectral radius of J_t", "1"),
+    "lyapunov_exponents": ((BATCH, LE), "Lyapunov exponents", "nats/step"),
+    "local_lyapunov": ((BATCH, TIME, LE), "local Lyapunov exponents log R_ii at step t", "nats/step"),
+    "kaplan_yorke_dimension": ((BATCH,), "Kaplan-Yorke (Lyapunov) dimension", "1"),
+    "ks_entropy": ((BATCH,), "sum of positive Lyapunov exponents (Pesin entropy bound)", "nats/step"),
+    "end_to_end_singular_values": (
+        (BATCH, TIME, SV),
+        "singular values of the end-to-end Jacobian ds_t/ds_0",
+        "1",
+    ),
+    "states": ((BATCH, TIME, UNIT), "hidden state s_t", "1"),
+    "fd_max_abs_error": ((BATCH, TIME), "max |J_t - J_t(finite differences)|", "1"),
+    "fd_max_rel_error": ((BATCH, TIME), "max |J_t - J_fd| / max |J_fd|", "1"),
+}
+
+REQUIRED_ATTRS = (
+    "rnnjac_version",
+    "torch_version",
+    "created_at",
+    "architecture",
+    "num_layers",
+    "hidden_size",
+    "input_size",
+    "state",
+    "method",
+    "dtype",
+    "device",
+    "config_json",
+)
+
+
+def _np(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _attr(v):
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, (int, float, str)):
+        return v
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if v is None:
+        return ""
+    if isinstance(v, (torch.dtype, torch.device)):
+        return str(v).replace("torch.", "")
+    return json.dumps(v, default=str)
+
+
+def build_dataset(
+    variables: dict,
+    *,
+    dyn=None,
+    state: str = "full",
+    method: str = "",
+    dtype=None,
+    device=None,
+    time=None,
+    config: dict | None = None,
+    attrs: dict | None = None,
+) -> xr.Dataset:
+    """Assemble a labelled Dataset from tensors keyed by names of :data:`VARIABLES`.
+
+    ``time`` gives the step numbers (default 1..T); unit coordinates come from ``dyn``.
+    """
+    data_vars, coords = {}, {}
+    for name, value in variables.items():
+        if value is None:
+            continue
+        dims, long_name, units = VARIABLES[name]
+        data_vars[name] = xr.Variable(dims, _np(value), {"long_name": long_name, "units": units})
+    used = {d for v in data_vars.values() for d in v.dims}
+    sizes = {d: n for v in data_vars.values() for d, n in zip(v.dims, v.shape)}
+    if BATCH in used:
+        coords[BATCH] = np.arange(sizes[BATCH])
+    if TIME in used:
+        t = np.arange(1, sizes[TIME] + 1) if time is None else np.asarray(time)
+        coords[TIME] = xr.Variable(TIME, t, {"units": "step", "long_name": "time step t"})
+    for d in (SV, EIG, LE):
+        if d in used:
+            coords[d] = np.arange(sizes[d])
+    if UNIT in used and dyn is not None:
+        uc = dyn.unit_coords(state)
+        coords["layer"] = (UNIT, np.asarray(uc["layer"], dtype=np.int64))
+        coords["part"] = (UNIT, np.asarray(uc["part"], dtype=str))
+        coords["neuron"] = (UNIT, np.asarray(uc["neuron"], dtype=np.int64))
+    ds = xr.Dataset(data_vars, coords=coords)
+    base = {
+        "rnnjac_version": __version__,
+        "torch_version": torch.__version__,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "state": state,
+        "method": method,
+        "dtype": _attr(dtype),
+        "device": _attr(device),
+        "config_json": json.dumps(config or {}, sort_keys=True, default=str),
+    }
+    if dyn is not None:
+        base.update(dyn.describe())
+        if state == "h" and dyn.arch == "lstm":
+            base["state_note"] = "h parts only: c is held fixed at its recorded value (partial derivative)"
+    for k, v in (attrs or {}).items():
+        base[k] = v
+    ds.attrs = {k: _attr(v) for k, v in base.items()}
+    return ds
+
+
+def validate(ds: xr.Dataset) -> None:
+    """Check the schema: known dims, variables with long_name/units, attrs strings or numbers.
+
+    Raises ``ValueError`` listing every problem found.
+    """
+    problems = []
+    for d in ds.dims:
+        if d not in DIMS and d not in ("unit_out", "unit_in"):
+            problems.append(f"unknown dim {d!r}")
+    for name, var in ds.data_vars.items():
+        for key in ("long_name", "units"):
+            if key not in var.attrs:
+                problems.append(f"variable {name!r} lacks attribute {key!r}")
+        if name in VARIABLES:
+            want = VARIABLES[name][0]
+            got = tuple(d for d in var.dims if d != CHECKPOINT)
+            if got != want:
+                problems.append(f"variable {name!r} has dims {var.dims}, expected {want}")
+    if TIME in ds.coords and ds[TIME].attrs.get("units") != "step":
+        problems.append("coordinate 'time' must have units 'step'")
+    for k in REQUIRED_ATTRS:
+        if k not in ds.attrs:
+            problems.append(f"missing global attribute {k!r}")
+    for k, v in ds.attrs.items():
+        if not isinstance(v, (str, int, float, np.integer, np.floating)):
+            problems.append(f"attribute {k!r} is {type(v).__name__}, expected a string or number")
+    try:
+        json.loads(ds.attrs.get("config_json", "{}"))
+    except json.JSONDecodeError:
+        problems.append("attribute 'config_json' is not valid JSON")
+    if problems:
+        raise ValueError("dataset does not follow the rnnjac schema: " + "; ".join(problems))
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.suffix == ".zarr"
+
+
+def check_writable(path, *, overwrite: bool = False) -> Path:
+    """Raise before any work if ``path`` cannot be written (exists without ``overwrite``, no folder)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"output folder {parent} is not writable")
+    if _is_zarr(path):
+        try:
+            import zarr  # noqa: F401
+        except ImportError as err:
+            raise ImportError("writing .zarr needs the zarr package: pip install 'rnnjac[sweep]'") from err
+    return path
+
+
+def save(ds: xr.Dataset, path, *, overwrite: bool = False) -> Path:
+    """Write ``ds`` atomically to netCDF (h5netcdf) or, for a ``.zarr`` path, a zarr store.
+
+    The data go to a temporary file in the same folder which is then renamed, so the target appears
+    whole or not at all. An existing file is replaced only with ``overwrite=True``.
+
+    Examples
+    --------
+    >>> import torch, rnnjac, tempfile, os
+    >>> ds = rnnjac.spectra(torch.nn.GRU(2, 4, batch_first=True), torch.randn(1, 5, 2))
+    >>> path = rnnjac.save(ds, os.path.join(tempfile.mkdtemp(), "s.nc"))
+    >>> rnnjac.open_dataset(path).singular_values.shape
+    (1, 5, 4)
+    """
+    path = check_writable(path, overwrite=overwrite)
+    parent = path.parent if str(path.parent) else Path(".")
+    zarr_store = _is_zarr(path)
+    tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent) if zarr_store else None
+    if zarr_store:
+        target = Path(tmp) / "store.zarr"
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        target = Path(tmp)
+    try:
+        if zarr_store:
+            ds.to_zarr(target, mode="w")
+        else:
+            ds.to_netcdf(target, engine="h5netcdf")
+        if path.exists():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        os.replace(target, path)
+    finally:
+        if zarr_store:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def open_dataset(path) -> xr.Dataset:
+    """Read a file written by :func:`save` fully into memory (the file is closed afterwards).
+
+    Examples
+    --------
+    >>> ds = rnnjac.open_dataset("spectra.nc")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if _is_zarr(path):
+        with xr.open_zarr(path) as ds:
+            return ds.load()
+    with xr.open_dataset(path, engine="h5netcdf") as ds:
+        return ds.load()
