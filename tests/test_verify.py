@@ -177,7 +177,7 @@ def test_bad_input():
         rnnjac.verify(m, x, rtol=-1)
     relu = Problem("rnn_relu").module()
     with torch.no_grad():
-        relu.weight_hh_l0.copy_(torch.eye(5) * 1e200)
+        relu.weight_hh_l0.copy_(torch.eye(5, dtype=torch.float64) * 1e200)
         relu.bias_hh_l0.fill_(1e200)
     with pytest.raises(rnnjac.NonFiniteError, match="state becomes NaN/Inf at step t=2"):
         rnnjac.verify(relu, x)
