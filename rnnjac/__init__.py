@@ -10,6 +10,7 @@ from ._checks import NonFiniteError, RnnjacWarning
 from .dynamics import CustomCell
 from .datasets import open_dataset, save
 from .jacobians import iter_jacobians, jacobians, trajectory
+from .spectra import lyapunov_spectrum, spectra
 from .verify import finite_difference_jacobians, verify
 
 __all__ = [
@@ -20,8 +21,10 @@ __all__ = [
     "finite_difference_jacobians",
     "iter_jacobians",
     "jacobians",
+    "lyapunov_spectrum",
     "open_dataset",
     "save",
+    "spectra",
     "trajectory",
     "verify",
 ]

@@ -43,6 +43,11 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
         "singular values of the end-to-end Jacobian ds_t/ds_0",
         "1",
     ),
+    "end_to_end_log_singular_values": (
+        (BATCH, TIME, SV),
+        "natural log of the singular values of ds_t/ds_0",
+        "nats",
+    ),
     "states": ((BATCH, TIME, UNIT), "hidden state s_t", "1"),
     "fd_max_abs_error": ((BATCH, TIME), "max |J_t - J_t(finite differences)|", "1"),
     "fd_max_rel_error": ((BATCH, TIME), "max |J_t - J_fd| / max |J_fd|", "1"),

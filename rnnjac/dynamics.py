@@ -269,6 +269,16 @@ class Linearization:
         self.coefs = coefs
         self.jac = jac
 
+    def take(self, j: int, steps: int) -> Linearization:
+        """The steps ``j`` of a linearisation built over ``(B * steps)`` pairs laid out as ``(B, steps)``."""
+
+        def pick(t):
+            return t.reshape(-1, steps, *t.shape[1:])[:, j]
+
+        coefs = None if self.coefs is None else [{k: pick(v) for k, v in c.items()} for c in self.coefs]
+        jac = None if self.jac is None else pick(self.jac)
+        return Linearization(self.dyn, pick(self.s), pick(self.x), coefs=coefs, jac=jac)
+
     @property
     def factored(self) -> bool:
         return self.coefs is not None

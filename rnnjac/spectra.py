@@ -1,0 +1,350 @@
+r"""Spectra of the step Jacobians: singular values, eigenvalues, Lyapunov exponents, end-to-end.
+
+Lyapunov exponents (Benettin et al. 1980; Shimada & Nagashima 1979), in nats per step:
+
+    Q_0 random orthonormal (D, k);   Q_t R_t = qr(J_t Q_{t-1}),  diag(R_t) > 0
+    lambda_i = (1 / n) sum_{counted t} log R_t[i, i]
+
+with tangents propagated as ``Q <- J_t Q`` (never ``J^T Q``), ``warmup`` steps of the state alone
+first, then ``tangent_warmup`` steps of tangent evolution that are not counted, then ``n`` counted
+steps. With ``reortho_every = m`` the QR happens every m steps (and at the end of each phase); the
+growth over the m steps is then counted at once. ``local_lyapunov`` stores ``log R_ii / m`` at each
+QR step (NaN elsewhere). Only ``diag(R)`` is kept.
+
+End-to-end singular values are those of ``ds_t/ds_0 = J_t ... J_1`` for every t, kept in the
+overflow-free form of :class:`rnnjac._linalg.EndToEnd` and stored as natural logs
+(``end_to_end_log_singular_values``, in nats) because the values themselves leave the float64 range
+after a few hundred steps of a chaotic model; ``end_to_end_singular_values`` holds ``exp`` of them
+(inf/0 once outside that range).
+
+Time is processed in chunks: one batched linearisation per chunk, then the sequential tangent
+updates use the factored ``J Q`` (one shared GEMM per weight matrix, DESIGN.md "Structure pays").
+Memory is O(B T D) for per-step spectra and constant in T for exponents alone.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from ._checks import NonFiniteError, check_positive_int, prepare
+from ._linalg import EndToEnd, kaplan_yorke, qr_positive
+from .datasets import build_dataset
+from .jacobians import time_chunk_for
+
+__all__ = ["spectra", "lyapunov_spectrum"]
+
+
+def _check_options(problem, k, warmup, tangent_warmup, reortho_every, lyapunov):
+    d, steps = problem.dyn.size(problem.state), problem.steps
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d):
+        raise ValueError(f"k must be an integer with 1 <= k <= D = {d} (state={problem.state!r}); got {k!r}")
+    check_positive_int("warmup", warmup, minimum=0)
+    check_positive_int("tangent_warmup", tangent_warmup, minimum=0)
+    check_positive_int("reortho_every", reortho_every)
+    if warmup >= steps:
+        raise ValueError(f"warmup must be smaller than the number of steps T = {steps}; got warmup={warmup}")
+    if lyapunov and warmup + tangent_warmup >= steps:
+        raise ValueError(
+            f"warmup + tangent_warmup must leave at least one counted step: T = {steps}, "
+            f"warmup = {warmup}, tangent_warmup = {tangent_warmup}"
+        )
+
+
+def _first_bad(ok: torch.Tensor, t0: int) -> int | None:
+    bad = torch.nonzero(~ok)
+    return None if len(bad) == 0 else t0 + int(bad[0, 0]) + 1
+
+
+def _compute(
+    problem,
+    *,
+    singular_values: bool,
+    eigenvalues: bool,
+    lyapunov: bool,
+    k: int | None,
+    warmup: int,
+    tangent_warmup: int,
+    reortho_every: int,
+    end_to_end: bool,
+    keep_states: bool,
+    local_lyapunov: bool,
+    generator,
+    progress: bool,
+    time_chunk: int | None,
+) -> dict:
+    dyn, state, xs = problem.dyn, problem.state, problem.xs
+    b, steps, d = problem.batch, problem.steps, dyn.size(state)
+    dtype, device = xs.dtype, xs.device
+    k = d if k is None else k
+    out: dict[str, torch.Tensor] = {}
+    per_step = singular_values or eigenvalues
+    n_chunk = time_chunk or (time_chunk_for(b, d, steps, 2**24) if per_step else min(steps, 256))
+    if singular_values:
+        out["singular_values"] = torch.empty(b, steps, d, dtype=dtype, device=device)
+    if eigenvalues:
+        out["eigenvalues_real"] = torch.empty(b, steps, d, dtype=dtype, device=device)
+        out["eigenvalues_imag"] = torch.empty(b, steps, d, dtype=dtype, device=device)
+        out["spectral_radius"] = torch.empty(b, steps, dtype=dtype, device=device)
+    if keep_states:
+        out["states"] = torch.empty(b, steps, d, dtype=dtype, device=device)
+        h_idx = dyn.h_index(device)
+    if lyapunov:
+        q = torch.randn(b, d, k, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+        q, _ = qr_positive(q)
+        log_sum = torch.zeros(b, k, dtype=dtype, device=device)
+        if local_lyapunov:
+            out["local_lyapunov"] = torch.full((b, steps, k), float("nan"), dtype=dtype, device=device)
+        since, start_count = 0, warmup + tangent_warmup
+    if end_to_end:
+        e2e = EndToEnd(b, d, dtype, device)
+        out["end_to_end_log_singular_values"] = torch.empty(b, steps, d, dtype=dtype, device=device)
+    s = problem.s0
+    bar = tqdm(total=steps, disable=not progress, file=sys.stderr, unit="step", desc="spectra", leave=False)
+    try:
+        for t0 in range(0, steps, n_chunk):
+            t1 = min(steps, t0 + n_chunk)
+            n = t1 - t0
+            chunk = dyn.run(s, xs[:, t0:t1])
+            ok = torch.isfinite(chunk[:, 1:]).flatten(2).all(-1).all(0)
+            s = chunk[:, -1]
+            if keep_states:
+                out["states"][:, t0:t1] = chunk[:, 1:] if state == "full" else chunk[:, 1:].index_select(-1, h_idx)
+            lin = dyn.linearize(chunk[:, :-1].reshape(b * n, -1), xs[:, t0:t1].reshape(b * n, -1), problem.method)
+            if per_step:
+                jac = lin.materialize(state)
+                ok &= torch.isfinite(jac).reshape(b, n, -1).all(-1).all(0)
+                bad = _first_bad(ok, t0)
+                if bad is not None:
+                    raise NonFiniteError(f"the state or Jacobian J_t is NaN/Inf at step t={bad}")
+                if singular_values:
+                    out["singular_values"][:, t0:t1] = torch.linalg.svdvals(jac).reshape(b, n, d)
+                if eigenvalues:
+                    ev = torch.linalg.eigvals(jac)
+                    order = torch.argsort(ev.abs(), dim=-1, descending=True)
+                    ev = torch.gather(ev, -1, order).reshape(b, n, d)
+                    out["eigenvalues_real"][:, t0:t1] = ev.real
+                    out["eigenvalues_imag"][:, t0:t1] = ev.imag
+                    out["spectral_radius"][:, t0:t1] = ev[..., 0].abs()
+            if lyapunov or end_to_end:
+                for j in range(n):
+                    t = t0 + j + 1
+                    step_lin = lin.take(j, n)
+                    if lyapunov and t > warmup:
+                        q = step_lin.apply(q, state)
+                        ok[j] &= torch.isfinite(q).all()
+                        since += 1
+                        if since == reortho_every or t == steps or (t == start_count and tangent_warmup > 0):
+                            q, r = qr_positive(q)
+                            if t > start_count:
+                                log_r = torch.log(r)
+                                log_sum += log_r
+                                if local_lyapunov:
+                                    out["local_lyapunov"][:, t - 1] = log_r / since
+                            since = 0
+                    if end_to_end:
+                        e2e.update(step_lin.apply(e2e.q, state))
+                        out["end_to_end_log_singular_values"][:, t - 1] = e2e.log_singular_values()
+            bad = _first_bad(ok, t0)
+            if bad is not None:
+                raise NonFiniteError(f"the state or tangent J_t Q is NaN/Inf at step t={bad}")
+            bar.update(n)
+    finally:
+        bar.close()
+    if lyapunov:
+        lam = log_sum / (steps - warmup - tangent_warmup)
+        order = torch.argsort(lam, dim=-1, descending=True)
+        out["lyapunov_exponents"] = torch.gather(lam, -1, order)
+        if local_lyapunov:
+            out["local_lyapunov"] = torch.gather(out["local_lyapunov"], -1, order.unsqueeze(1).expand(-1, steps, -1))
+        out["kaplan_yorke_dimension"] = kaplan_yorke(out["lyapunov_exponents"])
+        out["ks_entropy"] = out["lyapunov_exponents"].clamp(min=0).sum(-1)
+    if end_to_end:
+        out["end_to_end_singular_values"] = torch.exp(out["end_to_end_log_singular_values"])
+    return out
+
+
+def spectra(
+    model,
+    inputs,
+    h0=None,
+    *,
+    state: str = "full",
+    singular_values: bool = True,
+    eigenvalues: bool = False,
+    lyapunov: bool = True,
+    k: int | None = None,
+    warmup: int = 0,
+    tangent_warmup: int = 0,
+    reortho_every: int = 1,
+    end_to_end: bool = False,
+    keep_states: bool = False,
+    local_lyapunov: bool = False,
+    method: str = "auto",
+    batch_first: bool | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device=None,
+    progress: bool = False,
+    time_chunk: int | None = None,
+    attrs: dict | None = None,
+) -> xr.Dataset:
+    """Spectra of the step Jacobians of a batch of trajectories, as a labelled Dataset.
+
+    Parameters
+    ----------
+    model, inputs, h0, state, method, batch_first
+        As in :func:`rnnjac.jacobians`.
+    singular_values, eigenvalues : bool
+        Per-step singular values of ``J_t`` (descending) / eigenvalues (by modulus, descending) and
+        the spectral radius.
+    lyapunov : bool
+        Lyapunov exponents (top ``k``, default all D), plus Kaplan-Yorke dimension and entropy.
+    k : int, optional
+        Number of exponents, ``1 <= k <= D``.
+    warmup, tangent_warmup, reortho_every : int
+        Transients (state only; tangent not counted) and steps between QR re-orthonormalisations.
+    end_to_end : bool
+        Singular values of ``ds_t/ds_0`` for every t (as logs, stably; see module docstring).
+    keep_states : bool
+        Store the states ``s_1..s_T``.
+    local_lyapunov : bool
+        Store the per-step ``log R_ii``.
+    generator : torch.Generator, optional
+        Seeds the initial tangent basis.
+    dtype, device : optional
+        Run on a converted copy of the model (e.g. ``torch.float64``); the model is untouched.
+    progress : bool
+        A tqdm bar on stderr.
+    time_chunk : int, optional
+        Steps linearised at once (default: bounded by ~64 MB of Jacobians).
+    attrs : dict, optional
+        Extra global attributes (e.g. the checkpoint path).
+
+    Returns
+    -------
+    xarray.Dataset
+        The variables computed, on dims ``batch``, ``time`` (1..T), ``sv_index``, ``eig_index``,
+        ``le_index``, ``unit``.
+
+    Examples
+    --------
+    >>> import torch, rnnjac
+    >>> gru = torch.nn.GRU(3, 8, batch_first=True)
+    >>> ds = rnnjac.spectra(gru, torch.randn(4, 50, 3), k=3, eigenvalues=True,
+    ...                     generator=torch.Generator().manual_seed(0))
+    >>> ds.lyapunov_exponents.shape, ds.singular_values.dims
+    ((4, 3), ('batch', 'time', 'sv_index'))
+    """
+    problem = prepare(model, inputs, h0, state=state, method=method, batch_first=batch_first, dtype=dtype, device=device)
+    _check_options(problem, k, warmup, tangent_warmup, reortho_every, lyapunov)
+    for name, flag in (("singular_values", singular_values), ("eigenvalues", eigenvalues), ("lyapunov", lyapunov),
+                       ("end_to_end", end_to_end), ("keep_states", keep_states)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False; got {flag!r}")
+    if not (singular_values or eigenvalues or lyapunov or end_to_end or keep_states):
+        raise ValueError("nothing to compute: every output (singular_values, eigenvalues, lyapunov, ...) is off")
+    if local_lyapunov and not lyapunov:
+        raise ValueError("local_lyapunov=True needs lyapunov=True")
+    seed = int(generator.initial_seed()) if generator is not None else -1
+    config = {
+        "singular_values": singular_values,
+        "eigenvalues": eigenvalues,
+        "lyapunov": lyapunov,
+        "k": k,
+        "warmup": warmup,
+        "tangent_warmup": tangent_warmup,
+        "reortho_every": reortho_every,
+        "end_to_end": end_to_end,
+        "keep_states": keep_states,
+        "local_lyapunov": local_lyapunov,
+        "batch": problem.batch,
+        "steps": problem.steps,
+    }
+    with torch.no_grad():
+        values = _compute(
+            problem,
+            singular_values=singular_values,
+            eigenvalues=eigenvalues,
+            lyapunov=lyapunov,
+            k=k,
+            warmup=warmup,
+            tangent_warmup=tangent_warmup,
+            reortho_every=reortho_every,
+            end_to_end=end_to_end,
+            keep_states=keep_states,
+            local_lyapunov=local_lyapunov,
+            generator=generator,
+            progress=progress,
+            time_chunk=time_chunk,
+        )
+    extra = {"warmup": warmup, "tangent_warmup": tangent_warmup, "reortho_every": reortho_every, "seed": seed,
+             "k": k or problem.dyn.size(problem.state), "lyapunov_units": "nats/step"}
+    extra.update(attrs or {})
+    return build_dataset(
+        values,
+        dyn=problem.dyn,
+        state=problem.state,
+        method=problem.method,
+        dtype=problem.xs.dtype,
+        device=problem.xs.device,
+        config=config,
+        attrs=extra,
+    )
+
+
+def lyapunov_spectrum(
+    model,
+    inputs,
+    h0=None,
+    *,
+    k: int | None = None,
+    warmup: int = 0,
+    tangent_warmup: int = 0,
+    reortho_every: int = 1,
+    local_lyapunov: bool = False,
+    state: str = "full",
+    method: str = "auto",
+    batch_first: bool | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device=None,
+    progress: bool = False,
+    attrs: dict | None = None,
+) -> xr.Dataset:
+    """Lyapunov exponents alone (memory constant in T), with Kaplan-Yorke dimension and entropy.
+
+    Same options as :func:`spectra`. ``ks_entropy`` is the sum of the positive exponents (Pesin's
+    bound on the Kolmogorov-Sinai entropy), ``kaplan_yorke_dimension`` the Lyapunov dimension.
+
+    Examples
+    --------
+    >>> import torch, rnnjac
+    >>> rnn = torch.nn.RNN(1, 16, batch_first=True)
+    >>> ds = rnnjac.lyapunov_spectrum(rnn, torch.zeros(2, 200, 1), k=4, warmup=50)
+    >>> ds.lyapunov_exponents.attrs["units"]
+    'nats/step'
+    """
+    return spectra(
+        model,
+        inputs,
+        h0,
+        state=state,
+        singular_values=False,
+        lyapunov=True,
+        k=k,
+        warmup=warmup,
+        tangent_warmup=tangent_warmup,
+        reortho_every=reortho_every,
+        local_lyapunov=local_lyapunov,
+        method=method,
+        batch_first=batch_first,
+        generator=generator,
+        dtype=dtype,
+        device=device,
+        progress=progress,
+        attrs=attrs,
+    )
