@@ -78,7 +78,9 @@ def _np(x):
 def _attr(v):
     if isinstance(v, bool):
         return int(v)
-    if isinstance(v, (int, float, str)):
+    if isinstance(v, str):
+        return str(v)  # also plain-str subclasses such as torch's TorchVersion
+    if isinstance(v, (int, float)):
         return v
     if isinstance(v, (np.integer,)):
         return int(v)
@@ -131,7 +133,7 @@ def build_dataset(
     ds = xr.Dataset(data_vars, coords=coords)
     base = {
         "rnnjac_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "state": state,
         "method": method,
@@ -231,7 +233,8 @@ def save(ds: xr.Dataset, path, *, overwrite: bool = False) -> Path:
         target = Path(tmp)
     try:
         if zarr_store:
-            ds.to_zarr(target, mode="w")
+            # zarr format 2: string coordinates (``part``) have no stable v3 encoding yet
+            ds.to_zarr(target, mode="w", zarr_format=2, consolidated=True)
         else:
             ds.to_netcdf(target, engine="h5netcdf")
         if path.exists():

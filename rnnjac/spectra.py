@@ -93,8 +93,9 @@ def _compute(
         out["states"] = torch.empty(b, steps, d, dtype=dtype, device=device)
         h_idx = dyn.h_index(device)
     if lyapunov:
-        q = torch.randn(b, d, k, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
-        q, _ = qr_positive(q)
+        # one basis for every sample, so that a sample's result does not depend on its batch
+        q0, _ = qr_positive(torch.randn(d, k, generator=generator, dtype=torch.float64))
+        q = q0.to(dtype=dtype, device=device).expand(b, d, k).contiguous()
         log_sum = torch.zeros(b, k, dtype=dtype, device=device)
         if local_lyapunov:
             out["local_lyapunov"] = torch.full((b, steps, k), float("nan"), dtype=dtype, device=device)
