@@ -8,6 +8,8 @@ differentiable penalties. Conventions are in the README ("Conventions").
 from ._version import __version__
 from ._checks import NonFiniteError, RnnjacWarning
 from .dynamics import CustomCell
+from . import plot, regularizers
+from .checkpoints import load_checkpoint
 from .datasets import open_dataset, save
 from .jacobians import iter_jacobians, jacobians, trajectory
 from .spectra import lyapunov_spectrum, spectra
@@ -21,8 +23,11 @@ __all__ = [
     "finite_difference_jacobians",
     "iter_jacobians",
     "jacobians",
+    "load_checkpoint",
     "lyapunov_spectrum",
     "open_dataset",
+    "plot",
+    "regularizers",
     "save",
     "spectra",
     "trajectory",

@@ -1,0 +1,192 @@
+"""From a checkpoint on disk to a spectra Dataset: inputs, options, provenance.
+
+Shared by the command line (``rnnjac analyze``/``verify``) and by sweeps over many checkpoints
+(:func:`rnnjac.analyze_checkpoints`), so both record the same attributes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._checks import NonFiniteError, first_nonfinite_step
+from .checkpoints import load_checkpoint, sha256
+from .spectra import spectra
+
+__all__ = ["InputSpec", "SpectraOptions", "load_inputs", "make_inputs", "analyze_checkpoint"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class InputSpec:
+    """Where the inputs of an analysis come from: a file, or a seeded generator."""
+
+    path: str | None = None
+    key: str | None = None
+    time_major: bool = False
+    batch: int = 8
+    steps: int = 200
+    input_std: float = 1.0
+    autonomous: bool = False
+    h0: str = "zeros"  # or "random"
+    seed: int = 0
+
+    def describe(self) -> str:
+        if self.path:
+            return f"file {self.path}" + (f" [{self.key}]" if self.key else "") + (" (time-major)" if self.time_major else "")
+        kind = "zeros (autonomous)" if self.autonomous else f"Gaussian, std {self.input_std:g}"
+        return f"generated: batch {self.batch}, steps {self.steps}, {kind}, seed {self.seed}"
+
+
+@dataclass
+class SpectraOptions:
+    """The options of :func:`rnnjac.spectra` that the command line exposes."""
+
+    k: int | None = None
+    warmup: int = 0
+    tangent_warmup: int = 0
+    reortho_every: int = 1
+    eigenvalues: bool = False
+    end_to_end: bool = False
+    singular_values: bool = True
+    lyapunov: bool = True
+    local_lyapunov: bool = False
+    keep_states: bool = False
+    state: str = "full"
+    method: str = "auto"
+    device: str = "cpu"
+    dtype: str | None = None
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _pick(arrays: dict, key: str | None, path) -> np.ndarray:
+    if key is not None:
+        if key not in arrays:
+            raise ValueError(f"{path} has no array {key!r}; it has {sorted(arrays)}")
+        return arrays[key]
+    if len(arrays) != 1:
+        raise ValueError(f"{path} holds several arrays {sorted(arrays)}; choose one with --inputs-key")
+    return next(iter(arrays.values()))
+
+
+def load_inputs(path, *, key: str | None = None, time_major: bool = False) -> torch.Tensor:
+    """Read ``(B, T, I)`` inputs (or ``(T, B, I)`` with ``time_major``) from .npy/.npz/.pt/.nc."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"inputs file {path} does not exist")
+    suffix = path.suffix
+    if suffix == ".npy":
+        arr = np.load(path, allow_pickle=False)
+    elif suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            arr = _pick({k: z[k] for k in z.files}, key, path)
+    elif suffix in (".pt", ".pth"):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict):
+            obj = _pick({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, key, path)
+        if not isinstance(obj, torch.Tensor):
+            raise ValueError(f"{path} holds a {type(obj).__name__}, expected a tensor or a dict of tensors")
+        arr = obj.numpy()
+    elif suffix == ".nc":
+        import xarray as xr
+
+        with xr.open_dataset(path, engine="h5netcdf") as ds:
+            arr = _pick({k: v.values for k, v in ds.data_vars.items()}, key, path)
+    else:
+        raise ValueError(f"inputs must be .npy, .npz, .pt or .nc; got {path.name}")
+    if arr.ndim != 3:
+        raise ValueError(f"inputs in {path} must be 3-D (B, T, I) (or (T, B, I) with --time-major); got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"inputs in {path} must be floating point; got {arr.dtype}")
+    x = torch.from_numpy(np.ascontiguousarray(arr))
+    return x.transpose(0, 1).contiguous() if time_major else x
+
+
+def make_inputs(spec: InputSpec, input_size: int, dtype=torch.float32) -> torch.Tensor:
+    """Inputs for an analysis as ``(B, T, I)`` in ``dtype``, from a file or the seeded generator."""
+    if spec.path:
+        x = load_inputs(spec.path, key=spec.key, time_major=spec.time_major).to(dtype)
+    else:
+        if spec.batch < 1 or spec.steps < 1:
+            raise ValueError(f"--batch and --steps must be >= 1; got {spec.batch} and {spec.steps}")
+        if spec.autonomous:
+            x = torch.zeros(spec.batch, spec.steps, input_size, dtype=dtype)
+        else:
+            g = torch.Generator().manual_seed(spec.seed)
+            x = (torch.randn(spec.batch, spec.steps, input_size, generator=g, dtype=torch.float64) * spec.input_std).to(dtype)
+    t_bad = first_nonfinite_step(x, 1)
+    if t_bad is not None:
+        raise NonFiniteError(f"inputs contain NaN/Inf, first at step t={t_bad + 1}")
+    return x
+
+
+def make_h0(spec: InputSpec, dyn_state_size: int, batch: int, dtype) -> torch.Tensor | None:
+    if spec.h0 == "zeros":
+        return None
+    if spec.h0 != "random":
+        raise ValueError(f"--h0 must be 'zeros' or 'random'; got {spec.h0!r}")
+    g = torch.Generator().manual_seed(spec.seed + 1)
+    return (0.5 * torch.randn(batch, dyn_state_size, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def analyze_checkpoint(
+    path,
+    inputs: InputSpec,
+    options: SpectraOptions,
+    *,
+    load_kwargs: dict | None = None,
+    progress: bool = False,
+    command: str = "",
+):
+    """Load one checkpoint, build its inputs and return its spectra Dataset with provenance attrs."""
+    from .dynamics import as_dynamics
+
+    module = load_checkpoint(path, **(load_kwargs or {}))
+    info = module.rnnjac_info
+    dtype = DTYPES[options.dtype] if options.dtype else next(module.parameters()).dtype
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
+    x = make_inputs(inputs, info["input_size"], dtype)
+    dyn = as_dynamics(module)
+    h0 = make_h0(inputs, dyn.state_size, x.shape[0], dtype)
+    if h0 is not None:
+        h0 = h0.to(options.device)
+    attrs = {
+        "checkpoint": str(path),
+        "checkpoint_sha256": sha256(path),
+        "command": command,
+        "inputs": inputs.describe(),
+        "nonlinearity": info["nonlinearity"],
+        "nonlinearity_source": info["nonlinearity_source"],
+        "checkpoint_prefix": info["prefix"],
+        "training_step": -1 if info["training_step"] is None else int(info["training_step"]),
+        "inputs_json": json.dumps(asdict(inputs), sort_keys=True),
+    }
+    return spectra(
+        module,
+        x.to(options.device),
+        h0,
+        state=options.state,
+        singular_values=options.singular_values,
+        eigenvalues=options.eigenvalues,
+        lyapunov=options.lyapunov,
+        k=options.k,
+        warmup=options.warmup,
+        tangent_warmup=options.tangent_warmup,
+        reortho_every=options.reortho_every,
+        end_to_end=options.end_to_end,
+        keep_states=options.keep_states,
+        local_lyapunov=options.local_lyapunov,
+        method=options.method,
+        generator=torch.Generator().manual_seed(options.seed),
+        dtype=dtype,
+        device=options.device,
+        progress=progress,
+        attrs=attrs,
+    )
