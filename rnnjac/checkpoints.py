@@ -66,13 +66,18 @@ def _read(path: Path, *, unsafe: bool, map_location):
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"{path} is not a readable .safetensors file ({err})") from err
         return tensors, meta
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save zip archive, or a raw pickle
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save archive nor a pickle)")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if not unsafe:
+            reason = next((ln.strip() for ln in str(err).splitlines() if ln.strip().startswith("Unsupported")), "")
             raise CheckpointError(
-                f"{path} contains pickled Python objects that weights_only loading refuses (a whole "
-                "module, or code); load it with unsafe=True (--unsafe) only if you trust its source"
+                f"{path} holds pickled Python objects that weights_only loading refuses ({reason or 'not plain tensors'}): "
+                "a whole module, or code; load it with unsafe=True (--unsafe) only if you trust its source"
             ) from err
         obj = torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, OSError, ValueError) as err:
