@@ -105,6 +105,7 @@ class Dynamics:
         self.kind = kind  # "module", "cell" or "custom"
         self.custom = custom
         self.num_layers = max(len(layers), 1)
+        self.module = None
         self._cell = ARCHITECTURES.get(arch)
         if custom is not None:
             self.parts = [[("h", int(state_size or 0))]]
@@ -198,6 +199,20 @@ class Dynamics:
         return Dynamics(
             self.arch,
             [p.to(**kw) for p in self.layers],
+            input_size=self.input_size,
+            hidden_size=self.hidden_size,
+            proj_size=self.proj_size,
+            batch_first=self.batch_first,
+            kind=self.kind,
+        )
+
+    def detached(self) -> Dynamics:
+        """A copy whose weights are detached from the autograd graph."""
+        if self.custom is not None:
+            return self
+        return Dynamics(
+            self.arch,
+            [LayerParams(**{k: (None if v is None else v.detach()) for k, v in p.__dict__.items()}) for p in self.layers],
             input_size=self.input_size,
             hidden_size=self.hidden_size,
             proj_size=self.proj_size,
@@ -391,7 +406,7 @@ def as_dynamics(model, *, state_size: int | None = None) -> Dynamics:
                 )
             arch = f"rnn_{model.nonlinearity}" if base == "rnn" else base
             layers = _rnn_layers(model, model.num_layers)
-            return Dynamics(
+            dyn = Dynamics(
                 arch,
                 layers,
                 input_size=model.input_size,
@@ -400,6 +415,8 @@ def as_dynamics(model, *, state_size: int | None = None) -> Dynamics:
                 batch_first=model.batch_first,
                 kind="module",
             )
+            dyn.module = model  # lets the penalties reuse the module's own (non-cuDNN) forward
+            return dyn
     for cls, base in _CELL_ARCH.items():
         if isinstance(model, cls):
             arch = f"rnn_{model.nonlinearity}" if base == "rnn" else base
