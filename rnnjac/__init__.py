@@ -13,10 +13,12 @@ from .checkpoints import load_checkpoint
 from .datasets import open_dataset, save
 from .jacobians import iter_jacobians, jacobians, trajectory
 from .spectra import lyapunov_spectrum, spectra
+from .sweeps import analyze_checkpoints
 from .verify import finite_difference_jacobians, verify
 
 __all__ = [
     "__version__",
+    "analyze_checkpoints",
     "CustomCell",
     "NonFiniteError",
     "RnnjacWarning",

@@ -151,6 +151,39 @@ def build_dataset(
     return ds
 
 
+_PER_CHECKPOINT_ATTRS = ("checkpoint", "checkpoint_sha256", "training_step", "created_at", "command",
+                         "nonlinearity", "nonlinearity_source", "checkpoint_prefix")
+
+
+def stack_checkpoints(rows: list[xr.Dataset]) -> xr.Dataset:
+    """Stack per-checkpoint Datasets along a new ``checkpoint`` dim (coords: path, training step, sha256)."""
+    stacked = []
+    for ds in rows:
+        coords = {
+            CHECKPOINT: [ds.attrs["checkpoint"]],
+            "training_step": (CHECKPOINT, [int(ds.attrs.get("training_step", -1))]),
+            "checkpoint_sha256": (CHECKPOINT, [ds.attrs["checkpoint_sha256"]]),
+        }
+        stacked.append(ds.expand_dims(CHECKPOINT).assign_coords(coords))
+    out = xr.concat(stacked, dim=CHECKPOINT, combine_attrs="drop_conflicts")
+    for k in _PER_CHECKPOINT_ATTRS:
+        out.attrs.pop(k, None)
+    out[CHECKPOINT].attrs["long_name"] = "checkpoint file"
+    out["training_step"].attrs.update(long_name="training step (from metadata or file name; -1 unknown)", units="step")
+    return out
+
+
+def concat_checkpoints(parts: list[xr.Dataset], *, attrs: dict | None = None) -> xr.Dataset:
+    """Join stacked (or single-row) checkpoint Datasets, sorted by training step then path."""
+    parts = [p if CHECKPOINT in p.dims else p.expand_dims(CHECKPOINT) for p in parts]
+    out = xr.concat(parts, dim=CHECKPOINT, combine_attrs="drop_conflicts") if len(parts) > 1 else parts[0]
+    order = np.lexsort((out[CHECKPOINT].values, out["training_step"].values))
+    out = out.isel({CHECKPOINT: order})
+    out.attrs["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    out.attrs.update({k: _attr(v) for k, v in (attrs or {}).items()})
+    return out
+
+
 def validate(ds: xr.Dataset) -> None:
     """Check the schema: known dims, variables with long_name/units, attrs strings or numbers.
 
