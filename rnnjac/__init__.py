@@ -5,12 +5,12 @@ values, eigenvalues, Lyapunov exponents) as labelled xarray Datasets, plots, a c
 differentiable penalties. Conventions are in the README ("Conventions").
 """
 
-from ._version import __version__
-from ._checks import NonFiniteError, RnnjacWarning
-from .dynamics import CustomCell
 from . import plot, regularizers
+from ._checks import NonFiniteError, RnnjacWarning
+from ._version import __version__
 from .checkpoints import load_checkpoint
 from .datasets import open_dataset, save
+from .dynamics import CustomCell
 from .jacobians import iter_jacobians, jacobians, trajectory
 from .spectra import lyapunov_spectrum, spectra
 from .sweeps import analyze_checkpoints

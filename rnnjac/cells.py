@@ -61,6 +61,10 @@ def _mm(w: Tensor, v):
         return None
     if v is EYE:
         return w
+    if v.dim() == 3 and v.shape[-1] < 64:
+        # one (m, n) @ (n, N k) GEMM beats N small ones for narrow tangent blocks
+        n, k = v.shape[0], v.shape[-1]
+        return (w @ v.transpose(0, 1).reshape(v.shape[1], n * k)).reshape(w.shape[0], n, k).transpose(0, 1)
     return torch.matmul(w, v)
 
 
@@ -76,6 +80,30 @@ def _diag(d: Tensor, v):
 def _scale(a: Tensor, g):
     """Row scaling ``a[..., None] * G`` where G may be ``None``."""
     return None if g is None else a.unsqueeze(-1) * g
+
+
+def _lincomb(terms, diag=None):
+    """``sum_k diag(a_k) G_k + diag(d) V`` for ``terms = [(a_k, G_k)]`` and ``diag = (d, V)``.
+
+    ``G_k``/``V`` may be ``None`` (zero) and ``V`` may be ``EYE``. The sum is accumulated in place
+    in the first product, which is a fresh tensor (so this is safe under autograd), and an identity
+    ``V`` adds ``d`` to the diagonal instead of materialising ``diag(d)``.
+    """
+    acc = None
+    for a, g in terms:
+        if g is None:
+            continue
+        acc = a.unsqueeze(-1) * g if acc is None else acc.addcmul_(a.unsqueeze(-1), g)
+    if diag is not None and diag[1] is not None:
+        d, v = diag
+        if v is EYE:
+            if acc is None:
+                acc = torch.diag_embed(d)
+            else:
+                acc.diagonal(dim1=-2, dim2=-1).add_(d)
+        else:
+            acc = d.unsqueeze(-1) * v if acc is None else acc.addcmul_(d.unsqueeze(-1), v)
+    return acc
 
 
 def _add(*terms):
@@ -209,12 +237,14 @@ class GRUArch:
         def blk(g, k):
             return None if g is None else g[..., k * hid : (k + 1) * hid, :]
 
-        out = _add(
-            _scale(coef["a_r"], _add(blk(gi, 0), blk(gh, 0))),
-            _scale(coef["a_z"], _add(blk(gi, 1), blk(gh, 1))),
-            _scale(coef["a_n"], blk(gi, 2)),
-            _scale(coef["a_hn"], blk(gh, 2)),
-            _diag(coef["z"], dh),
+        out = _lincomb(
+            [
+                (coef["a_r"], _add(blk(gi, 0), blk(gh, 0))),
+                (coef["a_z"], _add(blk(gi, 1), blk(gh, 1))),
+                (coef["a_n"], blk(gi, 2)),
+                (coef["a_hn"], blk(gh, 2)),
+            ],
+            diag=(coef["z"], dh),
         )
         return out, None
 
@@ -267,13 +297,8 @@ class LSTMArch:
         def blk(k):
             return None if gates is None else gates[..., k * hid : (k + 1) * hid, :]
 
-        dc_new = _add(
-            _scale(coef["s_i"], blk(0)),
-            _scale(coef["s_f"], blk(1)),
-            _scale(coef["s_g"], blk(2)),
-            _diag(coef["f"], dc),
-        )
-        dm = _add(_scale(coef["s_o"], blk(3)), _scale(coef["s_m"], dc_new))
+        dc_new = _lincomb([(coef["s_i"], blk(0)), (coef["s_f"], blk(1)), (coef["s_g"], blk(2))], diag=(coef["f"], dc))
+        dm = _lincomb([(coef["s_o"], blk(3)), (coef["s_m"], dc_new)])
         dh_new = dm if p.w_hr is None else _mm(p.w_hr, dm)
         return dh_new, dc_new
 

@@ -335,28 +335,29 @@ class Linearization:
             return self.jac if state == "full" or dyn.custom is not None else self._h_only(self.jac)
         n = self.s.shape[0]
         cell = dyn._cell
-        rows, below = [], None  # below: h-rows of the previous layer's row block
         total = dyn.state_size
-        done = 0
+        j = self.s.new_empty(n, total, total)
+        r0, below = 0, None  # below: h-rows of the previous layer's row block (a view of j)
         for p, coef, parts in zip(dyn.layers, self.coefs, dyn.parts):
-            d_l = sum(m for _, m in parts)
-            cols = [cell.tangent(p, coef, None, EYE, None)]
-            if len(parts) > 1:
-                cols.append(cell.tangent(p, coef, None, None, EYE))
-            diag = torch.cat([torch.cat([dh, dc] if dc is not None else [dh], -2) for dh, dc in cols], -1)
-            pieces = []
+            n_h = parts[0][1]
+            r1 = r0 + sum(m for _, m in parts)
+            c0 = r0
+            for dh, dc in [(EYE, None)] + ([(None, EYE)] if len(parts) > 1 else []):
+                out_h, out_c = cell.tangent(p, coef, None, dh, dc)
+                width = out_h.shape[-1]
+                j[:, r0 : r0 + n_h, c0 : c0 + width] = out_h
+                if out_c is not None:
+                    j[:, r0 + n_h : r1, c0 : c0 + width] = out_c
+                c0 += width
             if below is not None:
-                lh, lc = cell.tangent(p, coef, below, None, None)
-                pieces.append(torch.cat([lh, lc] if lc is not None else [lh], -2))
-            pieces.append(diag)
-            left = done + d_l
-            if total > left:
-                pieces.append(diag.new_zeros(n, d_l, total - left))
-            block = torch.cat(pieces, -1)
-            rows.append(block)
-            below = block[:, : parts[0][1], :left]
-            done = left
-        j = torch.cat(rows, -2)
+                low_h, low_c = cell.tangent(p, coef, below, None, None)
+                j[:, r0 : r0 + n_h, :r0] = low_h
+                if low_c is not None:
+                    j[:, r0 + n_h : r1, :r0] = low_c
+            if r1 < total:
+                j[:, r0:r1, r1:] = 0
+            below = j[:, r0 : r0 + n_h, :r1]
+            r0 = r1
         return j if state == "full" else self._h_only(j)
 
     def frobenius_sq(self, state: str = "full") -> Tensor:

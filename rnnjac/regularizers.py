@@ -34,7 +34,14 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ._checks import NonFiniteError, RnnjacWarning, check_choice, check_positive_int, check_states_finite, prepare
+from ._checks import (
+    NonFiniteError,
+    RnnjacWarning,
+    check_choice,
+    check_positive_int,
+    check_states_finite,
+    prepare,
+)
 from ._linalg import qr_positive
 
 __all__ = ["jacobian_penalty", "lyapunov_penalty", "JacobianPenalty"]

@@ -82,7 +82,11 @@ def _compute(
     k = d if k is None else k
     out: dict[str, torch.Tensor] = {}
     per_step = singular_values or eigenvalues
-    n_chunk = time_chunk or (time_chunk_for(b, d, steps, 2**24) if per_step else min(steps, 256))
+    # J Q with the shared weights wins for narrow tangent blocks; for wide ones (k > D/16, and the
+    # end-to-end product) materialising J_t and one bmm is faster (analyses/benchmark_spectra.py)
+    structured = (not end_to_end) and problem.method == "analytic" and dyn.custom is None and k * 16 <= d
+    materialise = per_step or ((lyapunov or end_to_end) and not structured)
+    n_chunk = time_chunk or (time_chunk_for(b, d, steps, 2**24) if materialise else min(steps, 256))
     if singular_values:
         out["singular_values"] = torch.empty(b, steps, d, dtype=dtype, device=device)
     if eigenvalues:
@@ -115,12 +119,14 @@ def _compute(
             if keep_states:
                 out["states"][:, t0:t1] = chunk[:, 1:] if state == "full" else chunk[:, 1:].index_select(-1, h_idx)
             lin = dyn.linearize(chunk[:, :-1].reshape(b * n, -1), xs[:, t0:t1].reshape(b * n, -1), problem.method)
-            if per_step:
+            if materialise:
                 jac = lin.materialize(state)
-                ok &= torch.isfinite(jac).reshape(b, n, -1).all(-1).all(0)
+                # one reading pass: a NaN/Inf entry makes its matrix's sum non-finite
+                ok &= torch.isfinite(jac.sum((-2, -1))).reshape(b, n).all(0)
                 bad = _first_bad(ok, t0)
                 if bad is not None:
                     raise NonFiniteError(f"the state or Jacobian J_t is NaN/Inf at step t={bad}")
+            if per_step:
                 if singular_values:
                     out["singular_values"][:, t0:t1] = torch.linalg.svdvals(jac).reshape(b, n, d)
                 if eigenvalues:
@@ -131,11 +137,16 @@ def _compute(
                     out["eigenvalues_imag"][:, t0:t1] = ev.imag
                     out["spectral_radius"][:, t0:t1] = ev[..., 0].abs()
             if lyapunov or end_to_end:
+                jac_steps = jac.reshape(b, n, d, d) if materialise else None
                 for j in range(n):
                     t = t0 + j + 1
-                    step_lin = lin.take(j, n)
+                    if structured:
+                        step_lin = lin.take(j, n)
+                        apply = lambda v, step_lin=step_lin: step_lin.apply(v, state)  # noqa: E731
+                    else:
+                        apply = lambda v, jt=jac_steps[:, j]: torch.bmm(jt, v)  # noqa: E731
                     if lyapunov and t > warmup:
-                        q = step_lin.apply(q, state)
+                        q = apply(q)
                         ok[j] &= torch.isfinite(q).all()
                         since += 1
                         if since == reortho_every or t == steps or (t == start_count and tangent_warmup > 0):
@@ -147,7 +158,7 @@ def _compute(
                                     out["local_lyapunov"][:, t - 1] = log_r / since
                             since = 0
                     if end_to_end:
-                        e2e.update(step_lin.apply(e2e.q, state))
+                        e2e.update(apply(e2e.q))
                         out["end_to_end_log_singular_values"][:, t - 1] = e2e.log_singular_values()
             bad = _first_bad(ok, t0)
             if bad is not None:
