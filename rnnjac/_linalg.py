@@ -25,8 +25,10 @@ def qr_positive(a: Tensor) -> tuple[Tensor, Tensor]:
     """Reduced QR of ``a (..., n, k)`` with ``diag(R) >= 0``; returns ``(Q, diag(R))``."""
     q, r = torch.linalg.qr(a)
     d = torch.diagonal(r, dim1=-2, dim2=-1)
-    sign = torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
-    return q * sign.unsqueeze(-2), d * sign
+    sign = torch.where(d < 0, -1.0, 1.0).to(d.dtype)
+    if q.requires_grad or torch.is_inference_mode_enabled():
+        return q * sign.unsqueeze(-2), d * sign
+    return q.mul_(sign.unsqueeze(-2)), d * sign  # q is fresh from the QR: scale it in place
 
 
 def kaplan_yorke(exponents: Tensor) -> Tensor:

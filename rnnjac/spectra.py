@@ -147,10 +147,10 @@ def _compute(
                         apply = lambda v, jt=jac_steps[:, j]: torch.bmm(jt, v)  # noqa: E731
                     if lyapunov and t > warmup:
                         q = apply(q)
-                        ok[j] &= torch.isfinite(q).all()
                         since += 1
                         if since == reortho_every or t == steps or (t == start_count and tangent_warmup > 0):
                             q, r = qr_positive(q)
+                            ok[j] &= torch.isfinite(r).all()  # a NaN/Inf in J_t Q reaches diag(R)
                             if t > start_count:
                                 log_r = torch.log(r)
                                 log_sum += log_r
