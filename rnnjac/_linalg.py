@@ -21,9 +21,56 @@ _ORDER_SLACK = 2.0  # row scales may be out of order by this many nats (the swee
 _SWEEPS = 6  # coupling shrinks like exp(-6 * 3 nats) = 1.5e-8 between clusters
 
 
-def qr_positive(a: Tensor) -> tuple[Tensor, Tensor]:
+#: QR route per device type, chosen by measurement (figures/benchmark_gpu.md, analyses/gpu_check.py):
+#: LAPACK Householder on the CPU; on CUDA, batched Householder QR of many small tall matrices is slow
+#: and shifted CholeskyQR3 (three GEMM + Cholesky passes) is used for tall blocks.
+QR_ROUTE = {"cpu": "householder", "cuda": "cholesky"}
+#: svdvals driver on CUDA (None: PyTorch's default), chosen by the same measurement.
+SVD_DRIVER: str | None = None
+
+
+def _cholesky_qr(a: Tensor, shift: bool) -> tuple[Tensor, Tensor]:
+    g = a.mT @ a
+    if shift:
+        m, n = a.shape[-2], a.shape[-1]
+        u = torch.finfo(a.dtype).eps / 2
+        s = 11 * (m * n + n * (n + 1)) * u * a.pow(2).sum((-2, -1), keepdim=True)
+        g = g + s * torch.eye(n, dtype=a.dtype, device=a.device)
+    r = torch.linalg.cholesky_ex(g)[0].mT
+    q = torch.linalg.solve_triangular(r, a, upper=True, left=False)
+    return q, r
+
+
+def cholesky_qr3(a: Tensor) -> tuple[Tensor, Tensor]:
+    """Shifted CholeskyQR3 of a tall ``a (..., m, n)`` (Fukaya, Kannan, Nakatsukasa, Yamamoto & Yanagisawa 2020).
+
+    One shifted CholeskyQR pass makes the factor well conditioned for any ``cond(a) < u^-1``; two
+    plain passes then bring orthogonality to O(u). Returns ``(Q, R)`` with ``R`` upper triangular.
+    """
+    q, r1 = _cholesky_qr(a, shift=True)
+    q, r2 = _cholesky_qr(q, shift=False)
+    q, r3 = _cholesky_qr(q, shift=False)
+    return q, r3 @ r2 @ r1
+
+
+def qr(a: Tensor, route: str | None = None) -> tuple[Tensor, Tensor]:
+    """Reduced QR by the route chosen for ``a``'s device (see :data:`QR_ROUTE`)."""
+    route = route or QR_ROUTE.get(a.device.type, "householder")
+    if route == "cholesky" and a.shape[-2] >= a.shape[-1]:
+        return cholesky_qr3(a)
+    return torch.linalg.qr(a)
+
+
+def svdvals(a: Tensor) -> Tensor:
+    """Singular values, descending, with the measured driver on CUDA."""
+    if a.is_cuda and SVD_DRIVER is not None:
+        return torch.linalg.svdvals(a, driver=SVD_DRIVER)
+    return torch.linalg.svdvals(a)
+
+
+def qr_positive(a: Tensor, route: str | None = None) -> tuple[Tensor, Tensor]:
     """Reduced QR of ``a (..., n, k)`` with ``diag(R) >= 0``; returns ``(Q, diag(R))``."""
-    q, r = torch.linalg.qr(a)
+    q, r = qr(a, route)
     d = torch.diagonal(r, dim1=-2, dim2=-1)
     sign = torch.where(d < 0, -1.0, 1.0).to(d.dtype)
     if q.requires_grad or torch.is_inference_mode_enabled():

@@ -31,7 +31,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from ._checks import NonFiniteError, check_positive_int, prepare
-from ._linalg import EndToEnd, kaplan_yorke, qr_positive
+from ._linalg import EndToEnd, kaplan_yorke, qr_positive, svdvals
 from .datasets import build_dataset
 from .jacobians import time_chunk_for
 
@@ -128,7 +128,7 @@ def _compute(
                     raise NonFiniteError(f"the state or Jacobian J_t is NaN/Inf at step t={bad}")
             if per_step:
                 if singular_values:
-                    out["singular_values"][:, t0:t1] = torch.linalg.svdvals(jac).reshape(b, n, d)
+                    out["singular_values"][:, t0:t1] = svdvals(jac).reshape(b, n, d)
                 if eigenvalues:
                     ev = torch.linalg.eigvals(jac)
                     order = torch.argsort(ev.abs(), dim=-1, descending=True)

@@ -144,13 +144,6 @@ def test_local_lyapunov_and_transients():
     np.testing.assert_allclose(np.nansum(loc, axis=1) * 2 / 20, ds.lyapunov_exponents.values, atol=1e-12)
 
 
-def test_kaplan_yorke_and_entropy():
-    from rnnjac._linalg import kaplan_yorke
-
-    lam = torch.tensor([[0.3, 0.1, -0.2, -1.0], [-0.1, -0.2, -0.3, -0.4], [0.2, 0.1, 0.05, 0.01]], dtype=F64)
-    np.testing.assert_allclose(kaplan_yorke(lam).numpy(), [3 + (0.2 / 1.0), 0.0, 4.0])
-
-
 def test_state_h_for_lstm():
     p = Problem("lstm", layers=2)
     m, x = p.module(), p.inputs()

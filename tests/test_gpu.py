@@ -1,0 +1,56 @@
+"""CUDA: the same numbers as the CPU, in eval mode, without differentiating through cuDNN."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from problems import Problem
+
+import rnnjac
+from rnnjac.regularizers import jacobian_penalty, lyapunov_penalty
+
+pytestmark = pytest.mark.gpu
+F64 = torch.float64
+
+
+def _pair(arch, layers=1, proj=0):
+    p = Problem(arch, layers=layers, proj=proj)
+    m, x = p.module().eval(), p.inputs(batch=3, steps=12)
+    return m, x, m.to("cuda"), x.to("cuda")
+
+
+@pytest.mark.parametrize("arch,layers,proj", [("rnn_tanh", 2, 0), ("gru", 1, 0), ("lstm", 2, 2)])
+def test_jacobians_and_spectra_match_cpu(arch, layers, proj):
+    m, x, mg, xg = _pair(arch, layers, proj)
+    m = Problem(arch, layers=layers, proj=proj).module().eval()  # a CPU copy (mg is the moved module)
+    for method in ("analytic", "autograd"):
+        torch.testing.assert_close(rnnjac.jacobians(mg, xg, method=method).cpu(), rnnjac.jacobians(m, x, method=method))
+    kw = dict(eigenvalues=True, end_to_end=True, k=4, warmup=2)
+    a = rnnjac.spectra(m, x, generator=torch.Generator().manual_seed(0), **kw)
+    b = rnnjac.spectra(mg, xg, generator=torch.Generator().manual_seed(0), **kw)
+    for name in ("singular_values", "lyapunov_exponents", "end_to_end_log_singular_values", "spectral_radius"):
+        np.testing.assert_allclose(b[name].values, a[name].values, rtol=1e-9, atol=1e-9)
+    assert b.attrs["device"].startswith("cuda")
+    assert rnnjac.verify(mg, xg).attrs["passed"] == 1
+
+
+@pytest.mark.parametrize("arch", ["gru", "lstm"])
+def test_penalties_match_cpu_in_eval_mode_with_double_backward(arch):
+    m = Problem(arch).module().eval()
+    x = Problem(arch).inputs(batch=3, steps=10)
+    mg, xg = Problem(arch).module().eval().to("cuda"), x.to("cuda")
+    for kind, est in (("frobenius", "exact"), ("spectral", "exact"), ("end_to_end", "exact")):
+        a = jacobian_penalty(m, x, kind=kind, estimator=est, n_iter=50)
+        b = jacobian_penalty(mg, xg, kind=kind, estimator=est, n_iter=50)
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-6, atol=1e-9)
+        (ga,) = torch.autograd.grad(a, m.weight_hh_l0)
+        (gb,) = torch.autograd.grad(b, mg.weight_hh_l0)
+        torch.testing.assert_close(gb.cpu(), ga, rtol=1e-5, atol=1e-8)
+    pen = jacobian_penalty(mg, xg)
+    (g,) = torch.autograd.grad(pen, mg.weight_hh_l0, create_graph=True)
+    (gg,) = torch.autograd.grad(g.pow(2).sum(), mg.weight_hh_l0)  # double backward, eval mode, CUDA
+    assert torch.isfinite(gg).all()
+    la = lyapunov_penalty(m, x, k=2, generator=torch.Generator().manual_seed(0))
+    lb = lyapunov_penalty(mg, xg, k=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(lb.cpu(), la, rtol=1e-6, atol=1e-9)
