@@ -156,9 +156,24 @@ def _rowdiag(w_hh: Tensor, n_gates: int) -> Tensor:
     return torch.diagonal(w_hh.reshape(n_gates, hidden, -1), dim1=1, dim2=2).T
 
 
-def _row_norm_sq(coef: Tensor, gram: Tensor) -> Tensor:
-    """``sum_i a_i^T G_i a_i`` for coef (N, H, K), gram (H, K, K) -> (N,)."""
-    return torch.einsum("nhk,hkl,nhl->n", coef, gram, coef)
+def _row_norm_sq(coefs: list, gram: Tensor, reduce: bool = True) -> Tensor:
+    """``sum_i a_i^T G_i a_i`` for K coefficient tensors ``(N, H)`` (None: zero), gram (H, K, K) -> (N,).
+
+    Written as K(K+1)/2 elementwise terms on separate tensors: K is 3 or 4, and this stays
+    elementwise in the backward pass too (an einsum lowers to many small batched GEMMs, and slicing
+    a stacked tensor costs a full-size zero fill per slice in the backward pass).
+    """
+    total = None
+    for k, a_k in enumerate(coefs):
+        if a_k is None:
+            continue
+        for m in range(k, len(coefs)):
+            a_m = coefs[m]
+            if a_m is None:
+                continue
+            term = a_k * a_m * (gram[:, k, m] if k == m else 2 * gram[:, k, m])
+            total = term if total is None else total + term
+    return total.sum(-1) if reduce else total
 
 
 class RNNArch:
@@ -249,11 +264,12 @@ class GRUArch:
         return out, None
 
     def frobenius_sq(self, p, coef):
-        a = torch.stack([coef["a_r"], coef["a_z"], coef["a_hn"]], -1)  # (N, H, 3)
+        a = [coef["a_r"], coef["a_z"], coef["a_hn"]]  # on the rows of W_hr, W_hz, W_hn
         gram = _rowgram(p.w_hh, 3)
         wdiag = _rowdiag(p.w_hh, 3)  # (H, 3)
         z = coef["z"]
-        return _row_norm_sq(a, gram) + (z * z).sum(-1) + 2 * (z * (a * wdiag).sum(-1)).sum(-1)
+        cross = a[0] * wdiag[:, 0] + a[1] * wdiag[:, 1] + a[2] * wdiag[:, 2]
+        return _row_norm_sq(a, gram) + (z * (z + 2 * cross)).sum(-1)
 
 
 class LSTMArch:
@@ -307,14 +323,13 @@ class LSTMArch:
             return None  # projection mixes rows: no row-local form
         s_i, s_f, s_g, s_o, s_m, f = (coef[k] for k in ("s_i", "s_f", "s_g", "s_o", "s_m", "f"))
         gram = _rowgram(p.w_hh, 4)
-        a_c = torch.stack([s_i, s_f, s_g, torch.zeros_like(s_i)], -1)
-        a_h = torch.stack([s_m * s_i, s_m * s_f, s_m * s_g, s_o], -1)
-        return (
-            _row_norm_sq(a_c, gram)
-            + _row_norm_sq(a_h, gram)
-            + (f * f).sum(-1)
-            + (s_m * f).pow(2).sum(-1)
-        )
+        # row i of dc'/dh is c_i = sum_k a_k W_k[i] over (i, f, g); row i of dh'/dh is s_m c_i + s_o W_o[i],
+        # so ||.||^2 = (1 + s_m^2) c^T G c + 2 s_m s_o (c . G_o) + s_o^2 G_oo, per row
+        quad = _row_norm_sq([s_i, s_f, s_g], gram[:, :3, :3], reduce=False)
+        lin_o = s_i * gram[:, 0, 3] + s_f * gram[:, 1, 3] + s_g * gram[:, 2, 3]
+        s_m2 = s_m * s_m
+        rows = (1 + s_m2) * (quad + f * f) + s_o * (2 * s_m * lin_o + s_o * gram[:, 3, 3])
+        return rows.sum(-1)  # the f^2 (1 + s_m^2) term is the diagonal c-columns: diag(f), diag(s_m f)
 
 
 ARCHITECTURES = {

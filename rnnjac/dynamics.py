@@ -206,6 +206,15 @@ class Dynamics:
             kind=self.kind,
         )
 
+    def frobenius_closed_form(self, state: str) -> bool:
+        """Whether ``||J||_F^2`` has the row-local (Gram) form: one layer, no projection, full state."""
+        return (
+            self.custom is None
+            and self.num_layers == 1
+            and (state == "full" or not self._cell.has_c)
+            and self.layers[0].w_hr is None
+        )
+
     def detached(self) -> Dynamics:
         """A copy whose weights are detached from the autograd graph."""
         if self.custom is not None:
@@ -294,6 +303,20 @@ class Linearization:
         jac = None if self.jac is None else pick(self.jac)
         return Linearization(self.dyn, pick(self.s), pick(self.x), coefs=coefs, jac=jac)
 
+    def unbind(self, steps: int) -> list[Linearization]:
+        """All steps of a linearisation laid out as ``(B, steps)``, as a list (one autograd op per tensor)."""
+
+        def split(t):
+            return t.reshape(-1, steps, *t.shape[1:]).unbind(1)
+
+        s, x = split(self.s), split(self.x)
+        if self.coefs is not None:
+            per = [{k: split(v) for k, v in c.items()} for c in self.coefs]
+            coefs = [[{k: v[j] for k, v in c.items()} for c in per] for j in range(steps)]
+            return [Linearization(self.dyn, s[j], x[j], coefs=coefs[j]) for j in range(steps)]
+        jac = split(self.jac)
+        return [Linearization(self.dyn, s[j], x[j], jac=jac[j]) for j in range(steps)]
+
     @property
     def factored(self) -> bool:
         return self.coefs is not None
@@ -363,10 +386,8 @@ class Linearization:
     def frobenius_sq(self, state: str = "full") -> Tensor:
         """``||J||_F^2`` per step, ``(N,)``; O(N K^2 H) for single-layer built-in cells."""
         dyn = self.dyn
-        if self.factored and dyn.num_layers == 1 and (state == "full" or not dyn._cell.has_c):
-            val = dyn._cell.frobenius_sq(dyn.layers[0], self.coefs[0])
-            if val is not None:
-                return val
+        if self.factored and dyn.frobenius_closed_form(state):
+            return dyn._cell.frobenius_sq(dyn.layers[0], self.coefs[0])
         return self.materialize(state).pow(2).sum((-2, -1))
 
 

@@ -61,18 +61,45 @@ def _warn_no_grad(dyn, inputs) -> None:
         )
 
 
-def _states(problem) -> Tensor:
-    """Differentiable states ``(B, T+1, D)``: the module's own CPU forward for one layer, else the step."""
+def _check_outputs(problem, outputs) -> Tensor:
+    dyn = problem.dyn
+    if dyn.kind != "module" or dyn.num_layers != 1:
+        raise ValueError(
+            "outputs= can be reused only for a single-layer nn.RNN/GRU/LSTM (the output sequence holds the "
+            f"top layer alone); this model is a {dyn.kind} with {dyn.num_layers} layer(s): leave outputs=None"
+        )
+    if not isinstance(outputs, Tensor):
+        raise TypeError(f"outputs must be the output tensor of model(inputs, h0); got {type(outputs).__name__}")
+    out = outputs
+    if problem.unbatched:
+        out = out.unsqueeze(0)
+    elif not dyn.batch_first:
+        out = out.transpose(0, 1)
+    want = (problem.batch, problem.steps, dyn.proj_size or dyn.hidden_size)
+    if tuple(out.shape) != want:
+        raise ValueError(f"outputs must be the model's output sequence, shape {want} (batch-first); got "
+                         f"{tuple(outputs.shape)}")
+    return out
+
+
+def _states(problem, outputs=None) -> Tensor:
+    """Differentiable states ``(B, T+1, D)``.
+
+    From the caller's own ``outputs`` when given (single-layer modules: the forward is shared with the
+    task loss); else from the module's own forward on the CPU (one layer), else from the step.
+    """
     dyn, xs, s0 = problem.dyn, problem.xs, problem.s0
     module = getattr(dyn, "module", None)
-    if module is None or dyn.num_layers != 1 or dyn.kind != "module" or xs.is_cuda:
+    if outputs is None and (module is None or dyn.num_layers != 1 or dyn.kind != "module" or xs.is_cuda):
         states = dyn.run(s0, xs)
     else:
-        (h0, c0), = dyn.split(s0)
-        x_in = xs if module.batch_first else xs.transpose(0, 1)
-        hx = (h0.unsqueeze(0), c0.unsqueeze(0)) if c0 is not None else h0.unsqueeze(0)
-        out, _ = module(x_in, hx)
-        out = out if module.batch_first else out.transpose(0, 1)
+        out = _check_outputs(problem, outputs) if outputs is not None else None
+        ((h0, c0),) = dyn.split(s0)
+        if out is None:
+            x_in = xs if module.batch_first else xs.transpose(0, 1)
+            hx = (h0.unsqueeze(0), c0.unsqueeze(0)) if c0 is not None else h0.unsqueeze(0)
+            out, _ = module(x_in, hx)
+            out = out if module.batch_first else out.transpose(0, 1)
         hs = torch.cat([h0.unsqueeze(1), out], 1)
         if c0 is None:
             states = hs
@@ -80,10 +107,11 @@ def _states(problem) -> Tensor:
             p = dyn.layers[0]
             gates = nn.functional.linear(xs, p.w_ih, p.b_ih) + nn.functional.linear(hs[:, :-1], p.w_hh, p.b_hh)
             i, f, g, _ = gates.chunk(4, -1)
-            i, f, g = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g)
+            ig = (torch.sigmoid(i) * torch.tanh(g)).unbind(1)  # unbind: one backward op, not T selects
+            fs = torch.sigmoid(f).unbind(1)
             cs, c = [c0], c0
-            for t in range(xs.shape[1]):
-                c = f[:, t] * c + i[:, t] * g[:, t]
+            for f_t, ig_t in zip(fs, ig, strict=True):
+                c = f_t * c + ig_t
                 cs.append(c)
             states = torch.cat([hs, torch.stack(cs, 1)], -1)
     check_states_finite(states.detach())
@@ -123,7 +151,12 @@ def _detached(lin):
 def _per_step(problem, states, kind, estimator, n_proj, n_iter, t_idx, generator) -> Tensor:
     """Per-step values ``(B, len(t_idx))`` of ``||J||_F^2`` or ``sigma_max^2``."""
     b, d, state = problem.batch, problem.dyn.size(problem.state), problem.state
-    per_chunk = max(1, _CHUNK_ELEMENTS // max(1, b * d * d))
+    closed = problem.method == "analytic" and problem.dyn.frobenius_closed_form(state)
+    if kind == "frobenius" and estimator == "exact":
+        width = 4 if closed else d  # row form: O(H K) per step; otherwise J is materialised
+    else:
+        width = 4 * max(n_proj, 4) if problem.method == "analytic" else d  # J Q with narrow Q
+    per_chunk = max(1, _CHUNK_ELEMENTS // max(1, b * d * width))
     out = []
     for c0 in range(0, len(t_idx), per_chunk):
         idx = t_idx[c0 : c0 + per_chunk]
@@ -149,15 +182,15 @@ def _per_step(problem, states, kind, estimator, n_proj, n_iter, t_idx, generator
 
 def _end_to_end(problem, states, estimator, n_proj, generator) -> Tensor:
     b, steps, d, state = problem.batch, problem.steps, problem.dyn.size(problem.state), problem.state
-    lin = _linearize(problem, states, torch.arange(steps))
+    per_step = _linearize(problem, states, torch.arange(steps)).unbind(steps)
     if estimator == "exact":
         p = torch.eye(d, dtype=states.dtype, device=states.device).expand(b, d, d)
-        for t in range(steps):
-            p = lin.take(t, steps).apply(p, state)
+        for lin_t in per_step:
+            p = lin_t.apply(p, state)
         return p.pow(2).sum((-2, -1))
     w = _sphere((b, d, n_proj), generator, states)
-    for t in reversed(range(steps)):
-        w = _jt_u(lin.take(t, steps), w, state)  # u^T J_T ... J_1, one step back at a time
+    for lin_t in reversed(per_step):
+        w = _jt_u(lin_t, w, state)  # u^T J_T ... J_1, one step back at a time
     return d * w.pow(2).sum(-2).mean(-1)
 
 
@@ -184,6 +217,7 @@ def jacobian_penalty(
     state: str = "full",
     generator: torch.Generator | None = None,
     batch_first: bool | None = None,
+    outputs: Tensor | None = None,
 ) -> Tensor:
     """A differentiable penalty on the step (or end-to-end) Jacobians; see the module docstring.
 
@@ -201,6 +235,11 @@ def jacobian_penalty(
         Use every ``time_stride``-th step (t = 1, 1 + stride, ...) for the per-step kinds.
     generator : torch.Generator, optional
         Seeds projections and power-iteration starts.
+    outputs : Tensor, optional
+        The output sequence of the caller's own ``model(inputs, h0)`` (single-layer modules). The
+        penalty then reuses that forward instead of recomputing the trajectory, which makes the
+        regularised training step much cheaper; gradients flow through it exactly as the task loss's
+        do (on CUDA that forward is cuDNN's, so use it in train mode there).
 
     Returns
     -------
@@ -213,7 +252,7 @@ def jacobian_penalty(
     >>> gru = torch.nn.GRU(3, 16, batch_first=True)
     >>> x = torch.randn(8, 20, 3)
     >>> out, _ = gru(x)
-    >>> loss = out.pow(2).mean() + 1e-2 * rnnjac.regularizers.jacobian_penalty(gru, x)
+    >>> loss = out.pow(2).mean() + 1e-2 * rnnjac.regularizers.jacobian_penalty(gru, x, outputs=out)
     >>> loss.backward()
     """
     check_choice("kind", kind, KINDS)
@@ -224,7 +263,7 @@ def jacobian_penalty(
     method = "auto"
     problem = prepare(model, inputs, h0, state=state, method=method, batch_first=batch_first)
     _warn_no_grad(problem.dyn, inputs)
-    states = _states(problem)
+    states = _states(problem, outputs)
     if kind == "end_to_end":
         vals = _end_to_end(problem, states, estimator, n_proj, generator)
         _raise_nonfinite(vals, None, kind)
@@ -248,6 +287,7 @@ def lyapunov_penalty(
     state: str = "full",
     generator: torch.Generator | None = None,
     batch_first: bool | None = None,
+    outputs: Tensor | None = None,
 ) -> Tensor:
     """Mean over the batch and the top ``k`` exponents of ``(lambda_i - target)^2``, differentiable.
 
@@ -275,17 +315,17 @@ def lyapunov_penalty(
     if not isinstance(target, (int, float)) or not math.isfinite(target):
         raise ValueError(f"target must be a finite number; got {target!r}")
     _warn_no_grad(problem.dyn, inputs)
-    states = _states(problem)
+    states = _states(problem, outputs)
     steps, b = problem.steps, problem.batch
-    lin = _linearize(problem, states, torch.arange(warmup, steps))
     n_lin = steps - warmup
+    per_step = _linearize(problem, states, torch.arange(warmup, steps)).unbind(n_lin)
     q0, _ = qr_positive(torch.randn(d, k, generator=generator, dtype=torch.float64))
     q = q0.to(dtype=states.dtype, device=states.device).expand(b, d, k)
     log_sum = torch.zeros(b, k, dtype=states.dtype, device=states.device)
     since, start = 0, warmup + tangent_warmup
     for j in range(n_lin):
         t = warmup + j + 1
-        q = lin.take(j, n_lin).apply(q, problem.state)
+        q = per_step[j].apply(q, problem.state)
         since += 1
         if since == reortho_every or t == steps or (t == start and tangent_warmup > 0):
             q, r = qr_positive(q)
@@ -319,10 +359,10 @@ class JacobianPenalty(nn.Module):
         check_choice("kind", kind, (*KINDS, "lyapunov"))
         self.kind, self.weight, self.options = kind, float(weight), options
 
-    def forward(self, model, inputs, h0=None) -> Tensor:
+    def forward(self, model, inputs, h0=None, outputs=None) -> Tensor:
         if self.kind == "lyapunov":
-            return self.weight * lyapunov_penalty(model, inputs, h0, **self.options)
-        return self.weight * jacobian_penalty(model, inputs, h0, kind=self.kind, **self.options)
+            return self.weight * lyapunov_penalty(model, inputs, h0, outputs=outputs, **self.options)
+        return self.weight * jacobian_penalty(model, inputs, h0, kind=self.kind, outputs=outputs, **self.options)
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())

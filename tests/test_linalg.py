@@ -75,3 +75,14 @@ def test_graded_log_svdvals_uncoupled_blocks():
 def test_kaplan_yorke():
     lam = torch.tensor([[0.3, 0.1, -0.2, -1.0], [-0.1, -0.2, -0.3, -0.4], [0.2, 0.1, 0.05, 0.01]], dtype=torch.float64)
     np.testing.assert_allclose(_linalg.kaplan_yorke(lam).numpy(), [3 + (0.2 / 1.0), 0.0, 4.0])
+
+
+def test_gram64_singular_values_route(monkeypatch):
+    """The CUDA route for float32 (sqrt eig of J^T J in float64), checked here on the CPU."""
+    p = Problem("lstm", dtype=torch.float32)
+    j = rnnjac.jacobians(p.module(), p.inputs()).detach().reshape(-1, 10, 10)
+    want = torch.linalg.svdvals(j.double())
+    monkeypatch.setitem(_linalg.SVD_ROUTE, "cpu", "gram64")
+    got = _linalg.svdvals(j)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6 * float(want.max()))

@@ -219,3 +219,29 @@ def test_bad_input():
         relu.weight_hh_l0.copy_(torch.eye(5, dtype=F64) * 1e200)
     with pytest.raises(rnnjac.NonFiniteError, match="t="):
         jacobian_penalty(relu, torch.ones(2, 4, 3, dtype=F64))
+
+
+@pytest.mark.parametrize("arch,proj", [("gru", 0), ("lstm", 2), ("rnn_tanh", 0)])
+def test_reusing_the_callers_forward_gives_the_same_penalty_and_gradient(arch, proj):
+    m = Problem(arch, proj=proj, batch_first=False).module()
+    x = Problem(arch, batch_first=False).inputs(steps=7)
+    out, _ = m(x)  # the caller's own forward, time-major
+    shared = jacobian_penalty(m, x, outputs=out) + out.pow(2).mean()
+    alone = jacobian_penalty(m, x) + m(x)[0].pow(2).mean()
+    torch.testing.assert_close(shared, alone)
+    g_shared = torch.autograd.grad(shared, list(m.parameters()))
+    g_alone = torch.autograd.grad(alone, list(m.parameters()))
+    for a, b in zip(g_shared, g_alone, strict=True):
+        torch.testing.assert_close(a, b)
+    lyap = lyapunov_penalty(m, x, k=2, outputs=m(x)[0], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(lyap, lyapunov_penalty(m, x, k=2, generator=torch.Generator().manual_seed(0)))
+
+
+def test_outputs_errors():
+    m2 = Problem("gru", layers=2).module()
+    x = Problem("gru").inputs()
+    with pytest.raises(ValueError, match="only for a single-layer"):
+        jacobian_penalty(m2, x, outputs=m2(x)[0])
+    m = Problem("gru").module()
+    with pytest.raises(ValueError, match=r"shape \(2, 4, 5\)"):
+        jacobian_penalty(m, x, outputs=m(x)[0][:, :3])
