@@ -107,6 +107,9 @@ def main(argv=None):
         rows.append([mode, f"{curve[-1, 1]:.4f}", f"{curve[-1, 2]:.3f}", f"{lam[0]:+.3f}", f"{lam[1]:+.3f}",
                      f"{lam[2]:+.3f}", f"{lam[5]:+.3f}", f"{fro:.2f}", f"{secs:.0f}"])
     first = {m: next((int(c[0]) for c in r[0] if c[2] >= 0.95), None) for m, r in runs.items()}
+    bulk = {m: float(r[1].lyapunov_exponents.median("batch").values[3:].mean()) for m, r in runs.items()}
+    top = {m: float(r[1].lyapunov_exponents.median("batch").values[0]) for m, r in runs.items()}
+    fro_of = {m: float((r[1].singular_values**2).sum("sv_index").median()) for m, r in runs.items()}
     lines = [
         "# Regularisation: no penalty vs Frobenius vs Lyapunov (GRU H=32, long-memory 3-bit flip-flop)\n",
         f"{args.iters} iterations each, identical seeds and data; pulse probability {P_PULSE}; spectra on 8 trials of 600 "
@@ -116,11 +119,17 @@ def main(argv=None):
         "",
         "First iteration with held-out sign accuracy >= 0.95: " + ", ".join(f"{m}: {v}" for m, v in first.items()) + ".",
         "",
-        "What changed:",
-        "- The Frobenius penalty shrinks every step Jacobian (smaller median ||J_t||_F^2): the whole spectrum is",
-        "  pushed down, so perturbations, and the stored bits with them, decay faster.",
-        "- The Lyapunov penalty (target 0 for the top 3 exponents) keeps the three slowest directions close to",
-        "  marginal stability, which is what holding three bits for long stretches needs.",
+        "What changed (numbers from the table and the figure):",
+        f"- Frobenius: median ||J_t||_F^2 {fro_of['frobenius']:.2f} vs {fro_of['none']:.2f} unregularised; the exponents "
+        f"below the top three fall (mean of lambda_4..lambda_D {bulk['frobenius']:+.2f} vs {bulk['none']:+.2f} nats/step) "
+        f"while the top three, which hold the bits, stay near 0; it reaches 95% accuracy later ({first['frobenius']} vs "
+        f"{first['none']} iterations).",
+        f"- Lyapunov (target 0 for the top 3): the top exponents were already near 0 without it "
+        f"(lambda_1 = {top['none']:+.3f}); the penalty lifts the rest of the spectrum instead (mean of lambda_4..lambda_D "
+        f"{bulk['lyapunov']:+.2f} nats/step), i.e. slower contraction overall, at "
+        f"{runs['lyapunov'][2] / runs['none'][2]:.1f}x the training time.",
+        "- On this task all three reach full held-out accuracy; the penalties change the geometry of the dynamics",
+        "  (how fast off-task perturbations die out) more than the task score.",
         "",
         "Reproduce: `python analyses/regularization.py`",
     ]

@@ -114,9 +114,17 @@ def main(argv=None):
         lines += [f"## {cell.upper()} (final sign accuracy {acc:.3f})\n",
                   table(rows, ["step", "loss", "lambda_1", "lambda_2", "lambda_3", "# exponents > -0.05",
                                "median sigma_1(J_t)"]), ""]
-    lines += ["Reading: at initialisation all exponents are clearly negative (perturbations die out within a few steps);",
-              "learning to hold three bits pulls a few exponents up towards 0, the slow directions that store the",
-              "bits between pulses, while the rest of the spectrum stays contracting.", "",
+    reading = []
+    for cell, (_, _, ds) in results.items():
+        lam = ds.lyapunov_exponents.median("batch")
+        first, last = lam.isel(checkpoint=0).values, lam.isel(checkpoint=-1).values
+        reading.append(f"- {cell.upper()}: lambda_1..3 go from {', '.join(f'{v:+.2f}' for v in first[:3])} at step 0 to "
+                       f"{', '.join(f'{v:+.2f}' for v in last[:3])} after training, while the mean of the remaining exponents "
+                       f"moves from {first[3:].mean():+.2f} to {last[3:].mean():+.2f} nats/step.")
+    lines += ["Reading (numbers from the tables):", *reading,
+              "Learning to hold three bits lifts about three exponents towards 0: slow directions that keep a bit",
+              "between pulses. The jump comes early (by step 50-100, when the loss starts to fall) and the exponents",
+              "then settle slightly below 0; the rest of the spectrum stays clearly contracting.", "",
               "Reproduce: `python analyses/training_dynamics.py`"]
     write("training_dynamics.md", "\n".join(lines) + "\n")
 

@@ -94,7 +94,9 @@ def main(argv=None):
         table(rows, ["g", "log spectral radius of W", "lambda_1 [nats/step]", "sd"]),
         "",
         f"- lambda_1 follows log(spectral radius of W) ~ log g below g = 1, where the origin is the attractor.",
-        f"- The first gain with a positive lambda_1 is g = {crossing}: the dynamics are chaotic beyond g = 1.",
+        f"- lambda_1 crosses 0 between g = 1.0 and g = {crossing} (the first gain with a positive mean): chaos sets in "
+        "just above g = 1, as the mean-field theory predicts for N -> infinity; finite N and finite time blur the onset, "
+        "and lambda_1 grows roughly linearly beyond it.",
         "- Full spectra (right panel of the figure): " + "; ".join(
             f"g = {g}: lambda_1 = {float(ds.lyapunov_exponents[0, 0]):+.3f}, {int((ds.lyapunov_exponents[0] > 0).sum())} "
             f"positive exponents, Kaplan-Yorke dimension {float(ds.kaplan_yorke_dimension[0]):.1f}, entropy "
