@@ -38,15 +38,19 @@ def machine() -> str:
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Python {platform.python_version()}"
+    )
 
 
 def table(rows: list[list], headers: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    out = ["| " + " | ".join(f"{h:<{w}}" for h, w in zip(headers, widths)) + " |",
-           "| " + " | ".join("-" * w for w in widths) + " |"]
-    out += ["| " + " | ".join(f"{str(x):<{w}}" for x, w in zip(r, widths)) + " |" for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    out = [
+        "| " + " | ".join(f"{h:<{w}}" for h, w in zip(headers, widths, strict=False)) + " |",
+        "| " + " | ".join("-" * w for w in widths) + " |",
+    ]
+    out += ["| " + " | ".join(f"{str(x):<{w}}" for x, w in zip(r, widths, strict=False)) + " |" for r in rows]
     return "\n".join(out)
 
 

@@ -60,8 +60,9 @@ def main(argv=None):
     def functional(n_steps=t):
         out = torch.empty(b, n_steps, d, d)
         for k in range(n_steps):
-            jk = torch.autograd.functional.jacobian(lambda s, k=k: dyn.step(s, x[:, k]).sum(0), states[:, k],
-                                                    vectorize=True)
+            jk = torch.autograd.functional.jacobian(
+                lambda s, k=k: dyn.step(s, x[:, k]).sum(0), states[:, k], vectorize=True
+            )
             out[:, k] = jk.permute(1, 0, 2)
         return out
 
@@ -82,21 +83,39 @@ def main(argv=None):
     t_fill = timeit(fill, repeat=7)
     rows = [
         ["rnnjac analytic (closed form)", f"{t_analytic * 1e3:.1f}", "1.0x", ""],
-        ["(a) basis loop, autograd.grad", f"{t_loop * 1e3:.0f}", f"{t_loop / t_analytic:.0f}x",
-         f"measured on {args.loop_steps} of {t} steps, scaled"],
+        [
+            "(a) basis loop, autograd.grad",
+            f"{t_loop * 1e3:.0f}",
+            f"{t_loop / t_analytic:.0f}x",
+            f"measured on {args.loop_steps} of {t} steps, scaled",
+        ],
         ["(b) torch.func vmap(jacrev)", f"{t_vmap * 1e3:.0f}", f"{t_vmap / t_analytic:.1f}x", ""],
-        ["(c) autograd.functional.jacobian", f"{t_func * 1e3:.0f}", f"{t_func / t_analytic:.1f}x", "vectorize=True, per step"],
-        ["(d) fill output tensor (floor)", f"{t_fill * 1e3:.1f}", f"{t_fill / t_analytic:.2f}x",
-         f"{b * t * d * d * 4 / 2**20:.0f} MiB"],
+        [
+            "(c) autograd.functional.jacobian",
+            f"{t_func * 1e3:.0f}",
+            f"{t_func / t_analytic:.1f}x",
+            "vectorize=True, per step",
+        ],
+        [
+            "(d) fill output tensor (floor)",
+            f"{t_fill * 1e3:.1f}",
+            f"{t_fill / t_analytic:.2f}x",
+            f"{b * t * d * d * 4 / 2**20:.0f} MiB",
+        ],
     ]
     headers = ["method", "time [ms]", "vs analytic", "note"]
     text = table(rows, headers)
     print(text)
-    targets = (f"Targets: >=10x faster than (a): {t_loop / t_analytic:.0f}x; >=30x faster than (b): "
-               f"{t_vmap / t_analytic:.1f}x; within 5x of (d): {t_analytic / t_fill:.2f}x.")
+    targets = (
+        f"Targets: >=10x faster than (a): {t_loop / t_analytic:.0f}x; >=30x faster than (b): "
+        f"{t_vmap / t_analytic:.1f}x; within 5x of (d): {t_analytic / t_fill:.2f}x."
+    )
     print(targets)
-    write("benchmark_jacobians.md", f"# Jacobians: LSTM H={args.hidden}, B={b}, T={t}, float32, D={d}\n\n"
-          f"Machine: {machine()}\n\n{text}\n\n{targets}\n\nReproduce: `python analyses/benchmark_jacobians.py`\n")
+    write(
+        "benchmark_jacobians.md",
+        f"# Jacobians: LSTM H={args.hidden}, B={b}, T={t}, float32, D={d}\n\n"
+        f"Machine: {machine()}\n\n{text}\n\n{targets}\n\nReproduce: `python analyses/benchmark_jacobians.py`\n",
+    )
 
 
 if __name__ == "__main__":

@@ -24,12 +24,16 @@ PENALTIES = {
     "frobenius, exact (own trajectory)": lambda rnn, x, out: jacobian_penalty(rnn, x),
     "frobenius, exact, outputs= (shared forward)": lambda rnn, x, out: jacobian_penalty(rnn, x, outputs=out),
     "frobenius, exact, shared, time_stride=4": lambda rnn, x, out: jacobian_penalty(rnn, x, outputs=out, time_stride=4),
-    "frobenius, projection (n_proj=1), shared": lambda rnn, x, out: jacobian_penalty(rnn, x, estimator="projection",
-                                                                                   outputs=out),
+    "frobenius, projection (n_proj=1), shared": lambda rnn, x, out: jacobian_penalty(
+        rnn, x, estimator="projection", outputs=out
+    ),
     "spectral (n_iter=3), shared": lambda rnn, x, out: jacobian_penalty(rnn, x, kind="spectral", n_iter=3, outputs=out),
     "end-to-end, projection (n_proj=1), shared": lambda rnn, x, out: jacobian_penalty(
-        rnn, x, kind="end_to_end", estimator="projection", outputs=out),
-    "lyapunov (k=8, 10 warm-up steps), shared": lambda rnn, x, out: lyapunov_penalty(rnn, x, k=8, warmup=10, outputs=out),
+        rnn, x, kind="end_to_end", estimator="projection", outputs=out
+    ),
+    "lyapunov (k=8, 10 warm-up steps), shared": lambda rnn, x, out: lyapunov_penalty(
+        rnn, x, k=8, warmup=10, outputs=out
+    ),
 }
 
 
@@ -66,10 +70,12 @@ def main(argv=None):
             print(rows[-1], flush=True)
     text = table(rows, ["model", "penalty", "step time [ms]", "vs unregularised"])
     print(text)
-    write("benchmark_regularizers.md",
-          f"# One training step with penalties: H={args.hidden}, B={args.batch}, T={args.steps}\n\n"
-          f"Machine: {machine()}\n\n{text}\n\nTarget: exact Frobenius <= 1.5x the unregularised step.\n\n"
-          "Reproduce: `python analyses/benchmark_regularizers.py`\n")
+    write(
+        "benchmark_regularizers.md",
+        f"# One training step with penalties: H={args.hidden}, B={args.batch}, T={args.steps}\n\n"
+        f"Machine: {machine()}\n\n{text}\n\nTarget: exact Frobenius <= 1.5x the unregularised step.\n\n"
+        "Reproduce: `python analyses/benchmark_regularizers.py`\n",
+    )
 
 
 if __name__ == "__main__":

@@ -100,16 +100,33 @@ def main(argv=None):
         t_s = timeit(lambda m=m, x=x: structured(m, x, 16), repeat=3)
         t_m = timeit(lambda m=m, x=x: materialised_lyapunov(m, x, 16), repeat=3)
         t_a = timeit(lambda m=m, x=x: materialised_lyapunov(m, x, 16, method="autograd"), repeat=1, warmup=0)
-        rows.append([f"GRU H={hidden}, B={batch}, T={steps}, k=16", f"{t_s:.3f}", f"{t_m:.3f}", f"{t_m / t_s:.1f}x",
-                     f"{t_a:.2f}", f"{t_a / t_s:.0f}x"])
-    t1 = table(rows, ["case", "structured J Q [s]", "closed-form J + bmm + QR [s]", "speed-up",
-                      "autograd J + bmm + QR [s]", "speed-up"])
+        rows.append(
+            [
+                f"GRU H={hidden}, B={batch}, T={steps}, k=16",
+                f"{t_s:.3f}",
+                f"{t_m:.3f}",
+                f"{t_m / t_s:.1f}x",
+                f"{t_a:.2f}",
+                f"{t_a / t_s:.0f}x",
+            ]
+        )
+    t1 = table(
+        rows,
+        [
+            "case",
+            "structured J Q [s]",
+            "closed-form J + bmm + QR [s]",
+            "speed-up",
+            "autograd J + bmm + QR [s]",
+            "speed-up",
+        ],
+    )
     print(t1)
     sections.append("## Top-k Lyapunov exponents (target >= 5x at H=1024, B=8)\n\n" + t1 + "\n")
 
     # 2. full spectrum vs bare QR
     rows = []
-    for hidden, batch in ([(256, 16), (128, 8)] if not args.quick else [(64, 4)]):
+    for hidden, batch in [(256, 16), (128, 8)] if not args.quick else [(64, 4)]:
         m = gru(hidden)
         x = torch.randn(batch, steps, 16, generator=torch.Generator().manual_seed(1))
         t_full = timeit(lambda m=m, x=x: structured(m, x, None), repeat=3)
@@ -120,14 +137,16 @@ def main(argv=None):
                 torch.linalg.qr(mats)
 
         t_qr = timeit(bare, repeat=3)
-        rows.append([f"GRU H={hidden}, B={batch}, T={steps}, k=D", f"{t_full:.3f}", f"{t_qr:.3f}", f"{t_full / t_qr:.2f}x"])
+        rows.append(
+            [f"GRU H={hidden}, B={batch}, T={steps}, k=D", f"{t_full:.3f}", f"{t_qr:.3f}", f"{t_full / t_qr:.2f}x"]
+        )
     t2 = table(rows, ["case", "rnnjac full spectrum [s]", "bare torch.linalg.qr x T [s]", "ratio"])
     print(t2)
     sections.append("## Full spectrum against the bare QR cost (target <= 1.3x)\n\n" + t2 + "\n")
 
     # 3. per-step singular values vs bare svdvals
     rows = []
-    for hidden, batch in ([(128, 16), (256, 8)] if not args.quick else [(64, 4)]):
+    for hidden, batch in [(128, 16), (256, 8)] if not args.quick else [(64, 4)]:
         m = gru(hidden)
         x = torch.randn(batch, steps, 16, generator=torch.Generator().manual_seed(1))
 
@@ -139,10 +158,25 @@ def main(argv=None):
         t_svd = timeit(lambda jac=jac: torch.linalg.svdvals(jac), repeat=3)
         rand = torch.randn_like(jac)
         t_rand = timeit(lambda rand=rand: torch.linalg.svdvals(rand), repeat=2)
-        rows.append([f"GRU H={hidden}, B={batch}, T={steps}", f"{t_ours:.3f}", f"{t_svd:.3f}", f"{t_ours / t_svd:.2f}x",
-                     f"{t_rand:.3f}"])
-    t3 = table(rows, ["case", "rnnjac per-step singular values [s]", "bare svdvals of the same J_t [s]", "ratio",
-                      "bare svdvals, Gaussian matrices [s]"])
+        rows.append(
+            [
+                f"GRU H={hidden}, B={batch}, T={steps}",
+                f"{t_ours:.3f}",
+                f"{t_svd:.3f}",
+                f"{t_ours / t_svd:.2f}x",
+                f"{t_rand:.3f}",
+            ]
+        )
+    t3 = table(
+        rows,
+        [
+            "case",
+            "rnnjac per-step singular values [s]",
+            "bare svdvals of the same J_t [s]",
+            "ratio",
+            "bare svdvals, Gaussian matrices [s]",
+        ],
+    )
     print(t3)
     sections.append("## Per-step singular values against bare svdvals (target <= 1.2x)\n\n" + t3 + "\n")
 
@@ -151,9 +185,16 @@ def main(argv=None):
     t0 = time.perf_counter()
     mem = memory_probe(long_steps, 128, 8)
     mem_short = memory_probe(long_steps // 10, 128, 8)
-    row = [[f"GRU H=128, B=8, T={n}, all 128 exponents", f"{r['base_mb']:.0f}", f"{r['peak_mb']:.0f}",
-            f"{r['peak_mb'] - r['base_mb']:.0f}", f"{r['seconds']:.1f}"]
-           for n, r in ((long_steps // 10, mem_short), (long_steps, mem))]
+    row = [
+        [
+            f"GRU H=128, B=8, T={n}, all 128 exponents",
+            f"{r['base_mb']:.0f}",
+            f"{r['peak_mb']:.0f}",
+            f"{r['peak_mb'] - r['base_mb']:.0f}",
+            f"{r['seconds']:.1f}",
+        ]
+        for n, r in ((long_steps // 10, mem_short), (long_steps, mem))
+    ]
     t4 = table(row, ["case", "RSS after import [MB]", "peak RSS [MB]", "growth [MB]", "time [s]"])
     print(t4, f"({time.perf_counter() - t0:.0f} s)")
     sections.append("## Memory of a long run (target: peak under 1 GB)\n\n" + t4 + "\n")

@@ -35,8 +35,11 @@ def main(argv=None):
             paths.append(path)
         inputs, options = InputSpec(batch=8, steps=300), SpectraOptions()
         ref = None
-        for label, kw in (("synchronous", {}), ("LocalCluster, 1 worker", {"workers": 1}),
-                          ("LocalCluster, 2 workers", {"workers": 2})):
+        for label, kw in (
+            ("synchronous", {}),
+            ("LocalCluster, 1 worker", {"workers": 1}),
+            ("LocalCluster, 2 workers", {"workers": 2}),
+        ):
             torch.set_num_threads(2 if not kw else 1)
             t0 = time.perf_counter()
             ds = rnnjac.analyze_checkpoints(paths, inputs=inputs, options=options, **kw)
@@ -48,10 +51,12 @@ def main(argv=None):
             print(rows[-1], flush=True)
     text = table(rows, ["scheduler", "wall time [s]", "checkpoints / minute", "same numbers as synchronous"])
     print(text)
-    write("benchmark_sweeps.md",
-          f"# Sweep throughput: {args.n} GRU H=128 checkpoints, 8 trials x 300 steps each\n\n"
-          f"Machine: {machine()}\n\n{text}\n\nThe synchronous run uses torch's 2 threads; each worker process uses 1. "
-          "Cluster start-up is included.\n\nReproduce: `python analyses/benchmark_sweeps.py`\n")
+    write(
+        "benchmark_sweeps.md",
+        f"# Sweep throughput: {args.n} GRU H=128 checkpoints, 8 trials x 300 steps each\n\n"
+        f"Machine: {machine()}\n\n{text}\n\nThe synchronous run uses torch's 2 threads; each worker process uses 1. "
+        "Cluster start-up is included.\n\nReproduce: `python analyses/benchmark_sweeps.py`\n",
+    )
 
 
 if __name__ == "__main__":

@@ -64,8 +64,10 @@ def timed(fn, repeat: int = 3, warmup: int = 1) -> float:
 
 def table(rows, headers) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
-    lines = ["| " + " | ".join(f"{h:<{w}}" for h, w in zip(headers, widths, strict=True)) + " |",
-             "| " + " | ".join("-" * w for w in widths) + " |"]
+    lines = [
+        "| " + " | ".join(f"{h:<{w}}" for h, w in zip(headers, widths, strict=True)) + " |",
+        "| " + " | ".join("-" * w for w in widths) + " |",
+    ]
     lines += ["| " + " | ".join(f"{str(x):<{w}}" for x, w in zip(r, widths, strict=True)) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -101,8 +103,9 @@ def correctness() -> list[list]:
             d = maxdiff(rnnjac.jacobians(m_dev, xd, method=method), rnnjac.jacobians(m_cpu, x, method=method))
             rows.append([name, f"jacobians ({method})", f"{d:.1e}", d < 1e-10])
         v = rnnjac.verify(m_dev, xd)
-        rows.append([name, "verify on device (FD float64)", f"{float(v.fd_max_abs_error.max()):.1e}",
-                     bool(v.attrs["passed"])])
+        rows.append(
+            [name, "verify on device (FD float64)", f"{float(v.fd_max_abs_error.max()):.1e}", bool(v.attrs["passed"])]
+        )
         kw = dict(eigenvalues=True, end_to_end=True, k=6, warmup=3, local_lyapunov=True)
         a = rnnjac.spectra(m_cpu, x, generator=torch.Generator().manual_seed(1), **kw)
         b = rnnjac.spectra(m_dev, xd, generator=torch.Generator().manual_seed(1), **kw)
@@ -126,8 +129,14 @@ def correctness() -> list[list]:
         rows.append([name, "lyapunov penalty", f"{d:.1e}", d < 1e-8])
         (g,) = torch.autograd.grad(jacobian_penalty(m_dev, xd), m_dev.weight_hh_l0, create_graph=True)
         (gg,) = torch.autograd.grad(g.pow(2).sum(), m_dev.weight_hh_l0)
-        rows.append([name, "double backward, eval mode", "finite" if torch.isfinite(gg).all() else "NaN",
-                     bool(torch.isfinite(gg).all())])
+        rows.append(
+            [
+                name,
+                "double backward, eval mode",
+                "finite" if torch.isfinite(gg).all() else "NaN",
+                bool(torch.isfinite(gg).all()),
+            ]
+        )
     return rows
 
 
@@ -145,7 +154,9 @@ def routes(big: bool) -> tuple[list[list], str, str | None]:
         orth = float((q.mT @ q - torch.eye(k, device=DEV)).abs().max())
         drel = float((torch.diagonal(r, dim1=-2, dim2=-1).abs().double() - ref_d).abs().div(ref_d).max())
         times[route] = t
-        rows.append([f"QR of ({b}, {m}, {k}) float32", route, f"{t * 1e3:.2f} ms", f"|QtQ-I| {orth:.1e}, diag R rel {drel:.1e}"])
+        rows.append(
+            [f"QR of ({b}, {m}, {k}) float32", route, f"{t * 1e3:.2f} ms", f"|QtQ-I| {orth:.1e}, diag R rel {drel:.1e}"]
+        )
     qr_best = min(times, key=times.get)
     # svdvals of actual LSTM Jacobians (D = 1024 at H = 512)
     hidden = 512 if big else 32
@@ -162,15 +173,31 @@ def routes(big: bool) -> tuple[list[list], str, str | None]:
             t = timed(fn, repeat=3)
             err = float(((fn().double() - ref).abs() / ref[:, :1]).max())
             svd_times[drv] = (t, err)
-            rows.append([f"svdvals of {n_mat} LSTM J_t, D={2 * hidden}", str(drv or "default"),
-                         f"{t / n_mat * 1e3:.2f} ms/matrix", f"max err / sigma_1 {err:.1e}"])
+            rows.append(
+                [
+                    f"svdvals of {n_mat} LSTM J_t, D={2 * hidden}",
+                    str(drv or "default"),
+                    f"{t / n_mat * 1e3:.2f} ms/matrix",
+                    f"max err / sigma_1 {err:.1e}",
+                ]
+            )
         except Exception as err:  # noqa: BLE001 - a driver may not exist for these shapes
             rows.append([f"svdvals of {n_mat} LSTM J_t", str(drv), "failed", type(err).__name__])
     t = timed(lambda: _linalg.svdvals(jac), repeat=3)
-    err = float(((torch.linalg.eigvalsh(jac.double().mT @ jac.double()).clamp_min(0).sqrt().flip(-1) - ref).abs()
-                 / ref[:, :1]).max())
-    rows.append([f"svdvals of {n_mat} LSTM J_t, D={2 * hidden}", "gram64: sqrt eigvalsh(J^T J) in float64 (rnnjac)",
-                 f"{t / n_mat * 1e3:.2f} ms/matrix", f"max err / sigma_1 {err:.1e}"])
+    err = float(
+        (
+            (torch.linalg.eigvalsh(jac.double().mT @ jac.double()).clamp_min(0).sqrt().flip(-1) - ref).abs()
+            / ref[:, :1]
+        ).max()
+    )
+    rows.append(
+        [
+            f"svdvals of {n_mat} LSTM J_t, D={2 * hidden}",
+            "gram64: sqrt eigvalsh(J^T J) in float64 (rnnjac)",
+            f"{t / n_mat * 1e3:.2f} ms/matrix",
+            f"max err / sigma_1 {err:.1e}",
+        ]
+    )
     svd_times["gram64"] = (t, err)
     ok = {d: v for d, v in svd_times.items() if v[1] < 1e-5}
     svd_best = min(ok, key=lambda d: ok[d][0]) if ok else None
@@ -193,13 +220,25 @@ def benchmarks(big: bool, qr_best: str) -> list[list]:
 
     tj = timed(all_jacobians, repeat=2)
     gib = b * t * (2 * h) ** 2 * 4 / 2**30
-    rows.append([f"Jacobians LSTM H={h}, B={b}, T={t} (D={2 * h}, {gib:.0f} GiB in time chunks)", DEV,
-                 f"{tj:.2f} s", f"{gib / tj:.0f} GiB/s of J written"])
+    rows.append(
+        [
+            f"Jacobians LSTM H={h}, B={b}, T={t} (D={2 * h}, {gib:.0f} GiB in time chunks)",
+            DEV,
+            f"{tj:.2f} s",
+            f"{gib / tj:.0f} GiB/s of J written",
+        ]
+    )
     steps_sv = 2 if big else 5
     xs = x[:, :steps_sv]
     tsv = timed(lambda: rnnjac.spectra(lstm, xs, lyapunov=False), repeat=1, warmup=0)
-    rows.append([f"per-step singular values, same LSTM (timed on {steps_sv} of {t} steps)", DEV,
-                 f"{tsv / steps_sv * t:.1f} s (extrapolated to T={t})", f"{tsv / steps_sv:.2f} s/step, {b} matrices/step"])
+    rows.append(
+        [
+            f"per-step singular values, same LSTM (timed on {steps_sv} of {t} steps)",
+            DEV,
+            f"{tsv / steps_sv * t:.1f} s (extrapolated to T={t})",
+            f"{tsv / steps_sv:.2f} s/step, {b} matrices/step",
+        ]
+    )
     # (b) Lyapunov top-64: GRU H=1024, B=64, T=1000
     h, b, t, k = (1024, 64, 1000, 64) if big else (64, 4, 100, 8)
     gru = module("gru", h, inp=16, dtype=torch.float32).to(DEV)
@@ -210,17 +249,28 @@ def benchmarks(big: bool, qr_best: str) -> list[list]:
         try:
             steps = t if (route == "cholesky" or not big) else 100
             tl = timed(lambda steps=steps: rnnjac.lyapunov_spectrum(gru, x[:, :steps], k=k), repeat=1)
-            rows.append([f"Lyapunov top-{k} GRU H={h}, B={b}, T={t}", f"{DEV}, QR {route}",
-                         f"{tl * t / steps:.2f} s" + ("" if steps == t else f" (timed on {steps} steps)"),
-                         f"{tl / steps * 1e3:.2f} ms/step"])
+            rows.append(
+                [
+                    f"Lyapunov top-{k} GRU H={h}, B={b}, T={t}",
+                    f"{DEV}, QR {route}",
+                    f"{tl * t / steps:.2f} s" + ("" if steps == t else f" (timed on {steps} steps)"),
+                    f"{tl / steps * 1e3:.2f} ms/step",
+                ]
+            )
         finally:
             _linalg.QR_ROUTE.clear()
             _linalg.QR_ROUTE.update(old)
     gru_cpu = module("gru", h, inp=16, dtype=torch.float32)
     steps = 20 if big else t
     tc = timed(lambda: rnnjac.lyapunov_spectrum(gru_cpu, x[:, :steps].cpu(), k=k), repeat=1, warmup=0)
-    rows.append([f"Lyapunov top-{k} GRU H={h}, B={b}, T={t}", f"cpu ({torch.get_num_threads()} threads)",
-                 f"{tc * t / steps:.1f} s (timed on {steps} steps)", f"{tc / steps * 1e3:.1f} ms/step"])
+    rows.append(
+        [
+            f"Lyapunov top-{k} GRU H={h}, B={b}, T={t}",
+            f"cpu ({torch.get_num_threads()} threads)",
+            f"{tc * t / steps:.1f} s (timed on {steps} steps)",
+            f"{tc / steps * 1e3:.1f} ms/step",
+        ]
+    )
     # (c) Frobenius penalty overhead in a training step
     for arch in ("gru", "lstm"):
         m = module(arch, 128, inp=16, dtype=torch.float32).to(DEV).train()
@@ -244,8 +294,14 @@ def benchmarks(big: bool, qr_best: str) -> list[list]:
 
             res[pen] = timed(step, repeat=5)
         for pen in ("recompute", "shared"):
-            rows.append([f"training step {arch.upper()} H=128, B=64, T=100, exact Frobenius ({pen} trajectory)", DEV,
-                         f"{res['none'] * 1e3:.1f} ms -> {res[pen] * 1e3:.1f} ms", f"{res[pen] / res['none']:.2f}x"])
+            rows.append(
+                [
+                    f"training step {arch.upper()} H=128, B=64, T=100, exact Frobenius ({pen} trajectory)",
+                    DEV,
+                    f"{res['none'] * 1e3:.1f} ms -> {res[pen] * 1e3:.1f} ms",
+                    f"{res[pen] / res['none']:.2f}x",
+                ]
+            )
     return rows
 
 
@@ -258,8 +314,10 @@ def main(argv=None):
     name = torch.cuda.get_device_name(0) if CUDA else "none (CPU smoke test)"
     say("# GPU check")
     say("")
-    say(f"GPU: {name}; torch {torch.__version__}; CPU {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores; Python {platform.python_version()}")
+    say(
+        f"GPU: {name}; torch {torch.__version__}; CPU {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores; Python {platform.python_version()}"
+    )
     if not CUDA:
         say("")
         say("**No CUDA device here: this run is a CPU smoke test on small sizes; no GPU numbers were measured.**")
@@ -275,9 +333,13 @@ def main(argv=None):
     qr_best, svd_best = "cholesky", None
     try:
         rows, qr_best, svd_best = routes(big)
-        sections.append(("Routes for many small matrices (chosen by time among accurate ones)",
-                         table(rows, ["operation", "route", "time", "accuracy"])
-                         + f"\n\nFastest QR route: **{qr_best}**; fastest accurate svdvals driver: **{svd_best or 'default'}**."))
+        sections.append(
+            (
+                "Routes for many small matrices (chosen by time among accurate ones)",
+                table(rows, ["operation", "route", "time", "accuracy"])
+                + f"\n\nFastest QR route: **{qr_best}**; fastest accurate svdvals driver: **{svd_best or 'default'}**.",
+            )
+        )
         say(f"routes done ({time.time() - t0:.0f} s): QR {qr_best}, svdvals {svd_best}")
     except Exception:  # noqa: BLE001
         sections.append(("Routes", "FAILED:\n\n```\n" + traceback.format_exc() + "\n```"))

@@ -51,8 +51,9 @@ def train(mode: str, iters: int, seed: int = 0):
         if mode == "frobenius":
             loss = loss + 0.01 * jacobian_penalty(net.rnn, x)
         elif mode == "lyapunov" and it % 4 == 0:
-            loss = loss + 0.1 * lyapunov_penalty(net.rnn, x[:8, :100], k=3, warmup=10, tangent_warmup=10,
-                                                 generator=torch.Generator().manual_seed(it))
+            loss = loss + 0.1 * lyapunov_penalty(
+                net.rnn, x[:8, :100], k=3, warmup=10, tangent_warmup=10, generator=torch.Generator().manual_seed(it)
+            )
         pen_time += time.perf_counter() - t0
         opt.zero_grad()
         loss.backward()
@@ -76,11 +77,20 @@ def main(argv=None):
     for mode in ("none", "frobenius", "lyapunov"):
         t0 = time.time()
         net, curve, pen_time = train(mode, args.iters)
-        ds = rnnjac.spectra(net.rnn, probe, warmup=50, tangent_warmup=50, dtype=torch.float64,
-                            generator=torch.Generator().manual_seed(0))
+        ds = rnnjac.spectra(
+            net.rnn,
+            probe,
+            warmup=50,
+            tangent_warmup=50,
+            dtype=torch.float64,
+            generator=torch.Generator().manual_seed(0),
+        )
         runs[mode] = (curve, ds, time.time() - t0)
-        print(f"{mode}: test loss {curve[-1, 1]:.4f}, accuracy {curve[-1, 2]:.3f}, lambda_1 "
-              f"{float(ds.lyapunov_exponents.median('batch')[0]):+.4f} ({time.time() - t0:.0f} s)", flush=True)
+        print(
+            f"{mode}: test loss {curve[-1, 1]:.4f}, accuracy {curve[-1, 2]:.3f}, lambda_1 "
+            f"{float(ds.lyapunov_exponents.median('batch')[0]):+.4f} ({time.time() - t0:.0f} s)",
+            flush=True,
+        )
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3), constrained_layout=True)
     for mode, (curve, _, _) in runs.items():
@@ -104,20 +114,45 @@ def main(argv=None):
     for mode, (curve, ds, secs) in runs.items():
         lam = ds.lyapunov_exponents.median("batch").values
         fro = float(ds.singular_values.pipe(lambda s: (s**2).sum("sv_index")).median())
-        rows.append([mode, f"{curve[-1, 1]:.4f}", f"{curve[-1, 2]:.3f}", f"{lam[0]:+.3f}", f"{lam[1]:+.3f}",
-                     f"{lam[2]:+.3f}", f"{lam[5]:+.3f}", f"{fro:.2f}", f"{secs:.0f}"])
+        rows.append(
+            [
+                mode,
+                f"{curve[-1, 1]:.4f}",
+                f"{curve[-1, 2]:.3f}",
+                f"{lam[0]:+.3f}",
+                f"{lam[1]:+.3f}",
+                f"{lam[2]:+.3f}",
+                f"{lam[5]:+.3f}",
+                f"{fro:.2f}",
+                f"{secs:.0f}",
+            ]
+        )
     first = {m: next((int(c[0]) for c in r[0] if c[2] >= 0.95), None) for m, r in runs.items()}
     bulk = {m: float(r[1].lyapunov_exponents.median("batch").values[3:].mean()) for m, r in runs.items()}
     top = {m: float(r[1].lyapunov_exponents.median("batch").values[0]) for m, r in runs.items()}
-    fro_of = {m: float((r[1].singular_values**2).sum("sv_index").median()) for m, r in runs.items()}
+    fro_of = {m: float((r[1].singular_values ** 2).sum("sv_index").median()) for m, r in runs.items()}
     lines = [
         "# Regularisation: no penalty vs Frobenius vs Lyapunov (GRU H=32, long-memory 3-bit flip-flop)\n",
         f"{args.iters} iterations each, identical seeds and data; pulse probability {P_PULSE}; spectra on 8 trials of 600 "
         f"steps (50 + 50 warm-up steps). Total runtime {time.time() - t_start:.0f} s on 2 CPU cores.\n",
-        table(rows, ["penalty", "held-out MSE", "sign accuracy", "lambda_1", "lambda_2", "lambda_3", "lambda_6",
-                     "median ||J_t||_F^2", "train time [s]"]),
+        table(
+            rows,
+            [
+                "penalty",
+                "held-out MSE",
+                "sign accuracy",
+                "lambda_1",
+                "lambda_2",
+                "lambda_3",
+                "lambda_6",
+                "median ||J_t||_F^2",
+                "train time [s]",
+            ],
+        ),
         "",
-        "First iteration with held-out sign accuracy >= 0.95: " + ", ".join(f"{m}: {v}" for m, v in first.items()) + ".",
+        "First iteration with held-out sign accuracy >= 0.95: "
+        + ", ".join(f"{m}: {v}" for m, v in first.items())
+        + ".",
         "",
         "What changed (numbers from the table and the figure):",
         f"- Frobenius: median ||J_t||_F^2 {fro_of['frobenius']:.2f} vs {fro_of['none']:.2f} unregularised; the exponents "

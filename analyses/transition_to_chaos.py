@@ -52,8 +52,15 @@ def main(argv=None):
         for seed in seeds:
             rnn = network(n, float(gain), seed)
             h0 = torch.randn(1, trials, n, generator=torch.Generator().manual_seed(100 + seed))
-            ds = rnnjac.lyapunov_spectrum(rnn, torch.zeros(trials, steps, 1), h0, k=10, warmup=warmup,
-                                          tangent_warmup=tangent_warmup, generator=torch.Generator().manual_seed(seed))
+            ds = rnnjac.lyapunov_spectrum(
+                rnn,
+                torch.zeros(trials, steps, 1),
+                h0,
+                k=10,
+                warmup=warmup,
+                tangent_warmup=tangent_warmup,
+                generator=torch.Generator().manual_seed(seed),
+            )
             vals.append(ds.lyapunov_exponents.values[:, 0])
             radius = float(torch.linalg.eigvals(rnn.weight_hh_l0.detach().double()).abs().max())
         top[float(gain)] = (np.concatenate(vals), radius)
@@ -62,8 +69,14 @@ def main(argv=None):
     for gain in (0.8, 1.5, 3.0):
         rnn = network(n, gain, 0)
         h0 = torch.randn(1, 1, n, generator=torch.Generator().manual_seed(100))
-        full[gain] = rnnjac.lyapunov_spectrum(rnn, torch.zeros(1, steps, 1), h0, warmup=warmup,
-                                              tangent_warmup=tangent_warmup, generator=torch.Generator().manual_seed(0))
+        full[gain] = rnnjac.lyapunov_spectrum(
+            rnn,
+            torch.zeros(1, steps, 1),
+            h0,
+            warmup=warmup,
+            tangent_warmup=tangent_warmup,
+            generator=torch.Generator().manual_seed(0),
+        )
         print(f"full spectrum g={gain}: D_KY = {float(full[gain].kaplan_yorke_dimension[0]):.1f}", flush=True)
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
@@ -93,14 +106,18 @@ def main(argv=None):
         f" {len(seeds)} networks x {trials} initial states per gain. Runtime {time.time() - t_start:.0f} s on 2 CPU cores.\n",
         table(rows, ["g", "log spectral radius of W", "lambda_1 [nats/step]", "sd"]),
         "",
-        f"- lambda_1 follows log(spectral radius of W) ~ log g below g = 1, where the origin is the attractor.",
+        "- lambda_1 follows log(spectral radius of W) ~ log g below g = 1, where the origin is the attractor.",
         f"- lambda_1 crosses 0 between g = 1.0 and g = {crossing} (the first gain with a positive mean): chaos sets in "
         "just above g = 1, as the mean-field theory predicts for N -> infinity; finite N and finite time blur the onset, "
         "and lambda_1 grows roughly linearly beyond it.",
-        "- Full spectra (right panel of the figure): " + "; ".join(
+        "- Full spectra (right panel of the figure): "
+        + "; ".join(
             f"g = {g}: lambda_1 = {float(ds.lyapunov_exponents[0, 0]):+.3f}, {int((ds.lyapunov_exponents[0] > 0).sum())} "
             f"positive exponents, Kaplan-Yorke dimension {float(ds.kaplan_yorke_dimension[0]):.1f}, entropy "
-            f"{float(ds.ks_entropy[0]):.3f} nats/step" for g, ds in full.items()) + ".",
+            f"{float(ds.ks_entropy[0]):.3f} nats/step"
+            for g, ds in full.items()
+        )
+        + ".",
         "",
         "Reproduce: `python analyses/transition_to_chaos.py`",
     ]

@@ -101,9 +101,7 @@ def _flat_h0(dyn: Dynamics, h0, batch: int, unbatched: bool, like: Tensor) -> Te
         return like.new_zeros(batch, d)
     if isinstance(h0, (tuple, list)):
         if dyn.arch != "lstm" or len(h0) != 2:
-            raise ValueError(
-                f"h0 as a tuple is the LSTM's (h0, c0) format; got a tuple of {len(h0)} for {dyn.arch}"
-            )
+            raise ValueError(f"h0 as a tuple is the LSTM's (h0, c0) format; got a tuple of {len(h0)} for {dyn.arch}")
         h, c = (_as_tensor("h0", t) for t in h0)
         want_h = (dyn.num_layers, dyn.proj_size or dyn.hidden_size)
         want_c = (dyn.num_layers, dyn.hidden_size)
@@ -131,7 +129,9 @@ def _flat_h0(dyn: Dynamics, h0, batch: int, unbatched: bool, like: Tensor) -> Te
         if tuple(h0.shape) == mod:
             h0 = h0.unsqueeze(1) if unbatched else h0
             return dyn.join([(h0[li], None) for li in range(dyn.num_layers)])
-        raise ValueError(f"h0 must have shape {mod} (the module's format) or {flat} (flat state); got {tuple(h0.shape)}")
+        raise ValueError(
+            f"h0 must have shape {mod} (the module's format) or {flat} (flat state); got {tuple(h0.shape)}"
+        )
     if dyn.arch == "lstm" and dyn.custom is None:
         raise ValueError(
             f"h0 for an LSTM must be the (h0, c0) tuple or a flat state of shape {flat}; got {tuple(h0.shape)}"

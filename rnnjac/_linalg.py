@@ -150,7 +150,7 @@ def _clustered(log_e: Tensor, k_mat: Tensor, approx: Tensor) -> Tensor:
     gaps = (log_e[:-1] - log_e[1:]) > _CLUSTER_NATS
     bounds = [0] + (torch.nonzero(gaps).flatten() + 1).tolist() + [log_e.shape[0]]
     out = approx.clone()
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=False):
         if b - a > 1:
             top = log_e[a]
             block = torch.exp(log_e[a:b] - top).unsqueeze(-1) * k_mat[a:b, a:b]

@@ -217,23 +217,21 @@ class GRUArch:
     has_c = False
     name = "gru"
 
-    def step(self, p, x, h, c=None):
+    @staticmethod
+    def _forward(p, x, h):
         gi, gh = _pre(p, x, h)
         gi_r, gi_z, gi_n = gi.chunk(3, -1)
         gh_r, gh_z, gh_n = gh.chunk(3, -1)
         r = torch.sigmoid(gi_r + gh_r)
         z = torch.sigmoid(gi_z + gh_z)
         n = torch.tanh(gi_n + r * gh_n)
-        return (1 - z) * n + z * h, None
+        return r, z, n, gh_n, (1 - z) * n + z * h
+
+    def step(self, p, x, h, c=None):
+        return self._forward(p, x, h)[-1], None
 
     def linearize(self, p, x, h, c=None):
-        gi, gh = _pre(p, x, h)
-        gi_r, gi_z, gi_n = gi.chunk(3, -1)
-        gh_r, gh_z, gh_n = gh.chunk(3, -1)
-        r = torch.sigmoid(gi_r + gh_r)
-        z = torch.sigmoid(gi_z + gh_z)
-        n = torch.tanh(gi_n + r * gh_n)
-        h_new = (1 - z) * n + z * h
+        r, z, n, gh_n, h_new = self._forward(p, x, h)
         a_n = (1 - z) * (1 - n * n)
         coef = {
             "z": z,
@@ -279,16 +277,8 @@ class LSTMArch:
     has_c = True
     name = "lstm"
 
-    def step(self, p, x, h, c):
-        gi, gh = _pre(p, x, h)
-        i, f, g, o = (gi + gh).chunk(4, -1)
-        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-        c_new = f * c + i * g
-        m = o * torch.tanh(c_new)
-        h_new = m if p.w_hr is None else torch.nn.functional.linear(m, p.w_hr)
-        return h_new, c_new
-
-    def linearize(self, p, x, h, c):
+    @staticmethod
+    def _forward(p, x, h, c):
         gi, gh = _pre(p, x, h)
         i, f, g, o = (gi + gh).chunk(4, -1)
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
@@ -296,6 +286,13 @@ class LSTMArch:
         tc = torch.tanh(c_new)
         m = o * tc
         h_new = m if p.w_hr is None else torch.nn.functional.linear(m, p.w_hr)
+        return i, f, g, o, tc, h_new, c_new
+
+    def step(self, p, x, h, c):
+        return self._forward(p, x, h, c)[-2:]
+
+    def linearize(self, p, x, h, c):
+        i, f, g, o, tc, h_new, c_new = self._forward(p, x, h, c)
         coef = {
             "s_i": g * i * (1 - i),
             "s_f": c * f * (1 - f),

@@ -76,8 +76,9 @@ def _read(path: Path, *, unsafe: bool, map_location):
         if not unsafe:
             reason = next((ln.strip() for ln in str(err).splitlines() if ln.strip().startswith("Unsupported")), "")
             raise CheckpointError(
-                f"{path} holds pickled Python objects that weights_only loading refuses ({reason or 'not plain tensors'}): "
-                "a whole module, or code; load it with unsafe=True (--unsafe) only if you trust its source"
+                f"{path} holds pickled Python objects that weights_only loading refuses "
+                f"({reason or 'not plain tensors'}): a whole module, or code; load it with unsafe=True (--unsafe) "
+                "only if you trust its source"
             ) from err
         obj = torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, OSError, ValueError) as err:
@@ -134,7 +135,8 @@ def _infer(state: Mapping, prefix: str, cell: bool) -> dict:
     gates, rem = divmod(w_hh.shape[0], hidden)
     if rem or gates not in _GATES:
         raise CheckpointError(
-            f"{prefix}weight_hh{sfx} has shape {tuple(w_hh.shape)}: not 1, 3 or 4 gate blocks of the hidden size {hidden}"
+            f"{prefix}weight_hh{sfx} has shape {tuple(w_hh.shape)}: not 1, 3 or 4 gate blocks of the hidden "
+            f"size {hidden}"
         )
     layers = 1 if cell else sum(1 for k in state if re.fullmatch(re.escape(prefix) + r"weight_hh_l\d+", k))
     return {
@@ -165,8 +167,9 @@ def _build(info: dict, nonlinearity: str) -> nn.Module:
 
 def _module_from_object(obj, prefix):
     """A recurrent submodule of a whole (unsafely loaded) module."""
-    found = {name + "." if name else "": m for name, m in obj.named_modules()
-             if isinstance(m, (nn.RNNBase, nn.RNNCellBase))}
+    found = {
+        name + "." if name else "": m for name, m in obj.named_modules() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))
+    }
     if not found:
         raise CheckpointError(f"the pickled {type(obj).__name__} contains no nn.RNN/GRU/LSTM or cell")
     if prefix is None and len(found) > 1:
@@ -209,7 +212,9 @@ def _load(path: Path, *, arch, nonlinearity, prefix, unsafe, map_location):
     if prefix is None:
         if len(groups) > 1:
             names = ", ".join(repr(p) for p in sorted(groups))
-            raise CheckpointError(f"{path} contains several recurrent modules: {names}; choose one with prefix= (--prefix)")
+            raise CheckpointError(
+                f"{path} contains several recurrent modules: {names}; choose one with prefix= (--prefix)"
+            )
         prefix = next(iter(groups))
     elif prefix not in groups:
         names = ", ".join(repr(p) for p in sorted(groups))
@@ -289,11 +294,12 @@ def load_checkpoint(
     >>> rnnjac.load_checkpoint(path)
     GRU(3, 8, num_layers=2, batch_first=True)
     """
-    state, info = _load(Path(path), arch=arch, nonlinearity=nonlinearity, prefix=prefix, unsafe=unsafe,
-                        map_location=map_location)
+    state, info = _load(
+        Path(path), arch=arch, nonlinearity=nonlinearity, prefix=prefix, unsafe=unsafe, map_location=map_location
+    )
     module = _build(info, info["nonlinearity"] or "tanh")
     p = info["prefix"]
-    own = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+    own = {k[len(p) :]: v for k, v in state.items() if k.startswith(p)}
     wanted = module.state_dict()
     sub = {k: own[k] for k in wanted if k in own}
     missing = sorted(set(wanted) - set(sub))

@@ -30,19 +30,25 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--time-major", action="store_true", help="the file's array is (T, B, I)")
     g.add_argument("--batch", type=int, default=8, metavar="B", help="generated trials (default 8)")
     g.add_argument("--steps", type=int, default=200, metavar="T", help="generated steps (default 200)")
-    g.add_argument("--input-std", type=float, default=1.0, metavar="S", help="std of generated Gaussian inputs (default 1)")
+    g.add_argument(
+        "--input-std", type=float, default=1.0, metavar="S", help="std of generated Gaussian inputs (default 1)"
+    )
     g.add_argument("--autonomous", action="store_true", help="zero input (the autonomous system)")
     g.add_argument("--h0", choices=("zeros", "random"), default="zeros", help="initial state (default zeros)")
     g.add_argument("--seed", type=int, default=0, help="seed for generated inputs, h0 and tangents (default 0)")
     m = p.add_argument_group("model")
     m.add_argument("--arch", choices=("rnn", "gru", "lstm"), help="check the inferred architecture")
-    m.add_argument("--nonlinearity", choices=("tanh", "relu"), help="for nn.RNN checkpoints (not inferable; default tanh)")
+    m.add_argument(
+        "--nonlinearity", choices=("tanh", "relu"), help="for nn.RNN checkpoints (not inferable; default tanh)"
+    )
     m.add_argument("--prefix", help="which recurrent module when the checkpoint holds several (e.g. 'encoder.rnn.')")
     m.add_argument("--unsafe", action="store_true", help="allow a whole pickled module (runs code from the file!)")
     m.add_argument("--state", choices=("full", "h"), default="full", help="full state [h; c] or h only (default full)")
     m.add_argument("--method", choices=("auto", "analytic", "autograd"), default="auto")
     m.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    m.add_argument("--dtype", choices=("float32", "float64"), help="analyse a converted copy (default: the checkpoint's)")
+    m.add_argument(
+        "--dtype", choices=("float32", "float64"), help="analyse a converted copy (default: the checkpoint's)"
+    )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -59,9 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rnnjac {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    a = sub.add_parser("analyze", help="spectra of one checkpoint (or a sweep over many) -> netCDF/zarr",
-                       description="Compute per-step singular values, Lyapunov exponents (and optionally eigenvalues, "
-                                   "end-to-end singular values) of checkpoints and write them to a file.", epilog=EPILOG)
+    a = sub.add_parser(
+        "analyze",
+        help="spectra of one checkpoint (or a sweep over many) -> netCDF/zarr",
+        description="Compute per-step singular values, Lyapunov exponents (and optionally eigenvalues, "
+        "end-to-end singular values) of checkpoints and write them to a file.",
+        epilog=EPILOG,
+    )
     a.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint file(s) or glob pattern(s)")
     a.add_argument("--out", required=True, help="output .nc (netCDF) or .zarr")
     a.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -82,9 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(a)
     a.set_defaults(func=cmd_analyze)
 
-    v = sub.add_parser("verify", help="check a checkpoint's Jacobians against float64 finite differences",
-                       description="Compare the Jacobians (closed form or autograd) with central finite differences in "
-                                   "float64; print a table; exit 0 on pass, 1 on fail.", epilog=EPILOG)
+    v = sub.add_parser(
+        "verify",
+        help="check a checkpoint's Jacobians against float64 finite differences",
+        description="Compare the Jacobians (closed form or autograd) with central finite differences in "
+        "float64; print a table; exit 0 on pass, 1 on fail.",
+        epilog=EPILOG,
+    )
     v.add_argument("checkpoint", metavar="CKPT")
     v.add_argument("--eps", type=float, help="relative finite-difference step (default u^(1/3) = 6e-6)")
     v.add_argument("--rtol", type=float, default=1e-6)
@@ -96,8 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(v)
     v.set_defaults(func=cmd_verify, batch=2, steps=20)
 
-    p = sub.add_parser("plot", help="figures of a spectra file", description="One figure per variable present, plus a "
-                       "summary panel.", epilog=EPILOG)
+    p = sub.add_parser(
+        "plot",
+        help="figures of a spectra file",
+        description="One figure per variable present, plus a summary panel.",
+        epilog=EPILOG,
+    )
     p.add_argument("spectra", metavar="SPECTRA", help="a file written by 'rnnjac analyze' (.nc or .zarr)")
     p.add_argument("--out", default=".", metavar="DIR", help="output folder (default: current)")
     p.add_argument("--format", choices=("png", "pdf", "svg"), default="png")
@@ -112,9 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(i)
     i.set_defaults(func=cmd_info)
 
-    d = sub.add_parser("demo", help="the whole pipeline on the GRU flip-flop checkpoint shipped with rnnjac",
-                       description="Load the bundled 3-bit flip-flop GRU, verify its Jacobians, analyse its spectra "
-                                   "and plot them into DIR.", epilog=EPILOG)
+    d = sub.add_parser(
+        "demo",
+        help="the whole pipeline on the GRU flip-flop checkpoint shipped with rnnjac",
+        description="Load the bundled 3-bit flip-flop GRU, verify its Jacobians, analyse its spectra "
+        "and plot them into DIR.",
+        epilog=EPILOG,
+    )
     d.add_argument("--out", default="rnnjac-demo", metavar="DIR", help="output folder (default ./rnnjac-demo)")
     d.add_argument("--overwrite", action="store_true", help="replace files from an earlier demo run")
     _add_common(d)
@@ -126,8 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _input_spec(args):
     from .pipeline import InputSpec
 
-    return InputSpec(path=args.inputs, key=args.inputs_key, time_major=args.time_major, batch=args.batch,
-                     steps=args.steps, input_std=args.input_std, autonomous=args.autonomous, h0=args.h0, seed=args.seed)
+    return InputSpec(
+        path=args.inputs,
+        key=args.inputs_key,
+        time_major=args.time_major,
+        batch=args.batch,
+        steps=args.steps,
+        input_std=args.input_std,
+        autonomous=args.autonomous,
+        h0=args.h0,
+        seed=args.seed,
+    )
 
 
 def _load_kwargs(args) -> dict:
@@ -152,12 +183,12 @@ def _command_line(argv) -> str:
 
 
 def _print_table(rows, headers) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    line = "  ".join(f"{h:<{w}}" for h, w in zip(headers, widths))
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    line = "  ".join(f"{h:<{w}}" for h, w in zip(headers, widths, strict=False))
     print(line)
     print("  ".join("-" * w for w in widths))
     for r in rows:
-        print("  ".join(f"{str(x):<{w}}" for x, w in zip(r, widths)))
+        print("  ".join(f"{str(x):<{w}}" for x, w in zip(r, widths, strict=False)))
 
 
 def _savefig(fig, path: Path, overwrite: bool) -> Path:
@@ -196,7 +227,7 @@ def write_plots(ds, out_dir, fmt: str = "png", overwrite: bool = False, stem: st
     if not names:
         raise ValueError("nothing to plot: the file has no spectra variables")
     written = []
-    for name, target in zip(names, targets):
+    for name, target in zip(names, targets, strict=False):
         ax = plot.PLOTS[name](ds)
         written.append(_savefig(ax.figure, target, overwrite))
         plt.close(ax.figure)
@@ -217,22 +248,43 @@ def cmd_analyze(args, argv) -> int:
     if not sweep:
         check_writable(out, overwrite=args.overwrite)
     options = SpectraOptions(
-        k=args.k, warmup=args.warmup, tangent_warmup=args.tangent_warmup, reortho_every=args.reortho_every,
-        eigenvalues=args.eigenvalues, end_to_end=args.end_to_end, singular_values=not args.no_singular_values,
-        lyapunov=not args.no_lyapunov, local_lyapunov=args.local, keep_states=args.keep_states, state=args.state,
-        method=args.method, device=args.device, dtype=args.dtype, seed=args.seed,
+        k=args.k,
+        warmup=args.warmup,
+        tangent_warmup=args.tangent_warmup,
+        reortho_every=args.reortho_every,
+        eigenvalues=args.eigenvalues,
+        end_to_end=args.end_to_end,
+        singular_values=not args.no_singular_values,
+        lyapunov=not args.no_lyapunov,
+        local_lyapunov=args.local,
+        keep_states=args.keep_states,
+        state=args.state,
+        method=args.method,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
     )
     inputs = _input_spec(args)
     if sweep:
         from .sweeps import analyze_checkpoints
 
-        ds = analyze_checkpoints(paths, inputs=inputs, options=options, out=out, overwrite=args.overwrite,
-                                 load_kwargs=_load_kwargs(args), scheduler=args.scheduler, workers=args.workers,
-                                 command=_command_line(argv), progress=not args.quiet)
+        ds = analyze_checkpoints(
+            paths,
+            inputs=inputs,
+            options=options,
+            out=out,
+            overwrite=args.overwrite,
+            load_kwargs=_load_kwargs(args),
+            scheduler=args.scheduler,
+            workers=args.workers,
+            command=_command_line(argv),
+            progress=not args.quiet,
+        )
         print(f"wrote {out} ({ds.sizes.get('checkpoint', 0)} checkpoints)")
         return 0
-    ds = analyze_checkpoint(paths[0], inputs, options, load_kwargs=_load_kwargs(args),
-                            progress=not args.quiet, command=_command_line(argv))
+    ds = analyze_checkpoint(
+        paths[0], inputs, options, load_kwargs=_load_kwargs(args), progress=not args.quiet, command=_command_line(argv)
+    )
     save(ds, out, overwrite=args.overwrite)
     print(f"wrote {out}: {', '.join(ds.data_vars)}")
     if "lyapunov_exponents" in ds:
@@ -258,15 +310,37 @@ def cmd_verify(args, argv) -> int:
     spec = _input_spec(args)
     x = make_inputs(spec, module.rnnjac_info["input_size"], dtype)
     h0 = make_h0(spec, as_dynamics(module).state_size, x.shape[0], dtype)
-    ds = verify(module, x, h0, state=args.state, method=args.method, eps=args.eps, rtol=args.rtol, atol=args.atol,
-                directions=args.directions, generator=torch.Generator().manual_seed(args.seed))
+    ds = verify(
+        module,
+        x,
+        h0,
+        state=args.state,
+        method=args.method,
+        eps=args.eps,
+        rtol=args.rtol,
+        atol=args.atol,
+        directions=args.directions,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     a = ds.attrs
-    rows = [[a["architecture"], a["method"], a["mode"], a["dtype"], f"{float(ds.fd_max_abs_error.max()):.2e}",
-             f"{float(ds.fd_max_rel_error.max()):.2e}", f"{a['rtol']:g}/{a['atol']:g}", "PASS" if a["passed"] else "FAIL"]]
+    rows = [
+        [
+            a["architecture"],
+            a["method"],
+            a["mode"],
+            a["dtype"],
+            f"{float(ds.fd_max_abs_error.max()):.2e}",
+            f"{float(ds.fd_max_rel_error.max()):.2e}",
+            f"{a['rtol']:g}/{a['atol']:g}",
+            "PASS" if a["passed"] else "FAIL",
+        ]
+    ]
     _print_table(rows, ["architecture", "method", "mode", "dtype", "max abs err", "max rel err", "rtol/atol", "result"])
     if not a["passed"]:
-        print(f"worst entry: sample {a['worst_batch']}, step t={a['worst_time']}, {a['worst_block']} "
-              f"(error {a['worst_tolerance_ratio']:.3g}x the tolerance)")
+        print(
+            f"worst entry: sample {a['worst_batch']}, step t={a['worst_time']}, {a['worst_block']} "
+            f"(error {a['worst_tolerance_ratio']:.3g}x the tolerance)"
+        )
     if args.out:
         ds.attrs["command"] = _command_line(argv)
         save(ds, args.out, overwrite=args.overwrite)
@@ -296,8 +370,23 @@ def cmd_info(args, argv) -> int:
         print("dims: " + ", ".join(f"{k}={v}" for k, v in ds.sizes.items()))
         for name, var in ds.data_vars.items():
             print(f"  {name}{var.dims}: {var.attrs.get('long_name', '')} [{var.attrs.get('units', '')}]")
-        keys = ("architecture", "num_layers", "hidden_size", "input_size", "state", "method", "dtype", "checkpoint",
-                "training_step", "warmup", "tangent_warmup", "reortho_every", "seed", "created_at", "rnnjac_version")
+        keys = (
+            "architecture",
+            "num_layers",
+            "hidden_size",
+            "input_size",
+            "state",
+            "method",
+            "dtype",
+            "checkpoint",
+            "training_step",
+            "warmup",
+            "tangent_warmup",
+            "reortho_every",
+            "seed",
+            "created_at",
+            "rnnjac_version",
+        )
         for k in keys:
             if k in ds.attrs:
                 print(f"{k}: {ds.attrs[k]}")
@@ -339,21 +428,38 @@ def cmd_demo(args, argv) -> int:
     model = load_checkpoint(str(ckpt))
     info = model.rnnjac_info
     meta = info["metadata"]
-    print(f"1/4 loaded the bundled checkpoint: GRU, input {info['input_size']}, hidden {info['hidden_size']}, "
-          f"trained on the {meta.get('task', 'flip-flop')} ({meta.get('step', '?')} steps)")
+    print(
+        f"1/4 loaded the bundled checkpoint: GRU, input {info['input_size']}, hidden {info['hidden_size']}, "
+        f"trained on the {meta.get('task', 'flip-flop')} ({meta.get('step', '?')} steps)"
+    )
     model64 = model.double()
     x, _ = flipflop(8, 400, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ds_v = verify(model64, x[:2, :40])
-    print(f"2/4 verified closed-form Jacobians against float64 finite differences: "
-          f"max abs error {float(ds_v.fd_max_abs_error.max()):.1e} -> {'PASS' if ds_v.attrs['passed'] else 'FAIL'}")
-    ds = spectra(model64, x, eigenvalues=True, end_to_end=True, local_lyapunov=True, warmup=20, tangent_warmup=20,
-                 generator=torch.Generator().manual_seed(0),
-                 attrs={"checkpoint": "rnnjac/data/flipflop_gru.safetensors", "command": _command_line(argv),
-                        "inputs": "3-bit flip-flop trials, batch 8, steps 400, seed 0"})
+    print(
+        f"2/4 verified closed-form Jacobians against float64 finite differences: "
+        f"max abs error {float(ds_v.fd_max_abs_error.max()):.1e} -> {'PASS' if ds_v.attrs['passed'] else 'FAIL'}"
+    )
+    ds = spectra(
+        model64,
+        x,
+        eigenvalues=True,
+        end_to_end=True,
+        local_lyapunov=True,
+        warmup=20,
+        tangent_warmup=20,
+        generator=torch.Generator().manual_seed(0),
+        attrs={
+            "checkpoint": "rnnjac/data/flipflop_gru.safetensors",
+            "command": _command_line(argv),
+            "inputs": "3-bit flip-flop trials, batch 8, steps 400, seed 0",
+        },
+    )
     save(ds, spectra_path, overwrite=args.overwrite)
     lam = ds.lyapunov_exponents.median("batch").values
-    print(f"3/4 spectra -> {spectra_path}: top exponents {', '.join(f'{v:+.3f}' for v in lam[:4])} nats/step, "
-          f"Kaplan-Yorke dimension {float(ds.kaplan_yorke_dimension.median()):.2f}")
+    print(
+        f"3/4 spectra -> {spectra_path}: top exponents {', '.join(f'{v:+.3f}' for v in lam[:4])} nats/step, "
+        f"Kaplan-Yorke dimension {float(ds.kaplan_yorke_dimension.median()):.2f}"
+    )
     written = write_plots(ds, out, "png", overwrite=args.overwrite)
     print(f"4/4 figures -> {', '.join(str(p) for p in written)}")
     print(f"done in {time.time() - t_start:.1f} s")

@@ -116,7 +116,7 @@ def build_dataset(
         dims, long_name, units = VARIABLES[name]
         data_vars[name] = xr.Variable(dims, _np(value), {"long_name": long_name, "units": units})
     used = {d for v in data_vars.values() for d in v.dims}
-    sizes = {d: n for v in data_vars.values() for d, n in zip(v.dims, v.shape)}
+    sizes = {d: n for v in data_vars.values() for d, n in zip(v.dims, v.shape, strict=False)}
     if BATCH in used:
         coords[BATCH] = np.arange(sizes[BATCH])
     if TIME in used:
@@ -151,8 +151,16 @@ def build_dataset(
     return ds
 
 
-_PER_CHECKPOINT_ATTRS = ("checkpoint", "checkpoint_sha256", "training_step", "created_at", "command",
-                         "nonlinearity", "nonlinearity_source", "checkpoint_prefix")
+_PER_CHECKPOINT_ATTRS = (
+    "checkpoint",
+    "checkpoint_sha256",
+    "training_step",
+    "created_at",
+    "command",
+    "nonlinearity",
+    "nonlinearity_source",
+    "checkpoint_prefix",
+)
 
 
 def stack_checkpoints(rows: list[xr.Dataset]) -> xr.Dataset:

@@ -221,7 +221,10 @@ class Dynamics:
             return self
         return Dynamics(
             self.arch,
-            [LayerParams(**{k: (None if v is None else v.detach()) for k, v in p.__dict__.items()}) for p in self.layers],
+            [
+                LayerParams(**{k: (None if v is None else v.detach()) for k, v in p.__dict__.items()})
+                for p in self.layers
+            ],
             input_size=self.input_size,
             hidden_size=self.hidden_size,
             proj_size=self.proj_size,
@@ -244,7 +247,7 @@ class Dynamics:
         if self.custom is not None:
             return self.custom.step(s, x)
         out, inp = [], x
-        for p, (h, c) in zip(self.layers, self.split(s)):
+        for p, (h, c) in zip(self.layers, self.split(s), strict=False):
             h, c = self._cell.step(p, inp, h, c)
             out.append((h, c))
             inp = h
@@ -266,7 +269,7 @@ class Dynamics:
         if self.custom is not None:
             return Linearization(self, s, x, jac=self.custom.jacobian(s, x))
         coefs, inp = [], x
-        for p, (h, c) in zip(self.layers, self.split(s)):
+        for p, (h, c) in zip(self.layers, self.split(s), strict=False):
             h, c, coef = self._cell.linearize(p, inp, h, c)
             coefs.append(coef)
             inp = h
@@ -336,7 +339,7 @@ class Linearization:
             j = self.jac if state == "full" or dyn.custom is not None else self._h_only(self.jac)
             return j @ q
         out, dx, off = [], None, 0
-        for p, coef, parts in zip(dyn.layers, self.coefs, dyn.parts):
+        for p, coef, parts in zip(dyn.layers, self.coefs, dyn.parts, strict=False):
             n_h = parts[0][1]
             dh = q[..., off : off + n_h, :]
             off += n_h
@@ -361,7 +364,7 @@ class Linearization:
         total = dyn.state_size
         j = self.s.new_empty(n, total, total)
         r0, below = 0, None  # below: h-rows of the previous layer's row block (a view of j)
-        for p, coef, parts in zip(dyn.layers, self.coefs, dyn.parts):
+        for p, coef, parts in zip(dyn.layers, self.coefs, dyn.parts, strict=False):
             n_h = parts[0][1]
             r1 = r0 + sum(m for _, m in parts)
             c0 = r0
@@ -395,7 +398,10 @@ def _rnn_layers(module, num_layers: int, *, cell: bool = False) -> list[LayerPar
     out = []
     for li in range(num_layers):
         suffix = "" if cell else f"_l{li}"
-        get = lambda base: getattr(module, base + suffix, None)  # noqa: E731
+
+        def get(base, suffix=suffix):
+            return getattr(module, base + suffix, None)
+
         out.append(
             LayerParams(
                 w_ih=get("weight_ih"),

@@ -38,7 +38,11 @@ class InputSpec:
 
     def describe(self) -> str:
         if self.path:
-            return f"file {self.path}" + (f" [{self.key}]" if self.key else "") + (" (time-major)" if self.time_major else "")
+            return (
+                f"file {self.path}"
+                + (f" [{self.key}]" if self.key else "")
+                + (" (time-major)" if self.time_major else "")
+            )
         kind = "zeros (autonomous)" if self.autonomous else f"Gaussian, std {self.input_std:g}"
         return f"generated: batch {self.batch}, steps {self.steps}, {kind}, seed {self.seed}"
 
@@ -101,7 +105,9 @@ def load_inputs(path, *, key: str | None = None, time_major: bool = False) -> to
     else:
         raise ValueError(f"inputs must be .npy, .npz, .pt or .nc; got {path.name}")
     if arr.ndim != 3:
-        raise ValueError(f"inputs in {path} must be 3-D (B, T, I) (or (T, B, I) with --time-major); got shape {arr.shape}")
+        raise ValueError(
+            f"inputs in {path} must be 3-D (B, T, I) (or (T, B, I) with --time-major); got shape {arr.shape}"
+        )
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(f"inputs in {path} must be floating point; got {arr.dtype}")
     x = torch.from_numpy(np.ascontiguousarray(arr))
@@ -119,7 +125,9 @@ def make_inputs(spec: InputSpec, input_size: int, dtype=torch.float32) -> torch.
             x = torch.zeros(spec.batch, spec.steps, input_size, dtype=dtype)
         else:
             g = torch.Generator().manual_seed(spec.seed)
-            x = (torch.randn(spec.batch, spec.steps, input_size, generator=g, dtype=torch.float64) * spec.input_std).to(dtype)
+            x = (torch.randn(spec.batch, spec.steps, input_size, generator=g, dtype=torch.float64) * spec.input_std).to(
+                dtype
+            )
     t_bad = first_nonfinite_step(x, 1)
     if t_bad is not None:
         raise NonFiniteError(f"inputs contain NaN/Inf, first at step t={t_bad + 1}")

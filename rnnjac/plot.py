@@ -34,8 +34,10 @@ def _require(ds, name: str):
     if name not in ds.data_vars:
         hint = _HINTS.get(name, "")
         have = ", ".join(sorted(ds.data_vars)) or "none"
-        raise ValueError(f"this plot needs the variable {name!r}, which the dataset lacks (it has: {have})"
-                         + (f"; compute it with {hint}" if hint else ""))
+        raise ValueError(
+            f"this plot needs the variable {name!r}, which the dataset lacks (it has: {have})"
+            + (f"; compute it with {hint}" if hint else "")
+        )
     return ds[name]
 
 
@@ -78,8 +80,14 @@ def singular_values(ds, *, ax=None, time=None, quantiles=(0.1, 0.9), log=True, *
     med = np.median(flat, 0)
     lo, hi = np.quantile(flat, quantiles, axis=0)
     line = ax.plot(idx, med, marker="o", ms=3, label=kwargs.pop("label", "median"), **kwargs)[0]
-    ax.fill_between(idx, lo, hi, color=line.get_color(), alpha=0.25,
-                    label=f"{int(quantiles[0] * 100)}–{int(quantiles[1] * 100)}% over batch × time")
+    ax.fill_between(
+        idx,
+        lo,
+        hi,
+        color=line.get_color(),
+        alpha=0.25,
+        label=f"{int(quantiles[0] * 100)}–{int(quantiles[1] * 100)}% over batch × time",
+    )
     ax.axhline(1.0, color="0.4", lw=0.8, ls="--")
     if log:
         ax.set_yscale("log")
@@ -97,8 +105,15 @@ def singular_value_heatmap(ds, *, ax=None, batch=None, cmap="viridis", **kwargs)
     ax = _axes(ax, (7, 4))
     t = ds["time"].values
     with np.errstate(divide="ignore"):
-        img = ax.imshow(np.log10(data.T), aspect="auto", origin="upper", cmap=cmap,
-                        extent=(t[0] - 0.5, t[-1] + 0.5, data.shape[1] + 0.5, 0.5), interpolation="nearest", **kwargs)
+        img = ax.imshow(
+            np.log10(data.T),
+            aspect="auto",
+            origin="upper",
+            cmap=cmap,
+            extent=(t[0] - 0.5, t[-1] + 0.5, data.shape[1] + 0.5, 0.5),
+            interpolation="nearest",
+            **kwargs,
+        )
     cb = ax.figure.colorbar(img, ax=ax)
     cb.set_label(f"log10 {sv.attrs.get('long_name', 'singular value')}")
     ax.set_xlabel(f"time t [{ds['time'].attrs.get('units', 'step')}]")
@@ -210,7 +225,7 @@ def compare(datasets, labels, variable: str = "lyapunov_exponents", *, ax=None, 
     import matplotlib as mpl
 
     colors = mpl.colormaps["viridis"](np.linspace(0.05, 0.9, len(datasets)))
-    for ds, label, color in zip(datasets, labels, colors):
+    for ds, label, color in zip(datasets, labels, colors, strict=False):
         da = _require(ds, variable)
         reduce = [d for d in ("batch", "time") if d in da.dims]
         med = da.median(reduce).values
@@ -261,9 +276,9 @@ def summary(ds):
     cols = min(3, len(names))
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), constrained_layout=True, squeeze=False)
-    for ax, name in zip(axes.flat, names):
+    for ax, name in zip(axes.flat, names, strict=False):
         PLOTS[name](ds, ax=ax)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.set_visible(False)
     fig.suptitle(f"rnnjac summary — {ds.attrs.get('architecture', '')} {ds.attrs.get('checkpoint', '')}".strip())
     return fig

@@ -77,8 +77,9 @@ def _check_outputs(problem, outputs) -> Tensor:
         out = out.transpose(0, 1)
     want = (problem.batch, problem.steps, dyn.proj_size or dyn.hidden_size)
     if tuple(out.shape) != want:
-        raise ValueError(f"outputs must be the model's output sequence, shape {want} (batch-first); got "
-                         f"{tuple(outputs.shape)}")
+        raise ValueError(
+            f"outputs must be the model's output sequence, shape {want} (batch-first); got {tuple(outputs.shape)}"
+        )
     return out
 
 
@@ -310,8 +311,10 @@ def lyapunov_penalty(
     check_positive_int("tangent_warmup", tangent_warmup, minimum=0)
     check_positive_int("reortho_every", reortho_every)
     if warmup + tangent_warmup >= problem.steps:
-        raise ValueError(f"warmup + tangent_warmup must leave a counted step: T = {problem.steps}, "
-                         f"warmup = {warmup}, tangent_warmup = {tangent_warmup}")
+        raise ValueError(
+            f"warmup + tangent_warmup must leave a counted step: T = {problem.steps}, "
+            f"warmup = {warmup}, tangent_warmup = {tangent_warmup}"
+        )
     if not isinstance(target, (int, float)) or not math.isfinite(target):
         raise ValueError(f"target must be a finite number; got {target!r}")
     _warn_no_grad(problem.dyn, inputs)

@@ -251,10 +251,17 @@ def spectra(
     >>> ds.lyapunov_exponents.shape, ds.singular_values.dims
     ((4, 3), ('batch', 'time', 'sv_index'))
     """
-    problem = prepare(model, inputs, h0, state=state, method=method, batch_first=batch_first, dtype=dtype, device=device)
+    problem = prepare(
+        model, inputs, h0, state=state, method=method, batch_first=batch_first, dtype=dtype, device=device
+    )
     _check_options(problem, k, warmup, tangent_warmup, reortho_every, lyapunov)
-    for name, flag in (("singular_values", singular_values), ("eigenvalues", eigenvalues), ("lyapunov", lyapunov),
-                       ("end_to_end", end_to_end), ("keep_states", keep_states)):
+    for name, flag in (
+        ("singular_values", singular_values),
+        ("eigenvalues", eigenvalues),
+        ("lyapunov", lyapunov),
+        ("end_to_end", end_to_end),
+        ("keep_states", keep_states),
+    ):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False; got {flag!r}")
     if not (singular_values or eigenvalues or lyapunov or end_to_end or keep_states):
@@ -293,8 +300,14 @@ def spectra(
             progress=progress,
             time_chunk=time_chunk,
         )
-    extra = {"warmup": warmup, "tangent_warmup": tangent_warmup, "reortho_every": reortho_every, "seed": seed,
-             "k": k or problem.dyn.size(problem.state), "lyapunov_units": "nats/step"}
+    extra = {
+        "warmup": warmup,
+        "tangent_warmup": tangent_warmup,
+        "reortho_every": reortho_every,
+        "seed": seed,
+        "k": k or problem.dyn.size(problem.state),
+        "lyapunov_units": "nats/step",
+    }
     extra.update(attrs or {})
     return build_dataset(
         values,

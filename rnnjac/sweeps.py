@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 
 def _config_key(inputs: InputSpec, options: SpectraOptions, load_kwargs: dict) -> str:
-    return json.dumps({"inputs": asdict(inputs), "options": asdict(options), "load": load_kwargs}, sort_keys=True,
-                      default=str)
+    return json.dumps(
+        {"inputs": asdict(inputs), "options": asdict(options), "load": load_kwargs}, sort_keys=True, default=str
+    )
 
 
 def _run_one(path: str, digest: str, parts: str, inputs, options, load_kwargs, command, in_worker: bool) -> str:
@@ -156,12 +157,18 @@ def analyze_checkpoints(
     done_sha = {r["checkpoint_sha256"].item() for r in done_rows}
     todo = [p for p in paths if digests[p] not in done_sha]
     already = [p for p in todo if (parts / f"{digests[p]}.nc").exists()]
-    log.info("sweep: %d checkpoints, %d in the output, %d parts on disk, %d to compute",
-             len(paths), len(done_sha), len(already), len(todo) - len(already))
+    log.info(
+        "sweep: %d checkpoints, %d in the output, %d parts on disk, %d to compute",
+        len(paths),
+        len(done_sha),
+        len(already),
+        len(todo) - len(already),
+    )
     use_distributed = client is not None or scheduler is not None or workers is not None
     tasks = [
-        dask.delayed(_run_one, pure=False)(p, digests[p], str(parts), inputs, options, load_kwargs, command,
-                                           use_distributed)
+        dask.delayed(_run_one, pure=False)(
+            p, digests[p], str(parts), inputs, options, load_kwargs, command, use_distributed
+        )
         for p in todo
     ]
     try:
@@ -171,8 +178,9 @@ def analyze_checkpoints(
             part_paths = list(dask.compute(*tasks, scheduler="synchronous"))
         rows = [open_dataset(pp) for pp in part_paths]
         rows = [r.isel({CHECKPOINT: 0}) if CHECKPOINT in r.dims else r for r in rows]
-        result = concat_checkpoints(done_rows + ([stack_checkpoints(rows)] if rows else []),
-                                    attrs={"sweep_config": key, "command": command})
+        result = concat_checkpoints(
+            done_rows + ([stack_checkpoints(rows)] if rows else []), attrs={"sweep_config": key, "command": command}
+        )
         if out is not None:
             if out.suffix == ".zarr":
                 result = result.chunk({CHECKPOINT: 1})
@@ -193,8 +201,9 @@ def _compute_distributed(tasks, client, scheduler, workers, progress):
             if scheduler is not None:
                 client = own_client = Client(scheduler)
             else:
-                own_cluster = LocalCluster(n_workers=int(workers or 1), threads_per_worker=1, processes=True,
-                                           dashboard_address=None)
+                own_cluster = LocalCluster(
+                    n_workers=int(workers or 1), threads_per_worker=1, processes=True, dashboard_address=None
+                )
                 client = own_client = Client(own_cluster)
         futures = client.compute(tasks)
         if progress:

@@ -81,7 +81,10 @@ def _fd_columns(dyn, state, s: Tensor, x: Tensor, directions: Tensor, eps: float
         plus = base.unsqueeze(-1) + h * v
         minus = base.unsqueeze(-1) - h * v
         denom = ((plus - minus) * v).sum(1, keepdim=True) / (v * v).sum(1, keepdim=True)
-        flat = lambda t: t.transpose(1, 2).reshape(n * c, d_sub)  # noqa: E731
+
+        def flat(t, c=c):
+            return t.transpose(1, 2).reshape(n * c, d_sub)
+
         xx = x.repeat_interleave(c, 0)
         if idx is None:
             fp, fm = step_fn(flat(plus), xx), step_fn(flat(minus), xx)

@@ -79,7 +79,7 @@ def test_nonlinearity_cannot_be_inferred_and_is_recorded(tmp_path):
     m = rnnjac.load_checkpoint(tmp_path / "r.pt")
     assert m.nonlinearity == "tanh" and "assumed" in m.rnnjac_info["nonlinearity_source"]
     out = tmp_path / "s.nc"
-    assert main([ "analyze", str(tmp_path / "r.pt"), "--out", str(out), "--steps", "5", "--quiet"]) == 0
+    assert main(["analyze", str(tmp_path / "r.pt"), "--out", str(out), "--steps", "5", "--quiet"]) == 0
     ds = rnnjac.open_dataset(out)
     assert ds.attrs["nonlinearity"] == "tanh" and "assumed" in ds.attrs["nonlinearity_source"]
 
@@ -117,8 +117,15 @@ def test_malicious_pickle_is_refused_and_does_not_run(tmp_path, monkeypatch):
 
 
 def test_errors_list_choices(tmp_path):
-    torch.save({"a.weight_hh_l0": torch.zeros(3, 3), "a.weight_ih_l0": torch.zeros(3, 2),
-                "b.weight_hh_l0": torch.zeros(12, 3), "b.weight_ih_l0": torch.zeros(12, 2)}, tmp_path / "two.pt")
+    torch.save(
+        {
+            "a.weight_hh_l0": torch.zeros(3, 3),
+            "a.weight_ih_l0": torch.zeros(3, 2),
+            "b.weight_hh_l0": torch.zeros(12, 3),
+            "b.weight_ih_l0": torch.zeros(12, 2),
+        },
+        tmp_path / "two.pt",
+    )
     with pytest.raises(ValueError, match="several recurrent modules: 'a.', 'b.'"):
         rnnjac.load_checkpoint(tmp_path / "two.pt")
     assert isinstance(rnnjac.load_checkpoint(tmp_path / "two.pt", prefix="b."), nn.LSTM)
@@ -142,8 +149,26 @@ def ckpt(tmp_path):
 
 def test_analyze_writes_spectra_with_provenance(tmp_path, ckpt):
     out = tmp_path / "s.nc"
-    argv = ["analyze", str(ckpt), "--out", str(out), "--steps", "30", "--batch", "3", "--k", "4", "--warmup", "5",
-            "--eigenvalues", "--end-to-end", "--local", "--quiet", "--dtype", "float64"]
+    argv = [
+        "analyze",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--steps",
+        "30",
+        "--batch",
+        "3",
+        "--k",
+        "4",
+        "--warmup",
+        "5",
+        "--eigenvalues",
+        "--end-to-end",
+        "--local",
+        "--quiet",
+        "--dtype",
+        "float64",
+    ]
     assert main(argv) == 0
     ds = rnnjac.open_dataset(out)
     rnnjac.datasets.validate(ds)
@@ -152,8 +177,9 @@ def test_analyze_writes_spectra_with_provenance(tmp_path, ckpt):
     assert ds.attrs["command"].startswith("rnnjac analyze") and ds.attrs["training_step"] == 7
     # same numbers as the Python API on the same inputs
     x = torch.randn(3, 30, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ref = rnnjac.spectra(rnnjac.load_checkpoint(ckpt), x, k=4, warmup=5, dtype=torch.float64,
-                         generator=torch.Generator().manual_seed(0))
+    ref = rnnjac.spectra(
+        rnnjac.load_checkpoint(ckpt), x, k=4, warmup=5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
     np.testing.assert_allclose(ds.lyapunov_exponents.values, ref.lyapunov_exponents.values, rtol=1e-12)
 
 
@@ -163,9 +189,13 @@ def test_inputs_files(tmp_path, ckpt):
     np.savez(tmp_path / "x.npz", trials=x, other=x)
     torch.save({"inputs": torch.from_numpy(x.transpose(1, 0, 2).copy())}, tmp_path / "x.pt")
     outs = []
-    for i, extra in enumerate([["--inputs", str(tmp_path / "x.npy")],
-                               ["--inputs", str(tmp_path / "x.npz"), "--inputs-key", "trials"],
-                               ["--inputs", str(tmp_path / "x.pt"), "--time-major"]]):
+    for i, extra in enumerate(
+        [
+            ["--inputs", str(tmp_path / "x.npy")],
+            ["--inputs", str(tmp_path / "x.npz"), "--inputs-key", "trials"],
+            ["--inputs", str(tmp_path / "x.pt"), "--time-major"],
+        ]
+    ):
         out = tmp_path / f"s{i}.nc"
         assert main(["analyze", str(ckpt), "--out", str(out), "--quiet", *extra]) == 0
         outs.append(rnnjac.open_dataset(out).singular_values.values)
@@ -190,16 +220,30 @@ BAD = {
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, ckpt, capsys, case):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "linear.pt")
-    torch.save({"a.weight_hh_l0": torch.zeros(3, 3), "a.weight_ih_l0": torch.zeros(3, 3),
-                "b.weight_hh_l0": torch.zeros(3, 3), "b.weight_ih_l0": torch.zeros(3, 3)}, tmp_path / "two.pt")
+    torch.save(
+        {
+            "a.weight_hh_l0": torch.zeros(3, 3),
+            "a.weight_ih_l0": torch.zeros(3, 3),
+            "b.weight_hh_l0": torch.zeros(3, 3),
+            "b.weight_ih_l0": torch.zeros(3, 3),
+        },
+        tmp_path / "two.pt",
+    )
     np.save(tmp_path / "x5.npy", np.zeros((2, 4, 5), np.float32))
     xnan = np.zeros((2, 6, 3), np.float32)
     xnan[1, 3, 2] = np.nan
     np.save(tmp_path / "xnan.npy", xnan)
     (tmp_path / "exists.nc").write_bytes(b"keep me")
-    subs = {"o": tmp_path / "out.nc", "junk": tmp_path / "junk.pt", "linear": tmp_path / "linear.pt",
-            "two": tmp_path / "two.pt", "ckpt": ckpt, "x5": tmp_path / "x5.npy", "xnan": tmp_path / "xnan.npy",
-            "exists": tmp_path / "exists.nc"}
+    subs = {
+        "o": tmp_path / "out.nc",
+        "junk": tmp_path / "junk.pt",
+        "linear": tmp_path / "linear.pt",
+        "two": tmp_path / "two.pt",
+        "ckpt": ckpt,
+        "x5": tmp_path / "x5.npy",
+        "xnan": tmp_path / "xnan.npy",
+        "exists": tmp_path / "exists.nc",
+    }
     argv, message = BAD[case]
     before = sorted(p.name for p in tmp_path.iterdir())
     code = main([a.format(**subs) for a in argv] + ["--quiet"])
@@ -232,7 +276,9 @@ def test_info_and_plot(tmp_path, ckpt, capsys):
     out = capsys.readouterr().out
     assert "arch: gru" in out and "num_layers: 2" in out and "training_step: 7" in out
     s = tmp_path / "s.nc"
-    main(["analyze", str(ckpt), "--out", str(s), "--steps", "20", "--eigenvalues", "--end-to-end", "--local", "--quiet"])
+    main(
+        ["analyze", str(ckpt), "--out", str(s), "--steps", "20", "--eigenvalues", "--end-to-end", "--local", "--quiet"]
+    )
     assert main(["info", str(s)]) == 0
     assert "lyapunov_exponents" in capsys.readouterr().out
     figs = tmp_path / "figs"
@@ -278,8 +324,12 @@ def test_console_script_and_python_m(tmp_path, ckpt):
 @pytest.mark.slow
 def test_sigint_leaves_no_partial_output(tmp_path, ckpt):
     out = tmp_path / "s.nc"
-    proc = subprocess.Popen(["rnnjac", "analyze", str(ckpt), "--out", str(out), "--steps", "200000", "--batch", "64",
-                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["rnnjac", "analyze", str(ckpt), "--out", str(out), "--steps", "200000", "--batch", "64", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(6)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

@@ -217,9 +217,7 @@ def test_property_analytic_equals_autograd(arch, layers, hidden, input_size, bia
     proj = proj if arch == "lstm" and proj < hidden else 0
     p = Problem(arch, layers, bias, True, proj, torch.float64, input_size, hidden)
     m, x = p.module(), p.inputs(batch=batch, steps=steps)
-    torch.testing.assert_close(
-        rnnjac.jacobians(m, x), rnnjac.jacobians(m, x, method="autograd"), rtol=0, atol=1e-10
-    )
+    torch.testing.assert_close(rnnjac.jacobians(m, x), rnnjac.jacobians(m, x, method="autograd"), rtol=0, atol=1e-10)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -55,8 +55,9 @@ def test_graded_log_svdvals_exact_two_by_two():
         k = torch.tensor([[1.0, b], [0.0, gam]], dtype=torch.float64)
         log_e = torch.tensor([300.0, 100.0], dtype=torch.float64)
         got = _linalg.graded_log_svdvals(log_e[None], k[None])[0]
-        want = torch.tensor([300 + 0.5 * np.log1p(b * b), 100 + np.log(abs(gam)) - 0.5 * np.log1p(b * b)],
-                            dtype=torch.float64)
+        want = torch.tensor(
+            [300 + 0.5 * np.log1p(b * b), 100 + np.log(abs(gam)) - 0.5 * np.log1p(b * b)], dtype=torch.float64
+        )
         torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-12)
 
 

@@ -53,8 +53,15 @@ def test_gradcheck_wrt_weights_and_inputs(arch, kind, estimator):
 
     def f(w, x):
         with swapped(m, "weight_hh_l0", w):
-            return jacobian_penalty(m, x, kind=kind, estimator=estimator, n_proj=2, n_iter=n_iter,
-                                    generator=torch.Generator().manual_seed(1))
+            return jacobian_penalty(
+                m,
+                x,
+                kind=kind,
+                estimator=estimator,
+                n_proj=2,
+                n_iter=n_iter,
+                generator=torch.Generator().manual_seed(1),
+            )
 
     assert torch.autograd.gradcheck(f, (w, x), eps=1e-6, atol=1e-6)
 
@@ -80,8 +87,16 @@ def test_lyapunov_penalty_gradient_matches_finite_differences(arch):
 
     def f(w):
         with swapped(m, "weight_hh_l0", w):
-            return lyapunov_penalty(m, x, k=2, target=-0.1, warmup=2, tangent_warmup=1, reortho_every=2,
-                                    generator=torch.Generator().manual_seed(0))
+            return lyapunov_penalty(
+                m,
+                x,
+                k=2,
+                target=-0.1,
+                warmup=2,
+                tangent_warmup=1,
+                reortho_every=2,
+                generator=torch.Generator().manual_seed(0),
+            )
 
     assert torch.autograd.gradcheck(f, (w,), eps=1e-6, atol=1e-6)
 
@@ -124,7 +139,9 @@ def test_projection_estimator_is_unbiased(kind):
     exact = float(jacobian_penalty(m, x, kind=kind).detach())
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        draws = torch.stack([jacobian_penalty(m, x, kind=kind, estimator="projection", generator=g) for _ in range(600)])
+        draws = torch.stack(
+            [jacobian_penalty(m, x, kind=kind, estimator="projection", generator=g) for _ in range(600)]
+        )
     se = float(draws.std() / len(draws) ** 0.5)
     assert abs(float(draws.mean()) - exact) < 3 * se
     assert float(draws.std()) > 0  # it is random: the test would be vacuous otherwise

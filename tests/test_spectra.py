@@ -28,8 +28,12 @@ def test_linear_system_exponents_are_log_abs_eigenvalues():
     eigs = torch.tensor([0.95, -0.9, 0.7, 0.5, -0.3, 0.1], dtype=F64)
     w = symmetric(eigs)
     steps = 4000
-    ds = rnnjac.spectra(linear_cell(w), torch.zeros(2, steps, 6, dtype=F64), torch.randn(2, 6, dtype=F64),
-                        generator=torch.Generator().manual_seed(0))
+    ds = rnnjac.spectra(
+        linear_cell(w),
+        torch.zeros(2, steps, 6, dtype=F64),
+        torch.randn(2, 6, dtype=F64),
+        generator=torch.Generator().manual_seed(0),
+    )
     want = np.sort(np.log(np.abs(eigs.numpy())))[::-1]
     # finite-time error of the QR method is O(1/T) for a normal matrix
     np.testing.assert_allclose(ds.lyapunov_exponents.values, np.broadcast_to(want, (2, 6)), atol=5.0 / steps)
@@ -108,8 +112,15 @@ def test_end_to_end_is_stable_over_10000_steps():
     eigs[2] = -eigs[2]
     w = symmetric(eigs, seed=2)
     steps = 10_000
-    ds = rnnjac.spectra(linear_cell(w), torch.zeros(1, steps, 6, dtype=F64), torch.randn(1, 6, dtype=F64),
-                        singular_values=False, lyapunov=False, end_to_end=True, time_chunk=2048)
+    ds = rnnjac.spectra(
+        linear_cell(w),
+        torch.zeros(1, steps, 6, dtype=F64),
+        torch.randn(1, 6, dtype=F64),
+        singular_values=False,
+        lyapunov=False,
+        end_to_end=True,
+        time_chunk=2048,
+    )
     got = ds.end_to_end_log_singular_values.values[0]
     want = np.arange(1, steps + 1)[:, None] * np.log(np.abs(eigs.numpy()))[None]
     assert np.isfinite(got).all()
@@ -122,8 +133,7 @@ def test_end_to_end_chaotic_model_stays_finite():
     with torch.no_grad():
         rnn.weight_hh_l0.copy_(torch.randn(n, n, dtype=F64, generator=torch.Generator().manual_seed(5)) * 3 / n**0.5)
     h0 = torch.randn(1, 1, n, dtype=F64, generator=torch.Generator().manual_seed(6))
-    ds = rnnjac.spectra(rnn, torch.zeros(1, 3000, 1, dtype=F64), h0, singular_values=False, end_to_end=True,
-                        warmup=0)
+    ds = rnnjac.spectra(rnn, torch.zeros(1, 3000, 1, dtype=F64), h0, singular_values=False, end_to_end=True, warmup=0)
     e2e = ds.end_to_end_log_singular_values.values[0]
     lam = ds.lyapunov_exponents.values[0]
     assert lam[0] > 0  # chaotic
@@ -158,8 +168,9 @@ def _producers():
     p = Problem("lstm", layers=2)
     m, x = p.module(), p.inputs()
     return {
-        "spectra": lambda: rnnjac.spectra(m, x, eigenvalues=True, end_to_end=True, keep_states=True,
-                                          local_lyapunov=True),
+        "spectra": lambda: rnnjac.spectra(
+            m, x, eigenvalues=True, end_to_end=True, keep_states=True, local_lyapunov=True
+        ),
         "lyapunov_spectrum": lambda: rnnjac.lyapunov_spectrum(m, x, k=3),
         "verify": lambda: rnnjac.verify(m, x),
     }

@@ -74,8 +74,27 @@ def test_rerun_extends_without_recomputing(tmp_path, checkpoints, monkeypatch):
 
 def test_killed_sweep_resumes(tmp_path, checkpoints):
     out = tmp_path / "sweep.nc"
-    cmd = ["rnnjac", "analyze", *map(str, checkpoints), "--out", str(out), "--batch", "2", "--steps", "25",
-           "--seed", "3", "--k", "3", "--warmup", "2", "--eigenvalues", "--dtype", "float64", "--quiet"]
+    cmd = [
+        "rnnjac",
+        "analyze",
+        *map(str, checkpoints),
+        "--out",
+        str(out),
+        "--batch",
+        "2",
+        "--steps",
+        "25",
+        "--seed",
+        "3",
+        "--k",
+        "3",
+        "--warmup",
+        "2",
+        "--eigenvalues",
+        "--dtype",
+        "float64",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     parts = tmp_path / "sweep.nc.parts"
     deadline = time.time() + 60
@@ -100,5 +119,4 @@ def test_sweep_errors(tmp_path, checkpoints):
         rnnjac.analyze_checkpoints([tmp_path / "nope.pt"])
     from rnnjac.cli import main
 
-    assert main(["analyze", str(tmp_path / "run_*.pt"), "--out", str(tmp_path / "missing" / "s.nc"),
-                            "--quiet"]) == 2
+    assert main(["analyze", str(tmp_path / "run_*.pt"), "--out", str(tmp_path / "missing" / "s.nc"), "--quiet"]) == 2

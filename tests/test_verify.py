@@ -116,8 +116,13 @@ def test_report_points_at_worst_step_sample_and_block():
     assert a["worst_block"] == "row layer 0 h[17], column layer 0 h[3]"
     assert float(ds.fd_max_abs_error.sel(batch=2, time=5)) == pytest.approx(0.5, abs=1e-6)
     # the directional check catches it too, at the same step
-    dsd = rnnjac.verify(_wrong_cell(m, corrupt), x, torch.zeros(3, 20, dtype=torch.float64), directions=4,
-                        generator=torch.Generator().manual_seed(1))
+    dsd = rnnjac.verify(
+        _wrong_cell(m, corrupt),
+        x,
+        torch.zeros(3, 20, dtype=torch.float64),
+        directions=4,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert dsd.attrs["passed"] == 0 and (dsd.attrs["worst_batch"], dsd.attrs["worst_time"]) == (2, 5)
 
 
