@@ -25,6 +25,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=16)
     args = ap.parse_args(argv)
+    host = machine()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
@@ -46,16 +47,18 @@ def main(argv=None):
             dt = time.perf_counter() - t0
             if ref is None:
                 ref = ds
-            same = bool((abs(ds.lyapunov_exponents - ref.lyapunov_exponents) < 1e-5).all())
-            rows.append([label, f"{dt:.1f}", f"{args.n / dt * 60:.1f}", same])
+            diff = float(abs(ds.lyapunov_exponents - ref.lyapunov_exponents).max())
+            rows.append([label, f"{dt:.1f}", f"{args.n / dt * 60:.1f}", f"{diff:.1e}"])
             print(rows[-1], flush=True)
-    text = table(rows, ["scheduler", "wall time [s]", "checkpoints / minute", "same numbers as synchronous"])
+    text = table(rows, ["scheduler", "wall time [s]", "checkpoints / minute", "max |diff| of exponents vs synchronous"])
     print(text)
     write(
         "benchmark_sweeps.md",
         f"# Sweep throughput: {args.n} GRU H=128 checkpoints, 8 trials x 300 steps each\n\n"
-        f"Machine: {machine()}\n\n{text}\n\nThe synchronous run uses torch's 2 threads; each worker process uses 1. "
-        "Cluster start-up is included.\n\nReproduce: `python analyses/benchmark_sweeps.py`\n",
+        f"Machine: {host}\n\n{text}\n\nThe synchronous run uses torch's 2 threads; each worker process uses 1. "
+        "Cluster start-up is included. The checkpoints are float32: another thread count changes the GEMM "
+        "summation order, hence differences at float32 round-off level (the float64 sweeps of tests/test_sweeps.py "
+        "agree with single analyses to 1e-12).\n\nReproduce: `python analyses/benchmark_sweeps.py`\n",
     )
 
 

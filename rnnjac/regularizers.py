@@ -326,6 +326,7 @@ def lyapunov_penalty(
     q = q0.to(dtype=states.dtype, device=states.device).expand(b, d, k)
     log_sum = torch.zeros(b, k, dtype=states.dtype, device=states.device)
     since, start = 0, warmup + tangent_warmup
+    finite, qr_steps = [], []  # checked after the loop: no host round-trip per step
     for j in range(n_lin):
         t = warmup + j + 1
         q = per_step[j].apply(q, problem.state)
@@ -333,10 +334,15 @@ def lyapunov_penalty(
         if since == reortho_every or t == steps or (t == start and tangent_warmup > 0):
             q, r = qr_positive(q)
             if t > start:
-                log_sum = log_sum + torch.log(r)
-                if not bool(torch.isfinite(log_sum.detach()).all()):
-                    raise NonFiniteError(f"the Lyapunov penalty is NaN/Inf at step t={t}")
+                log_r = torch.log(r)
+                log_sum = log_sum + log_r
+                finite.append(torch.isfinite(log_r.detach()).all())
+                qr_steps.append(t)
             since = 0
+    if finite:
+        ok = torch.stack(finite)
+        if not bool(ok.all()):
+            raise NonFiniteError(f"the Lyapunov penalty is NaN/Inf at step t={qr_steps[int((~ok).nonzero()[0, 0])]}")
     lam = log_sum / (steps - start)
     return (lam - target).pow(2).mean()
 
