@@ -5,7 +5,6 @@ from __future__ import annotations
 import matplotlib
 import matplotlib.pyplot as plt
 import pytest
-import torch
 from problems import Problem
 
 import rnnjac
@@ -21,8 +20,14 @@ def ds():
     return rnnjac.spectra(m, x, eigenvalues=True, end_to_end=True, local_lyapunov=True, warmup=5)
 
 
-SINGLE = ["singular_values", "singular_value_heatmap", "lyapunov_spectrum", "lyapunov_convergence",
-          "eigenvalues", "end_to_end"]
+SINGLE = [
+    "singular_values",
+    "singular_value_heatmap",
+    "lyapunov_spectrum",
+    "lyapunov_convergence",
+    "eigenvalues",
+    "end_to_end",
+]
 
 
 @pytest.mark.parametrize("name", SINGLE)
@@ -53,9 +58,14 @@ def test_units_come_from_the_dataset(ds):
 
 @pytest.mark.parametrize(
     "name,needs",
-    [("singular_values", "singular_values"), ("lyapunov_spectrum", "lyapunov_exponents"),
-     ("lyapunov_convergence", "local_lyapunov"), ("eigenvalues", "eigenvalues_real"),
-     ("end_to_end", "end_to_end_log_singular_values"), ("singular_value_heatmap", "singular_values")],
+    [
+        ("singular_values", "singular_values"),
+        ("lyapunov_spectrum", "lyapunov_exponents"),
+        ("lyapunov_convergence", "local_lyapunov"),
+        ("eigenvalues", "eigenvalues_real"),
+        ("end_to_end", "end_to_end_log_singular_values"),
+        ("singular_value_heatmap", "singular_values"),
+    ],
 )
 def test_missing_variable_is_a_clear_error(ds, name, needs):
     with pytest.raises(ValueError, match=f"needs the variable '{needs}'.*it has: "):
