@@ -103,8 +103,8 @@ def _flat_h0(dyn: Dynamics, h0, batch: int, unbatched: bool, like: Tensor) -> Te
         if dyn.arch != "lstm" or len(h0) != 2:
             raise ValueError(f"h0 as a tuple is the LSTM's (h0, c0) format; got a tuple of {len(h0)} for {dyn.arch}")
         h, c = (_as_tensor("h0", t) for t in h0)
-        want_h = (dyn.num_layers, dyn.proj_size or dyn.hidden_size)
-        want_c = (dyn.num_layers, dyn.hidden_size)
+        want_h: tuple[int, ...] = (dyn.num_layers, dyn.proj_size or dyn.hidden_size)
+        want_c: tuple[int, ...] = (dyn.num_layers, dyn.hidden_size)
         if dyn.kind == "cell":
             want_h, want_c = want_h[1:], want_c[1:]
         if not unbatched:
@@ -140,9 +140,11 @@ def _flat_h0(dyn: Dynamics, h0, batch: int, unbatched: bool, like: Tensor) -> Te
 
 
 def _check_custom_step(dyn: Dynamics, s0: Tensor, x0: Tensor) -> None:
+    cell = dyn.custom
+    assert cell is not None
     s = s0.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        out = dyn.custom.step(s, x0.detach())
+        out = cell.step(s, x0.detach())
     if not isinstance(out, Tensor):
         raise TypeError(f"custom step must return a Tensor of shape {tuple(s0.shape)}; got {type(out).__name__}")
     if tuple(out.shape) != tuple(s0.shape):
@@ -160,8 +162,8 @@ def _check_custom_step(dyn: Dynamics, s0: Tensor, x0: Tensor) -> None:
             "disconnected from the graph): J = ds'/ds would be identically zero; check that the step "
             "uses s through differentiable torch operations (no .detach(), .item(), numpy)"
         )
-    if dyn.custom.jacobian is not None:
-        j = dyn.custom.jacobian(s0, x0)
+    if cell.jacobian is not None:
+        j = cell.jacobian(s0, x0)
         want = (s0.shape[0], s0.shape[1], s0.shape[1])
         if not isinstance(j, Tensor) or tuple(j.shape) != want:
             found = tuple(j.shape) if isinstance(j, Tensor) else type(j).__name__

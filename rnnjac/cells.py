@@ -37,7 +37,9 @@ columns), which gives ``||J||_F^2`` from a ``(K, K)`` Gram matrix per row at O(N
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -125,9 +127,16 @@ class LayerParams:
     b_hh: Tensor | None = None
     w_hr: Tensor | None = None
 
+    def map(self, fn: Callable[[Tensor], Tensor]) -> LayerParams:
+        """A copy with ``fn`` applied to every tensor (``None`` stays ``None``)."""
+
+        def opt(t: Tensor | None) -> Tensor | None:
+            return None if t is None else fn(t)
+
+        return LayerParams(fn(self.w_ih), fn(self.w_hh), opt(self.b_ih), opt(self.b_hh), opt(self.w_hr))
+
     def to(self, **kwargs) -> LayerParams:
-        conv = {k: (None if v is None else v.to(**kwargs)) for k, v in self.__dict__.items()}
-        return LayerParams(**conv)
+        return self.map(lambda t: t.to(**kwargs))
 
     def tensors(self) -> list[Tensor]:
         return [v for v in self.__dict__.values() if v is not None]
@@ -173,6 +182,7 @@ def _row_norm_sq(coefs: list, gram: Tensor, reduce: bool = True) -> Tensor:
                 continue
             term = a_k * a_m * (gram[:, k, m] if k == m else 2 * gram[:, k, m])
             total = term if total is None else total + term
+    assert total is not None, "at least one coefficient is needed"
     return total.sum(-1) if reduce else total
 
 
@@ -316,8 +326,7 @@ class LSTMArch:
         return dh_new, dc_new
 
     def frobenius_sq(self, p, coef):
-        if p.w_hr is not None:
-            return None  # projection mixes rows: no row-local form
+        # (callers check Dynamics.frobenius_closed_form: a projection mixes rows, no row-local form)
         s_i, s_f, s_g, s_o, s_m, f = (coef[k] for k in ("s_i", "s_f", "s_g", "s_o", "s_m", "f"))
         gram = _rowgram(p.w_hh, 4)
         # row i of dc'/dh is c_i = sum_k a_k W_k[i] over (i, f, g); row i of dh'/dh is s_m c_i + s_o W_o[i],
@@ -329,7 +338,25 @@ class LSTMArch:
         return rows.sum(-1)  # the f^2 (1 + s_m^2) term is the diagonal c-columns: diag(f), diag(s_m f)
 
 
-ARCHITECTURES = {
+class CellArch(Protocol):
+    """What every layer kind in :data:`ARCHITECTURES` provides."""
+
+    name: str
+    n_gates: int
+    has_c: bool
+
+    def step(self, p: LayerParams, x: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]: ...
+
+    def linearize(
+        self, p: LayerParams, x: Tensor, h: Tensor, c: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]: ...
+
+    def tangent(self, p: LayerParams, coef: dict[str, Tensor], dx: Any, dh: Any, dc: Any) -> tuple[Any, Any]: ...
+
+    def frobenius_sq(self, p: LayerParams, coef: dict[str, Tensor]) -> Tensor: ...
+
+
+ARCHITECTURES: dict[str, CellArch] = {
     "rnn_tanh": RNNArch("tanh"),
     "rnn_relu": RNNArch("relu"),
     "gru": GRUArch(),

@@ -23,13 +23,14 @@ import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ._checks import check_choice
 
-__all__ = ["load_checkpoint", "inspect_checkpoint", "sha256"]
+__all__ = ["load_checkpoint", "inspect_checkpoint", "checkpoint_info", "sha256"]
 
 ARCHS = ("rnn", "gru", "lstm")
 _GATES = {1: "rnn", 3: "gru", 4: "lstm"}
@@ -39,6 +40,14 @@ _STEP_KEYS = ("global_step", "step", "iteration", "epoch")
 
 class CheckpointError(ValueError):
     """The file is not a usable checkpoint (the message says what was found)."""
+
+
+def checkpoint_info(module: nn.Module) -> dict[str, Any]:
+    """What :func:`load_checkpoint` inferred about ``module`` (sizes, prefix, nonlinearity, metadata)."""
+    info = module.__dict__.get("rnnjac_info")
+    if info is None:
+        raise ValueError("this module was not built by rnnjac.load_checkpoint (it has no rnnjac_info)")
+    return info
 
 
 def sha256(path) -> str:
@@ -104,7 +113,7 @@ def _unwrap(obj, meta: dict):
 
 def _groups(state: Mapping) -> dict[str, dict]:
     """Recurrent weight groups by prefix: {prefix: {"cell": bool, "bidirectional": bool}}."""
-    out = {}
+    out: dict[str, dict[str, bool]] = {}
     for key in state:
         m = re.match(r"^(.*?)weight_hh(_l0)?(_reverse)?$", key)
         if not m:
@@ -126,7 +135,7 @@ def _infer(state: Mapping, prefix: str, cell: bool) -> dict:
     get = lambda name: state.get(prefix + name)  # noqa: E731
     sfx = "" if cell else "_l0"
     w_hh, w_ih, w_hr = get("weight_hh" + sfx), get("weight_ih" + sfx), get("weight_hr" + sfx)
-    if w_ih is None:
+    if w_hh is None or w_ih is None:
         raise CheckpointError(f"found {prefix}weight_hh{sfx} but no {prefix}weight_ih{sfx}")
     if w_hr is not None:
         proj, hidden = w_hr.shape
@@ -155,9 +164,9 @@ def _build(info: dict, nonlinearity: str) -> nn.Module:
     arch, i, h = info["arch"], info["input_size"], info["hidden_size"]
     if info["cell"]:
         cls = {"rnn": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}[arch]
-        kw = {"nonlinearity": nonlinearity} if arch == "rnn" else {}
+        kw: dict[str, Any] = {"nonlinearity": nonlinearity} if arch == "rnn" else {}
         return cls(i, h, bias=info["bias"], **kw)
-    kw = dict(num_layers=info["num_layers"], bias=info["bias"], batch_first=True)
+    kw = {"num_layers": info["num_layers"], "bias": info["bias"], "batch_first": True}
     if arch == "rnn":
         return nn.RNN(i, h, nonlinearity=nonlinearity, **kw)
     if arch == "gru":

@@ -296,7 +296,7 @@ def cmd_analyze(args, argv) -> int:
 def cmd_verify(args, argv) -> int:
     import torch
 
-    from .checkpoints import load_checkpoint
+    from .checkpoints import checkpoint_info, load_checkpoint
     from .datasets import check_writable, save
     from .dynamics import as_dynamics
     from .pipeline import DTYPES, make_h0, make_inputs
@@ -308,7 +308,7 @@ def cmd_verify(args, argv) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else next(module.parameters()).dtype
     module = module.to(dtype)
     spec = _input_spec(args)
-    x = make_inputs(spec, module.rnnjac_info["input_size"], dtype)
+    x = make_inputs(spec, checkpoint_info(module)["input_size"], dtype)
     h0 = make_h0(spec, as_dynamics(module).state_size, x.shape[0], dtype)
     ds = verify(
         module,
@@ -412,7 +412,7 @@ def cmd_demo(args, argv) -> int:
 
     import torch
 
-    from .checkpoints import load_checkpoint
+    from .checkpoints import checkpoint_info, load_checkpoint
     from .datasets import save
     from .spectra import spectra
     from .tasks import flipflop
@@ -426,7 +426,7 @@ def cmd_demo(args, argv) -> int:
         raise FileExistsError(f"{spectra_path} already exists (an earlier demo?); pass --overwrite to replace it")
     ckpt = files("rnnjac") / "data" / "flipflop_gru.safetensors"
     model = load_checkpoint(str(ckpt))
-    info = model.rnnjac_info
+    info = checkpoint_info(model)
     meta = info["metadata"]
     print(
         f"1/4 loaded the bundled checkpoint: GRU, input {info['input_size']}, hidden {info['hidden_size']}, "

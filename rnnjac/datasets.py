@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,7 +110,8 @@ def build_dataset(
 
     ``time`` gives the step numbers (default 1..T); unit coordinates come from ``dyn``.
     """
-    data_vars, coords = {}, {}
+    data_vars: dict[str, xr.Variable] = {}
+    coords: dict[str, Any] = {}
     for name, value in variables.items():
         if value is None:
             continue
@@ -265,8 +267,8 @@ def save(ds: xr.Dataset, path, *, overwrite: bool = False) -> Path:
     path = check_writable(path, overwrite=overwrite)
     parent = path.parent if str(path.parent) else Path(".")
     zarr_store = _is_zarr(path)
-    tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent) if zarr_store else None
     if zarr_store:
+        tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
         target = Path(tmp) / "store.zarr"
     else:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)

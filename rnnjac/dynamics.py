@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .cells import ARCHITECTURES, EYE, LayerParams
+from .cells import ARCHITECTURES, EYE, CellArch, LayerParams
 
 __all__ = ["CustomCell", "Dynamics", "Linearization", "as_dynamics"]
 
@@ -73,8 +73,8 @@ class CustomCell:
         return f"CustomCell({self.name!r}, jacobian={'yes' if self.jacobian else 'no'})"
 
 
-_MODULE_ARCH = {nn.RNN: "rnn", nn.GRU: "gru", nn.LSTM: "lstm"}
-_CELL_ARCH = {nn.RNNCell: "rnn", nn.GRUCell: "gru", nn.LSTMCell: "lstm"}
+_MODULE_ARCH: dict[type[nn.RNNBase], str] = {nn.RNN: "rnn", nn.GRU: "gru", nn.LSTM: "lstm"}
+_CELL_ARCH: dict[type[nn.RNNCellBase], str] = {nn.RNNCell: "rnn", nn.GRUCell: "gru", nn.LSTMCell: "lstm"}
 
 
 class Dynamics:
@@ -105,14 +105,20 @@ class Dynamics:
         self.kind = kind  # "module", "cell" or "custom"
         self.custom = custom
         self.num_layers = max(len(layers), 1)
-        self.module = None
-        self._cell = ARCHITECTURES.get(arch)
+        self.module: nn.Module | None = None
+        self._arch: CellArch | None = ARCHITECTURES.get(arch)
         if custom is not None:
             self.parts = [[("h", int(state_size or 0))]]
         else:
             h_out = proj_size or hidden_size
             per = [("h", h_out), ("c", hidden_size)] if self._cell.has_c else [("h", h_out)]
             self.parts = [list(per) for _ in layers]
+
+    @property
+    def _cell(self) -> CellArch:
+        if self._arch is None:
+            raise TypeError("a custom cell has no built-in closed form")
+        return self._arch
 
     # ----------------------------------------------------------------------------- layout
     @property
@@ -144,7 +150,8 @@ class Dynamics:
 
     def h_index(self, device=None) -> Tensor:
         """Positions of the h coordinates inside the full state."""
-        idx, off = [], 0
+        idx: list[int] = []
+        off = 0
         for parts in self.parts:
             for name, n in parts:
                 if name == "h":
@@ -191,20 +198,23 @@ class Dynamics:
         ts = self.tensors()
         return ts[0].device if ts else None
 
-    def to(self, dtype=None, device=None) -> Dynamics:
-        """A copy on another dtype/device (the model itself is untouched)."""
-        if self.custom is not None:
-            return self
-        kw = {k: v for k, v in (("dtype", dtype), ("device", device)) if v is not None}
+    def _with_layers(self, layers: list[LayerParams]) -> Dynamics:
         return Dynamics(
             self.arch,
-            [p.to(**kw) for p in self.layers],
+            layers,
             input_size=self.input_size,
             hidden_size=self.hidden_size,
             proj_size=self.proj_size,
             batch_first=self.batch_first,
             kind=self.kind,
         )
+
+    def to(self, dtype=None, device=None) -> Dynamics:
+        """A copy on another dtype/device (the model itself is untouched)."""
+        if self.custom is not None:
+            return self
+        kw = {k: v for k, v in (("dtype", dtype), ("device", device)) if v is not None}
+        return self._with_layers([p.to(**kw) for p in self.layers])
 
     def frobenius_closed_form(self, state: str) -> bool:
         """Whether ``||J||_F^2`` has the row-local (Gram) form: one layer, no projection, full state."""
@@ -219,18 +229,7 @@ class Dynamics:
         """A copy whose weights are detached from the autograd graph."""
         if self.custom is not None:
             return self
-        return Dynamics(
-            self.arch,
-            [
-                LayerParams(**{k: (None if v is None else v.detach()) for k, v in p.__dict__.items()})
-                for p in self.layers
-            ],
-            input_size=self.input_size,
-            hidden_size=self.hidden_size,
-            proj_size=self.proj_size,
-            batch_first=self.batch_first,
-            kind=self.kind,
-        )
+        return self._with_layers([p.map(Tensor.detach) for p in self.layers])
 
     def describe(self) -> dict:
         return {
@@ -267,6 +266,7 @@ class Dynamics:
         if method == "autograd":
             return Linearization(self, s, x, jac=_autograd_jacobian(self.step, s, x, chunk_size))
         if self.custom is not None:
+            assert self.custom.jacobian is not None  # "analytic" for a custom cell needs its closed form
             return Linearization(self, s, x, jac=self.custom.jacobian(s, x))
         coefs, inp = [], x
         for p, (h, c) in zip(self.layers, self.split(s), strict=False):
@@ -317,6 +317,7 @@ class Linearization:
             per = [{k: split(v) for k, v in c.items()} for c in self.coefs]
             coefs = [[{k: v[j] for k, v in c.items()} for c in per] for j in range(steps)]
             return [Linearization(self.dyn, s[j], x[j], coefs=coefs[j]) for j in range(steps)]
+        assert self.jac is not None
         jac = split(self.jac)
         return [Linearization(self.dyn, s[j], x[j], jac=jac[j]) for j in range(steps)]
 
@@ -336,6 +337,7 @@ class Linearization:
         """``J @ Q`` for tangents ``Q`` of shape ``(N, D, k)`` (``D`` of the chosen ``state``)."""
         dyn = self.dyn
         if not self.factored:
+            assert self.jac is not None
             j = self.jac if state == "full" or dyn.custom is not None else self._h_only(self.jac)
             return j @ q
         out, dx, off = [], None, 0
@@ -354,10 +356,17 @@ class Linearization:
             dx = dh
         return torch.cat(out, -2)
 
+    def apply_transpose(self, u: Tensor, state: str = "full") -> Tensor:
+        """``J^T U``: the vjp of the linear map ``Q -> J Q`` (differentiable w.r.t. J's ingredients)."""
+        with torch.enable_grad():
+            vjp = torch.func.vjp(lambda q: self.apply(q, state), torch.zeros_like(u))[1]
+        return vjp(u)[0]
+
     def materialize(self, state: str = "full") -> Tensor:
         """``J`` as ``(N, D, D)``."""
         dyn = self.dyn
         if not self.factored:
+            assert self.jac is not None
             return self.jac if state == "full" or dyn.custom is not None else self._h_only(self.jac)
         n = self.s.shape[0]
         cell = dyn._cell
@@ -432,7 +441,7 @@ def as_dynamics(model, *, state_size: int | None = None) -> Dynamics:
                     "backward direction runs from t=T down to 1. Analyse each direction as its own model "
                     "(e.g. copy the *_reverse weights into a unidirectional module)."
                 )
-            arch = f"rnn_{model.nonlinearity}" if base == "rnn" else base
+            arch = f"rnn_{getattr(model, 'nonlinearity', 'tanh')}" if base == "rnn" else base
             layers = _rnn_layers(model, model.num_layers)
             dyn = Dynamics(
                 arch,
@@ -445,9 +454,9 @@ def as_dynamics(model, *, state_size: int | None = None) -> Dynamics:
             )
             dyn.module = model  # lets the penalties reuse the module's own (non-cuDNN) forward
             return dyn
-    for cls, base in _CELL_ARCH.items():
-        if isinstance(model, cls):
-            arch = f"rnn_{model.nonlinearity}" if base == "rnn" else base
+    for cell_cls, base in _CELL_ARCH.items():
+        if isinstance(model, cell_cls):
+            arch = f"rnn_{getattr(model, 'nonlinearity', 'tanh')}" if base == "rnn" else base
             return Dynamics(
                 arch,
                 _rnn_layers(model, 1, cell=True),

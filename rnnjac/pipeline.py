@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ._checks import NonFiniteError, first_nonfinite_step
-from .checkpoints import load_checkpoint, sha256
+from .checkpoints import checkpoint_info, load_checkpoint, sha256
 from .spectra import spectra
 
 __all__ = ["InputSpec", "SpectraOptions", "load_inputs", "make_inputs", "analyze_checkpoint"]
@@ -156,7 +156,7 @@ def analyze_checkpoint(
     from .dynamics import as_dynamics
 
     module = load_checkpoint(path, **(load_kwargs or {}))
-    info = module.rnnjac_info
+    info = checkpoint_info(module)
     dtype = DTYPES[options.dtype] if options.dtype else next(module.parameters()).dtype
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but CUDA is not available on this machine")

@@ -97,6 +97,7 @@ def _states(problem, outputs=None) -> Tensor:
         out = _check_outputs(problem, outputs) if outputs is not None else None
         ((h0, c0),) = dyn.split(s0)
         if out is None:
+            assert module is not None
             x_in = xs if module.batch_first else xs.transpose(0, 1)
             hx = (h0.unsqueeze(0), c0.unsqueeze(0)) if c0 is not None else h0.unsqueeze(0)
             out, _ = module(x_in, hx)
@@ -135,12 +136,6 @@ def _sphere(shape, generator, like: Tensor) -> Tensor:
     return u / u.norm(dim=-2, keepdim=True)
 
 
-def _jt_u(lin, u: Tensor, state: str) -> Tensor:
-    """``J^T u`` by the vjp of the linear map ``Q -> J Q`` (differentiable w.r.t. J's ingredients)."""
-    _, vjp = torch.func.vjp(lambda q: lin.apply(q, state), torch.zeros_like(u))
-    return vjp(u)[0]
-
-
 def _detached(lin):
     from .dynamics import Linearization
 
@@ -167,14 +162,14 @@ def _per_step(problem, states, kind, estimator, n_proj, n_iter, t_idx, generator
             val = lin.frobenius_sq(state)
         elif kind == "frobenius":
             u = _sphere((n, d, n_proj), generator, states)
-            val = d * _jt_u(lin, u, state).pow(2).sum(-2).mean(-1)
+            val = d * lin.apply_transpose(u, state).pow(2).sum(-2).mean(-1)
         else:  # spectral
             v = _sphere((n, d, 1), generator, states)
             plain = _detached(lin)
             with torch.no_grad():
                 for _ in range(n_iter):
                     with torch.enable_grad():
-                        w = _jt_u(plain, plain.apply(v, state), state)
+                        w = plain.apply_transpose(plain.apply(v, state), state)
                     v = w / w.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
             val = lin.apply(v.detach(), state).pow(2).sum((-2, -1))
         out.append(val.reshape(b, len(idx)))
@@ -191,7 +186,7 @@ def _end_to_end(problem, states, estimator, n_proj, generator) -> Tensor:
         return p.pow(2).sum((-2, -1))
     w = _sphere((b, d, n_proj), generator, states)
     for lin_t in reversed(per_step):
-        w = _jt_u(lin_t, w, state)  # u^T J_T ... J_1, one step back at a time
+        w = lin_t.apply_transpose(w, state)  # u^T J_T ... J_1, one step back at a time
     return d * w.pow(2).sum(-2).mean(-1)
 
 

@@ -144,6 +144,7 @@ def _compute(
                         step_lin = lin.take(j, n)
                         apply = lambda v, step_lin=step_lin: step_lin.apply(v, state)  # noqa: E731
                     else:
+                        assert jac_steps is not None
                         apply = lambda v, jt=jac_steps[:, j]: torch.bmm(jt, v)  # noqa: E731
                     if lyapunov and t > warmup:
                         q = apply(q)

@@ -218,7 +218,7 @@ def verify(
         n_t = time_chunk_for(b, max(d, width), steps, 2**22)
         abs_err = torch.empty(b, steps, dtype=torch.float64)
         rel_err = torch.empty(b, steps, dtype=torch.float64)
-        worst = (-1.0, None)
+        worst: tuple[float, tuple[int, int, int, int, bool] | None] = (-1.0, None)
         for t0 in range(0, steps, n_t):
             t1 = min(steps, t0 + n_t)
             n = b * (t1 - t0)
@@ -241,7 +241,7 @@ def verify(
                 v, u = v / v.norm(dim=1, keepdim=True), u / u.norm(dim=1, keepdim=True)
                 jv = lin.apply(v.to(s.dtype), problem.state).to(ref_dtype)
                 jv_fd = _fd_columns(ref, problem.state, s64, x64, v, eps)
-                utj = _transpose_apply(lin, u.to(s.dtype), problem.state).to(ref_dtype)
+                utj = lin.apply_transpose(u.to(s.dtype), problem.state).to(ref_dtype)
                 utj_ref = _reverse_mode(ref, problem.state, s64, x64, u)
                 got, want = torch.cat([jv, utj], -1), torch.cat([jv_fd, utj_ref], -1)
                 cols_are_units = False
@@ -257,13 +257,14 @@ def verify(
                 row, col = divmod(rem, excess.shape[-1])
                 worst = (top, (i_n // (t1 - t0), t0 + i_n % (t1 - t0) + 1, row, col, cols_are_units))
     passed = worst[0] <= 1.0
+    assert worst[1] is not None
     wb, wt, wr, wc, cols_are_units = worst[1]
     if cols_are_units:
         block = f"row {_describe_unit(dyn, problem.state, wr)}, column {_describe_unit(dyn, problem.state, wc)}"
-    elif wc < directions:
+    elif wc < (directions or 0):
         block = f"row {_describe_unit(dyn, problem.state, wr)} of J v (direction {wc})"
     else:
-        block = f"column {_describe_unit(dyn, problem.state, wr)} of u^T J (direction {wc - directions})"
+        block = f"column {_describe_unit(dyn, problem.state, wr)} of u^T J (direction {wc - (directions or 0)})"
     attrs = {
         "passed": int(passed),
         "rtol": float(rtol),
@@ -291,15 +292,6 @@ def verify(
     )
 
 
-def _transpose_apply(lin, u: Tensor, state: str) -> Tensor:
-    """``J^T u`` from the linearisation itself (the vjp of the linear map ``Q -> J Q``)."""
-    q0 = torch.zeros_like(u)
-    with torch.enable_grad():
-        _, vjp = torch.func.vjp(lambda q: lin.apply(q, state), q0)
-    (jt_u,) = vjp(u)
-    return jt_u
-
-
 def _reverse_mode(ref, state: str, s: Tensor, x: Tensor, u: Tensor) -> Tensor:
     """``J^T u`` by reverse-mode autograd of the (float64) step, for each of the k columns of u."""
     f = _restricted_step(ref, state, s)
@@ -309,6 +301,6 @@ def _reverse_mode(ref, state: str, s: Tensor, x: Tensor, u: Tensor) -> Tensor:
         base = s.index_select(-1, ref.h_index(s.device))
         call = lambda z: f(z, x, s)  # noqa: E731
     with torch.enable_grad():
-        _, vjp = torch.func.vjp(call, base)
+        vjp = torch.func.vjp(call, base)[1]
         cols = [vjp(u[..., i])[0] for i in range(u.shape[-1])]
     return torch.stack(cols, -1)
