@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from ._version import __version__
@@ -216,8 +217,9 @@ def write_plots(ds, out_dir, fmt: str = "png", overwrite: bool = False, stem: st
     from . import plot
 
     out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise FileNotFoundError(f"output folder {out_dir} does not exist")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"output folder {out_dir} is a file")
+    out_dir.mkdir(parents=True, exist_ok=True)
     names = plot.available(ds)
     targets = [out_dir / f"{stem}{n}.{fmt}" for n in [*names, "summary"]]
     if not overwrite:
@@ -467,17 +469,31 @@ def cmd_demo(args, argv) -> int:
 
 
 # ----------------------------------------------------------------------------- entry point
+def _configure_output(verbose: bool) -> None:
+    """The package's own log lines and warnings as one line each on stderr (other libraries untouched)."""
+    logger = logging.getLogger("rnnjac")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("rnnjac: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"rnnjac: warning: {message}\n"
+
+
 def main(argv=None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 verification failed, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="rnnjac: %(message)s")
+    _configure_output(args.verbose)
     try:
         return args.func(args, argv)
     except KeyboardInterrupt:
         print("rnnjac: interrupted; no output was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error of ours
+        sys.stderr.close()
+        return 0
     except Exception as err:  # noqa: BLE001 - every error becomes one line unless --debug
         if args.debug:
             raise

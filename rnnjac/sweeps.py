@@ -202,7 +202,11 @@ def _compute_distributed(tasks, client, scheduler, workers, progress):
                 client = own_client = Client(scheduler)
             else:
                 own_cluster = LocalCluster(
-                    n_workers=int(workers or 1), threads_per_worker=1, processes=True, dashboard_address=None
+                    n_workers=int(workers or 1),
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    silence_logs=logging.WARNING,
                 )
                 client = own_client = Client(own_cluster)
         futures = client.compute(tasks)
