@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -29,6 +28,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _bench import table, timeit  # noqa: E402  (stdlib + torch only)
 
 import rnnjac  # noqa: E402
 from rnnjac import _linalg  # noqa: E402
@@ -50,26 +51,8 @@ def sync() -> None:
 
 
 def timed(fn, repeat: int = 3, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    sync()
-    out = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
-
-
-def table(rows, headers) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
-    lines = [
-        "| " + " | ".join(f"{h:<{w}}" for h, w in zip(headers, widths, strict=True)) + " |",
-        "| " + " | ".join("-" * w for w in widths) + " |",
-    ]
-    lines += ["| " + " | ".join(f"{str(x):<{w}}" for x, w in zip(r, widths, strict=True)) + " |" for r in rows]
-    return "\n".join(lines)
+    """Median wall time with the device synchronised around each call."""
+    return timeit(fn, repeat=repeat, warmup=warmup, sync=sync)
 
 
 def module(arch: str, hidden: int, layers: int = 1, proj: int = 0, inp: int = 8, seed: int = 0, dtype=torch.float64):

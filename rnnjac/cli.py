@@ -365,31 +365,14 @@ def cmd_info(args, argv) -> int:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if path.suffix in (".nc", ".zarr"):
-        from .datasets import open_dataset
+        from .datasets import SUMMARY_ATTRS, open_dataset
 
         ds = open_dataset(path)
         print(f"spectra file {path}")
         print("dims: " + ", ".join(f"{k}={v}" for k, v in ds.sizes.items()))
         for name, var in ds.data_vars.items():
             print(f"  {name}{var.dims}: {var.attrs.get('long_name', '')} [{var.attrs.get('units', '')}]")
-        keys = (
-            "architecture",
-            "num_layers",
-            "hidden_size",
-            "input_size",
-            "state",
-            "method",
-            "dtype",
-            "checkpoint",
-            "training_step",
-            "warmup",
-            "tangent_warmup",
-            "reortho_every",
-            "seed",
-            "created_at",
-            "rnnjac_version",
-        )
-        for k in keys:
+        for k in SUMMARY_ATTRS:
             if k in ds.attrs:
                 print(f"{k}: {ds.attrs[k]}")
         return 0

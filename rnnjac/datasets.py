@@ -54,6 +54,25 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "fd_max_rel_error": ((BATCH, TIME), "max |J_t - J_fd| / max |J_fd|", "1"),
 }
 
+#: attributes that ``rnnjac info`` shows for a spectra file
+SUMMARY_ATTRS = (
+    "architecture",
+    "num_layers",
+    "hidden_size",
+    "input_size",
+    "state",
+    "method",
+    "dtype",
+    "checkpoint",
+    "training_step",
+    "warmup",
+    "tangent_warmup",
+    "reortho_every",
+    "seed",
+    "created_at",
+    "rnnjac_version",
+)
+
 REQUIRED_ATTRS = (
     "rnnjac_version",
     "torch_version",
