@@ -160,6 +160,7 @@ def verify(
     directions: int | None = None,
     generator: torch.Generator | None = None,
     batch_first: bool | None = None,
+    dtype: torch.dtype | None = None,
 ) -> xr.Dataset:
     """Check the Jacobians of ``method`` against float64 finite differences.
 
@@ -178,6 +179,9 @@ def verify(
         autograd of the step), which costs O(k) instead of O(D) steps per Jacobian.
     generator : torch.Generator, optional
         Seeds the random directions.
+    dtype : torch.dtype, optional
+        Check a converted copy of the model (``torch.float64`` gives the tight check for a float32
+        model; the model itself is untouched).
 
     Returns
     -------
@@ -199,7 +203,7 @@ def verify(
     for name, tol in (("rtol", rtol), ("atol", atol)):
         if not isinstance(tol, (int, float)) or tol < 0:
             raise ValueError(f"{name} must be a non-negative number; got {tol!r}")
-    problem = prepare(model, inputs, h0, state=state, method=method, batch_first=batch_first)
+    problem = prepare(model, inputs, h0, state=state, method=method, batch_first=batch_first, dtype=dtype)
     dyn = problem.dyn
     if problem.xs.dtype != torch.float64:
         rtol, atol = max(rtol, FLOAT32_RTOL), max(atol, FLOAT32_ATOL)

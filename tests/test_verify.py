@@ -190,3 +190,11 @@ def test_bad_input():
         m.weight_hh_l0[0, 0] = float("nan")
     with pytest.raises(rnnjac.NonFiniteError, match="weights contain NaN"):
         rnnjac.verify(m, x)
+
+
+def test_dtype_checks_a_float64_copy_without_touching_the_model():
+    p = Problem("lstm", layers=2, dtype=torch.float32)
+    m, x = p.module(), p.inputs()
+    ds = rnnjac.verify(m, x, dtype=torch.float64)  # no widening warning: the check is in float64
+    assert ds.attrs["passed"] == 1 and ds.attrs["rtol"] == 1e-6 and ds.attrs["dtype"] == "float64"
+    assert all(t.dtype == torch.float32 for t in m.parameters())
