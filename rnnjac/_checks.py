@@ -59,6 +59,26 @@ def check_positive_int(name: str, value, *, minimum: int = 1, allow_none: bool =
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
 
 
+def check_lyapunov_options(
+    problem: Problem, k, warmup, tangent_warmup, reortho_every, *, lyapunov: bool = True, k_required: bool = False
+) -> None:
+    """Lyapunov options: ``k`` in 1..D (None means all unless ``k_required``), transients that leave a
+    counted step, ``reortho_every >= 1``. Shared by the spectra and the Lyapunov penalty."""
+    d, steps = problem.dyn.size(problem.state), problem.steps
+    if (k is not None or k_required) and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d):
+        raise ValueError(f"k must be an integer with 1 <= k <= D = {d} (state={problem.state!r}); got {k!r}")
+    check_positive_int("warmup", warmup, minimum=0)
+    check_positive_int("tangent_warmup", tangent_warmup, minimum=0)
+    check_positive_int("reortho_every", reortho_every)
+    if warmup >= steps:
+        raise ValueError(f"warmup must be smaller than the number of steps T = {steps}; got warmup={warmup}")
+    if lyapunov and warmup + tangent_warmup >= steps:
+        raise ValueError(
+            f"warmup + tangent_warmup must leave at least one counted step: T = {steps}, "
+            f"warmup = {warmup}, tangent_warmup = {tangent_warmup}"
+        )
+
+
 def first_nonfinite_step(x: Tensor, time_dim: int = 1) -> int | None:
     """Index along ``time_dim`` of the first slice with a NaN/Inf, or None."""
     bad = ~torch.isfinite(x)

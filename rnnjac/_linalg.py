@@ -85,6 +85,23 @@ def qr_positive(a: Tensor, route: str | None = None) -> tuple[Tensor, Tensor]:
     return q.mul_(sign.unsqueeze(-2)), d * sign  # q is fresh from the QR: scale it in place
 
 
+def qr_schedule(steps: int, warmup: int, tangent_warmup: int, reortho_every: int) -> dict[int, int]:
+    """The steps t (1-based) after which the tangents are re-orthonormalised, each with the number of
+    steps it covers.
+
+    Tangents evolve from step ``warmup + 1``; a QR follows every ``reortho_every`` steps, at the end of
+    the tangent transient (so that counting starts afresh) and at the last step. Steps after
+    ``warmup + tangent_warmup`` are counted.
+    """
+    out, since, start = {}, 0, warmup + tangent_warmup
+    for t in range(warmup + 1, steps + 1):
+        since += 1
+        if since == reortho_every or t == steps or (t == start and tangent_warmup > 0):
+            out[t] = since
+            since = 0
+    return out
+
+
 def kaplan_yorke(exponents: Tensor) -> Tensor:
     """Kaplan-Yorke dimension of descending exponents ``(..., k)``.
 

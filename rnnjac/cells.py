@@ -70,20 +70,6 @@ def _mm(w: Tensor, v):
     return torch.matmul(w, v)
 
 
-def _diag(d: Tensor, v):
-    """``diag(d) @ V`` for d ``(N, m)``."""
-    if v is None:
-        return None
-    if v is EYE:
-        return torch.diag_embed(d)
-    return d.unsqueeze(-1) * v
-
-
-def _scale(a: Tensor, g):
-    """Row scaling ``a[..., None] * G`` where G may be ``None``."""
-    return None if g is None else a.unsqueeze(-1) * g
-
-
 def _lincomb(terms, diag=None):
     """``sum_k diag(a_k) G_k + diag(d) V`` for ``terms = [(a_k, G_k)]`` and ``diag = (d, V)``.
 
@@ -213,7 +199,7 @@ class RNNArch:
         return h_new, None, {"dphi": dphi}
 
     def tangent(self, p, coef, dx, dh, dc=None):
-        return _scale(coef["dphi"], _gates_tangent(p, dx, dh)), None
+        return _lincomb([(coef["dphi"], _gates_tangent(p, dx, dh))]), None
 
     def frobenius_sq(self, p, coef):
         # ||diag(a) W||_F^2 = sum_i a_i^2 ||W[i]||^2

@@ -296,15 +296,11 @@ class Linearization:
         self.coefs = coefs
         self.jac = jac
 
-    def take(self, j: int, steps: int) -> Linearization:
-        """The steps ``j`` of a linearisation built over ``(B * steps)`` pairs laid out as ``(B, steps)``."""
-
-        def pick(t):
-            return t.reshape(-1, steps, *t.shape[1:])[:, j]
-
-        coefs = None if self.coefs is None else [{k: pick(v) for k, v in c.items()} for c in self.coefs]
-        jac = None if self.jac is None else pick(self.jac)
-        return Linearization(self.dyn, pick(self.s), pick(self.x), coefs=coefs, jac=jac)
+    def detached(self) -> Linearization:
+        """The same linearisation cut from the autograd graph (weights and coefficients detached)."""
+        coefs = None if self.coefs is None else [{k: v.detach() for k, v in c.items()} for c in self.coefs]
+        jac = None if self.jac is None else self.jac.detach()
+        return Linearization(self.dyn.detached(), self.s.detach(), self.x.detach(), coefs=coefs, jac=jac)
 
     def unbind(self, steps: int) -> list[Linearization]:
         """All steps of a linearisation laid out as ``(B, steps)``, as a list (one autograd op per tensor)."""

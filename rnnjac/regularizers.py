@@ -38,11 +38,12 @@ from ._checks import (
     NonFiniteError,
     RnnjacWarning,
     check_choice,
+    check_lyapunov_options,
     check_positive_int,
     check_states_finite,
     prepare,
 )
-from ._linalg import qr_positive
+from ._linalg import qr_positive, qr_schedule
 
 __all__ = ["jacobian_penalty", "lyapunov_penalty", "JacobianPenalty"]
 
@@ -136,14 +137,6 @@ def _sphere(shape, generator, like: Tensor) -> Tensor:
     return u / u.norm(dim=-2, keepdim=True)
 
 
-def _detached(lin):
-    from .dynamics import Linearization
-
-    coefs = None if lin.coefs is None else [{k: v.detach() for k, v in c.items()} for c in lin.coefs]
-    jac = None if lin.jac is None else lin.jac.detach()
-    return Linearization(lin.dyn.detached(), lin.s.detach(), lin.x.detach(), coefs=coefs, jac=jac)
-
-
 def _per_step(problem, states, kind, estimator, n_proj, n_iter, t_idx, generator) -> Tensor:
     """Per-step values ``(B, len(t_idx))`` of ``||J||_F^2`` or ``sigma_max^2``."""
     b, d, state = problem.batch, problem.dyn.size(problem.state), problem.state
@@ -165,7 +158,7 @@ def _per_step(problem, states, kind, estimator, n_proj, n_iter, t_idx, generator
             val = d * lin.apply_transpose(u, state).pow(2).sum(-2).mean(-1)
         else:  # spectral
             v = _sphere((n, d, 1), generator, states)
-            plain = _detached(lin)
+            plain = lin.detached()
             with torch.no_grad():
                 for _ in range(n_iter):
                     with torch.enable_grad():
@@ -256,8 +249,7 @@ def jacobian_penalty(
     check_positive_int("n_proj", n_proj)
     check_positive_int("n_iter", n_iter)
     check_positive_int("time_stride", time_stride)
-    method = "auto"
-    problem = prepare(model, inputs, h0, state=state, method=method, batch_first=batch_first)
+    problem = prepare(model, inputs, h0, state=state, batch_first=batch_first)
     _warn_no_grad(problem.dyn, inputs)
     states = _states(problem, outputs)
     if kind == "end_to_end":
@@ -299,17 +291,8 @@ def lyapunov_penalty(
     >>> pen.backward()
     """
     problem = prepare(model, inputs, h0, state=state, batch_first=batch_first)
+    check_lyapunov_options(problem, k, warmup, tangent_warmup, reortho_every, k_required=True)
     d = problem.dyn.size(problem.state)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d:
-        raise ValueError(f"k must be an integer with 1 <= k <= D = {d}; got {k!r}")
-    check_positive_int("warmup", warmup, minimum=0)
-    check_positive_int("tangent_warmup", tangent_warmup, minimum=0)
-    check_positive_int("reortho_every", reortho_every)
-    if warmup + tangent_warmup >= problem.steps:
-        raise ValueError(
-            f"warmup + tangent_warmup must leave a counted step: T = {problem.steps}, "
-            f"warmup = {warmup}, tangent_warmup = {tangent_warmup}"
-        )
     if not isinstance(target, (int, float)) or not math.isfinite(target):
         raise ValueError(f"target must be a finite number; got {target!r}")
     _warn_no_grad(problem.dyn, inputs)
@@ -320,20 +303,18 @@ def lyapunov_penalty(
     q0, _ = qr_positive(torch.randn(d, k, generator=generator, dtype=torch.float64))
     q = q0.to(dtype=states.dtype, device=states.device).expand(b, d, k)
     log_sum = torch.zeros(b, k, dtype=states.dtype, device=states.device)
-    since, start = 0, warmup + tangent_warmup
+    qr_at, start = qr_schedule(steps, warmup, tangent_warmup, reortho_every), warmup + tangent_warmup
     finite, qr_steps = [], []  # checked after the loop: no host round-trip per step
     for j in range(n_lin):
         t = warmup + j + 1
         q = per_step[j].apply(q, problem.state)
-        since += 1
-        if since == reortho_every or t == steps or (t == start and tangent_warmup > 0):
+        if t in qr_at:
             q, r = qr_positive(q)
             if t > start:
                 log_r = torch.log(r)
                 log_sum = log_sum + log_r
                 finite.append(torch.isfinite(log_r.detach()).all())
                 qr_steps.append(t)
-            since = 0
     if finite:
         ok = torch.stack(finite)
         if not bool(ok.all()):

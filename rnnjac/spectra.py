@@ -30,28 +30,12 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from ._checks import NonFiniteError, check_positive_int, prepare
-from ._linalg import EndToEnd, kaplan_yorke, qr_positive, svdvals
+from ._checks import NonFiniteError, check_lyapunov_options, prepare
+from ._linalg import EndToEnd, kaplan_yorke, qr_positive, qr_schedule, svdvals
 from .datasets import build_dataset
 from .jacobians import time_chunk_for
 
 __all__ = ["spectra", "lyapunov_spectrum"]
-
-
-def _check_options(problem, k, warmup, tangent_warmup, reortho_every, lyapunov):
-    d, steps = problem.dyn.size(problem.state), problem.steps
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d):
-        raise ValueError(f"k must be an integer with 1 <= k <= D = {d} (state={problem.state!r}); got {k!r}")
-    check_positive_int("warmup", warmup, minimum=0)
-    check_positive_int("tangent_warmup", tangent_warmup, minimum=0)
-    check_positive_int("reortho_every", reortho_every)
-    if warmup >= steps:
-        raise ValueError(f"warmup must be smaller than the number of steps T = {steps}; got warmup={warmup}")
-    if lyapunov and warmup + tangent_warmup >= steps:
-        raise ValueError(
-            f"warmup + tangent_warmup must leave at least one counted step: T = {steps}, "
-            f"warmup = {warmup}, tangent_warmup = {tangent_warmup}"
-        )
 
 
 def _first_bad(ok: torch.Tensor, t0: int) -> int | None:
@@ -103,7 +87,7 @@ def _compute(
         log_sum = torch.zeros(b, k, dtype=dtype, device=device)
         if local_lyapunov:
             out["local_lyapunov"] = torch.full((b, steps, k), float("nan"), dtype=dtype, device=device)
-        since, start_count = 0, warmup + tangent_warmup
+        qr_at, start_count = qr_schedule(steps, warmup, tangent_warmup, reortho_every), warmup + tangent_warmup
     if end_to_end:
         e2e = EndToEnd(b, d, dtype, device)
         out["end_to_end_log_singular_values"] = torch.empty(b, steps, d, dtype=dtype, device=device)
@@ -137,27 +121,25 @@ def _compute(
                     out["eigenvalues_imag"][:, t0:t1] = ev.imag
                     out["spectral_radius"][:, t0:t1] = ev[..., 0].abs()
             if lyapunov or end_to_end:
+                step_lins = lin.unbind(n) if structured else None
                 jac_steps = jac.reshape(b, n, d, d) if materialise else None
                 for j in range(n):
                     t = t0 + j + 1
-                    if structured:
-                        step_lin = lin.take(j, n)
-                        apply = lambda v, step_lin=step_lin: step_lin.apply(v, state)  # noqa: E731
+                    if step_lins is not None:
+                        apply = lambda v, lin_t=step_lins[j]: lin_t.apply(v, state)  # noqa: E731
                     else:
                         assert jac_steps is not None
                         apply = lambda v, jt=jac_steps[:, j]: torch.bmm(jt, v)  # noqa: E731
                     if lyapunov and t > warmup:
                         q = apply(q)
-                        since += 1
-                        if since == reortho_every or t == steps or (t == start_count and tangent_warmup > 0):
+                        if t in qr_at:
                             q, r = qr_positive(q)
                             ok[j] &= torch.isfinite(r).all()  # a NaN/Inf in J_t Q reaches diag(R)
                             if t > start_count:
                                 log_r = torch.log(r)
                                 log_sum += log_r
                                 if local_lyapunov:
-                                    out["local_lyapunov"][:, t - 1] = log_r / since
-                            since = 0
+                                    out["local_lyapunov"][:, t - 1] = log_r / qr_at[t]
                     if end_to_end:
                         e2e.update(apply(e2e.q))
                         out["end_to_end_log_singular_values"][:, t - 1] = e2e.log_singular_values()
@@ -255,7 +237,7 @@ def spectra(
     problem = prepare(
         model, inputs, h0, state=state, method=method, batch_first=batch_first, dtype=dtype, device=device
     )
-    _check_options(problem, k, warmup, tangent_warmup, reortho_every, lyapunov)
+    check_lyapunov_options(problem, k, warmup, tangent_warmup, reortho_every, lyapunov=lyapunov)
     for name, flag in (
         ("singular_values", singular_values),
         ("eigenvalues", eigenvalues),

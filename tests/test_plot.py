@@ -20,14 +20,7 @@ def ds():
     return rnnjac.spectra(m, x, eigenvalues=True, end_to_end=True, local_lyapunov=True, warmup=5)
 
 
-SINGLE = [
-    "singular_values",
-    "singular_value_heatmap",
-    "lyapunov_spectrum",
-    "lyapunov_convergence",
-    "eigenvalues",
-    "end_to_end",
-]
+SINGLE = list(plot.PLOTS)  # every single-variable plot
 
 
 @pytest.mark.parametrize("name", SINGLE)
