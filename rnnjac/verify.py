@@ -48,28 +48,26 @@ def _check_eps(eps):
     return float(eps)
 
 
-def _restricted_step(dyn, state: str, s_full: Tensor):
-    """The map ``s_sub -> F(s)_sub`` for the chosen state (``"h"``: c held at its recorded value)."""
+def _restricted(dyn, state: str, s: Tensor):
+    """``(base, step)``: the coordinates of ``s (N, D)`` that the chosen state perturbs, and the map
+    ``step(z, x, s_ref)`` from them to the same coordinates of the next state (``"h"``: c held at its
+    recorded value ``s_ref``; ``s_ref`` is ignored for the full state)."""
     if state == "full" or dyn.custom is not None:
-        return dyn.step
-    idx = dyn.h_index(s_full.device)
+        return s, lambda z, x, s_ref=None: dyn.step(z, x)
+    idx = dyn.h_index(s.device)
 
-    def f(h, x, s_ref):
-        return dyn.step(dyn.with_h(h, s_ref), x).index_select(-1, idx)
+    def step(z, x, s_ref):
+        return dyn.step(dyn.with_h(z, s_ref), x).index_select(-1, idx)
 
-    return f
+    return s.index_select(-1, idx), step
 
 
 def _fd_columns(dyn, state, s: Tensor, x: Tensor, directions: Tensor, eps: float) -> Tensor:
     """Central differences along ``directions (N, D_sub, k)`` at ``s (N, D)``: returns ``(N, D_sub, k)``."""
     n, k = s.shape[0], directions.shape[-1]
-    if state == "full" or dyn.custom is not None:
-        base, idx = s, None
-    else:
-        idx = dyn.h_index(s.device)
-        base = s.index_select(-1, idx)
+    base, step_fn = _restricted(dyn, state, s)
+    restricted = base is not s
     scale = eps * torch.clamp(base.abs(), min=1.0)  # (N, D_sub)
-    step_fn = _restricted_step(dyn, state, s)
     d_sub = base.shape[-1]
     max_cols = max(1, (2**24) // max(1, n * d_sub))
     out = []
@@ -86,11 +84,8 @@ def _fd_columns(dyn, state, s: Tensor, x: Tensor, directions: Tensor, eps: float
             return t.transpose(1, 2).reshape(n * c, d_sub)
 
         xx = x.repeat_interleave(c, 0)
-        if idx is None:
-            fp, fm = step_fn(flat(plus), xx), step_fn(flat(minus), xx)
-        else:
-            sref = s.repeat_interleave(c, 0)
-            fp, fm = step_fn(flat(plus), xx, sref), step_fn(flat(minus), xx, sref)
+        sref = s.repeat_interleave(c, 0) if restricted else None
+        fp, fm = step_fn(flat(plus), xx, sref), step_fn(flat(minus), xx, sref)
         diff = (fp - fm).reshape(n, c, -1).transpose(1, 2)
         out.append(diff / denom)
     return torch.cat(out, -1)
@@ -298,13 +293,8 @@ def verify(
 
 def _reverse_mode(ref, state: str, s: Tensor, x: Tensor, u: Tensor) -> Tensor:
     """``J^T u`` by reverse-mode autograd of the (float64) step, for each of the k columns of u."""
-    f = _restricted_step(ref, state, s)
-    if state == "full" or ref.custom is not None:
-        base, call = s, (lambda z: f(z, x))
-    else:
-        base = s.index_select(-1, ref.h_index(s.device))
-        call = lambda z: f(z, x, s)  # noqa: E731
+    base, step = _restricted(ref, state, s)
     with torch.enable_grad():
-        vjp = torch.func.vjp(call, base)[1]
+        vjp = torch.func.vjp(lambda z: step(z, x, s), base)[1]
         cols = [vjp(u[..., i])[0] for i in range(u.shape[-1])]
     return torch.stack(cols, -1)
