@@ -13,18 +13,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .dynamics import Dynamics, as_dynamics
+from .dynamics import Dynamics, as_dynamics, grad_region
+from .errors import NonFiniteError, RnnjacWarning  # noqa: F401  (RnnjacWarning: re-exported from here)
 
 STATES = ("full", "h")
 METHODS = ("auto", "analytic", "autograd")
-
-
-class RnnjacWarning(UserWarning):
-    """Warnings about something the caller can fix (e.g. a float32 finite-difference check)."""
-
-
-class NonFiniteError(ValueError):
-    """NaN or Inf found in weights, inputs, states or Jacobians (the message names the first step)."""
 
 
 @dataclass
@@ -90,9 +83,14 @@ def first_nonfinite_step(x: Tensor, time_dim: int = 1) -> int | None:
 
 
 def check_finite_weights(dyn: Dynamics) -> None:
-    for t in dyn.tensors():
-        if not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(f"the model's weights contain NaN or Inf (a tensor of shape {tuple(t.shape)})")
+    """Raise :class:`NonFiniteError` naming every parameter (``weight_hh_l0`` ...) that holds NaN/Inf."""
+    bad = []
+    for name, t in dyn.named_tensors():
+        n_bad = int((~torch.isfinite(t.detach())).sum())
+        if n_bad:
+            bad.append(f"{name} ({n_bad} of {t.numel()} entries, shape {tuple(t.shape)})")
+    if bad:
+        raise NonFiniteError(f"the model's weights contain NaN or Inf: {', '.join(bad)}")
 
 
 def check_states_finite(states: Tensor, offset: int = 0) -> None:
@@ -159,23 +157,60 @@ def _flat_h0(dyn: Dynamics, h0, batch: int, unbatched: bool, like: Tensor) -> Te
     raise ValueError(f"h0 must have shape {flat} (flat state, D={d}); got {tuple(h0.shape)}")
 
 
+def _same_device(have: torch.device, want) -> bool:
+    want = torch.device(want)
+    return have.type == want.type and (want.index is None or have.index == want.index)
+
+
+def _check_custom_conversion(dyn: Dynamics, xs: Tensor, h0, dtype, device) -> None:
+    """``dtype=``/``device=`` cannot convert a custom step (its closure is opaque): a no-op when everything
+    already matches, else an error before any work."""
+    if dtype is None and device is None:
+        return
+    named = [("inputs", xs)]
+    if isinstance(h0, (Tensor, np.ndarray)):
+        named.append(("h0", _as_tensor("h0", h0)))
+    named += dyn.named_tensors()
+    found = [
+        f"{name}: {t.dtype}, {t.device}"
+        for name, t in named
+        if (dtype is not None and t.dtype != dtype) or (device is not None and not _same_device(t.device, device))
+    ]
+    if not found:
+        return
+    given = ", ".join(f"{k}={v}" for k, v in (("dtype", dtype), ("device", device)) if v is not None)
+    raise TypeError(
+        f"{given} cannot convert a custom step (CustomCell or callable): its tensors live in its own closure. "
+        "Convert the step's tensors and h0 yourself and pass inputs of that dtype/device; dtype= and device= "
+        f"apply to built-in modules only (nn.RNN/GRU/LSTM and their cells). Found {'; '.join(found)}"
+    )
+
+
+def _check_weights_match(dyn: Dynamics, xs: Tensor) -> None:
+    if dyn.dtype is None:
+        return
+    whose = "the custom cell's parameters are" if dyn.custom is not None else "the model's weights are"
+    if xs.dtype != dyn.dtype:
+        fix = "" if dyn.custom is not None else " (or pass dtype=...)"
+        raise TypeError(f"inputs have dtype {xs.dtype} but {whose} {dyn.dtype}; convert one of them{fix}")
+    if xs.device != dyn.device:
+        raise ValueError(f"inputs are on {xs.device} but {whose} on {dyn.device}")
+
+
 def _check_custom_step(dyn: Dynamics, s0: Tensor, x0: Tensor) -> None:
     cell = dyn.custom
     assert cell is not None
-    s = s0.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        out = cell.step(s, x0.detach())
-    if not isinstance(out, Tensor):
-        raise TypeError(f"custom step must return a Tensor of shape {tuple(s0.shape)}; got {type(out).__name__}")
-    if tuple(out.shape) != tuple(s0.shape):
-        raise ValueError(
-            f"custom step(s, x) must return the next state with the shape of s {tuple(s0.shape)}; "
-            f"got {tuple(out.shape)}"
-        )
-    if not out.requires_grad:
-        grad = None
-    else:
-        (grad,) = torch.autograd.grad(out.sum(), s, allow_unused=True)
+    with grad_region():
+        s = s0.detach().clone().requires_grad_(True)
+        out = cell.step(s, x0.detach().clone())
+        if not isinstance(out, Tensor):
+            raise TypeError(f"custom step must return a Tensor of shape {tuple(s0.shape)}; got {type(out).__name__}")
+        if tuple(out.shape) != tuple(s0.shape):
+            raise ValueError(
+                f"custom step(s, x) must return the next state with the shape of s {tuple(s0.shape)}; "
+                f"got {tuple(out.shape)}"
+            )
+        grad = torch.autograd.grad(out.sum(), s, allow_unused=True)[0] if out.requires_grad else None
     if grad is None:
         raise ValueError(
             "the custom step's output does not depend on its state argument s (input 0 of step(s, x) is "
@@ -227,22 +262,22 @@ def prepare(
         xs = xs.transpose(0, 1)
     if xs.shape[1] < 1:
         raise ValueError(f"inputs must have at least one time step; got T=0 in shape {tuple(xs.shape)}")
+    if xs.shape[0] < 1:
+        layout = "(B, T, I)" if bf else "(T, B, I) (batch_first=False)"
+        raise ValueError(
+            f"inputs must have at least one sample; got B=0 in shape {tuple(inputs.shape)}, read as {layout}"
+        )
     if dyn.custom is None and xs.shape[-1] != dyn.input_size:
         raise ValueError(
             f"inputs have {xs.shape[-1]} features but the model expects input_size={dyn.input_size} "
             f"(inputs shape {tuple(inputs.shape)})"
         )
-    if dtype is not None or device is not None:
+    if dyn.custom is not None:
+        _check_custom_conversion(dyn, xs, h0, dtype, device)
+    elif dtype is not None or device is not None:
         dyn = dyn.to(dtype=dtype, device=device)
         xs = xs.to(dtype=dtype or xs.dtype, device=device or xs.device)
-    if dyn.dtype is not None:
-        if xs.dtype != dyn.dtype:
-            raise TypeError(
-                f"inputs have dtype {xs.dtype} but the model's weights are {dyn.dtype}; convert one of "
-                "them (or pass dtype=...)"
-            )
-        if xs.device != dyn.device:
-            raise ValueError(f"inputs are on {xs.device} but the model's weights are on {dyn.device}")
+    _check_weights_match(dyn, xs)
     t_bad = first_nonfinite_step(xs, 1)
     if t_bad is not None:
         raise NonFiniteError(f"inputs contain NaN/Inf, first at step t={t_bad + 1}")
@@ -251,7 +286,12 @@ def prepare(
     if dyn.custom is None:
         s0 = s0.to(dtype=xs.dtype, device=xs.device)
     elif s0.dtype != xs.dtype:
-        raise TypeError(f"h0 has dtype {s0.dtype} but inputs have {xs.dtype}")
+        raise TypeError(
+            f"h0 has dtype {s0.dtype} but inputs have dtype {xs.dtype} (both as passed): a custom step runs "
+            "in the dtype of its inputs; pass h0 and inputs in the same dtype"
+        )
+    elif s0.device != xs.device:
+        raise ValueError(f"h0 is on {s0.device} but inputs are on {xs.device} (both as passed); move one of them")
     if not bool(torch.isfinite(s0).all()):
         raise NonFiniteError("h0 contains NaN/Inf")
     if dyn.custom is not None:

@@ -26,7 +26,7 @@ LSTM (blocks i, f, g, o; optional projection ``W_hr`` of shape (proj_size, hidde
 
 Each ``tangent`` below is exactly the line ``d...`` above: it pushes a block of tangent vectors
 ``(N, size, k)`` through the linearised step, one shared GEMM per weight matrix, so that ``J Q`` never
-materialises ``J`` (DESIGN.md, "Structure pays"). A tangent argument may be ``None`` (zero) or
+materialises ``J`` (README, "Conventions": "Structure pays"). A tangent argument may be ``None`` (zero) or
 :data:`EYE` (the identity), which turns ``W @ EYE`` into ``W`` itself and lets the same code materialise
 ``J`` at the cost of a few broadcasts.
 

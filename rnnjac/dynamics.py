@@ -2,7 +2,7 @@
 
 :class:`Dynamics` is the single interface the rest of the package talks to. It holds references to
 the model's own weight tensors (so gradients flow to them) and knows the layout of the state vector:
-layer-major, ``[h; c]`` inside an LSTM layer, ``[h]`` otherwise (DESIGN.md, "State vector").
+layer-major, ``[h; c]`` inside an LSTM layer, ``[h]`` otherwise (README, "Conventions": "State vector").
 
 Built from ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (any ``num_layers``, ``bias``, ``batch_first``,
 ``proj_size``), from ``nn.RNNCell``/``GRUCell``/``LSTMCell``, or from a :class:`CustomCell`. Dropout
@@ -17,6 +17,7 @@ between layers is ignored (eval semantics); bidirectional modules are refused.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,20 @@ from torch import Tensor, nn
 from .cells import ARCHITECTURES, EYE, CellArch, LayerParams
 
 __all__ = ["CustomCell", "Dynamics", "Linearization", "as_dynamics"]
+
+
+@contextmanager
+def grad_region():
+    """Gradients on and inference mode off, whatever the caller's context (``torch.no_grad()`` or
+    ``torch.inference_mode()``), for the parts that differentiate internally. Tensors created under the
+    caller's inference mode must pass through :func:`normal` inside the region before entering autograd."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def normal(t):
+    """``t`` itself, or a normal clone of an inference tensor (which autograd cannot save); ``None`` stays."""
+    return t.clone() if isinstance(t, Tensor) and t.is_inference() else t
 
 
 class CustomCell:
@@ -41,7 +56,9 @@ class CustomCell:
     name : str, optional
         Recorded as the ``architecture`` attribute of outputs (default ``"custom"``).
     parameters : iterable of Tensor, optional
-        Tensors the step depends on (for dtype/device conversion checks and regularizers).
+        Tensors the step depends on: checked for NaN/Inf (named ``parameters[i]`` in errors) and
+        against the inputs' dtype/device. rnnjac never converts a custom step: ``dtype=``/``device=``
+        apply to built-in modules only, so convert the step's tensors, ``h0`` and the inputs yourself.
 
     Examples
     --------
@@ -73,6 +90,7 @@ class CustomCell:
         return f"CustomCell({self.name!r}, jacobian={'yes' if self.jacobian else 'no'})"
 
 
+_PARAM_NAMES = {"w_ih": "weight_ih", "w_hh": "weight_hh", "b_ih": "bias_ih", "b_hh": "bias_hh", "w_hr": "weight_hr"}
 _MODULE_ARCH: dict[type[nn.RNNBase], str] = {nn.RNN: "rnn", nn.GRU: "gru", nn.LSTM: "lstm"}
 _CELL_ARCH: dict[type[nn.RNNCellBase], str] = {nn.RNNCell: "rnn", nn.GRUCell: "gru", nn.LSTMCell: "lstm"}
 
@@ -184,9 +202,21 @@ class Dynamics:
 
     # ----------------------------------------------------------------------------- parameters
     def tensors(self) -> list[Tensor]:
+        return [t for _, t in self.named_tensors()]
+
+    def named_tensors(self) -> list[tuple[str, Tensor]]:
+        """``(name, tensor)`` for every weight, named as in the module's ``state_dict`` (``weight_hh_l0``,
+        ``bias_ih``, ...); a custom cell's declared tensors are ``parameters[i]``."""
         if self.custom is not None:
-            return list(self.custom.parameters)
-        return [t for p in self.layers for t in p.tensors()]
+            return [(f"parameters[{i}]", t) for i, t in enumerate(self.custom.parameters)]
+        out = []
+        for li, p in enumerate(self.layers):
+            suffix = "" if self.kind == "cell" else f"_l{li}"
+            for field, base in _PARAM_NAMES.items():
+                t = getattr(p, field)
+                if t is not None:
+                    out.append((base + suffix, t))
+        return out
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -224,6 +254,13 @@ class Dynamics:
             and (state == "full" or not self._cell.has_c)
             and self.layers[0].w_hr is None
         )
+
+    def for_autograd(self) -> Dynamics:
+        """``self``, or a copy whose inference-mode weights are cloned into normal tensors (call it inside
+        :func:`grad_region`); a custom cell's closure is the caller's."""
+        if self.custom is not None or not any(t.is_inference() for t in self.tensors()):
+            return self
+        return self._with_layers([p.map(normal) for p in self.layers])
 
     def detached(self) -> Dynamics:
         """A copy whose weights are detached from the autograd graph."""
@@ -264,7 +301,7 @@ class Dynamics:
     def linearize(self, s: Tensor, x: Tensor, method: str = "analytic", chunk_size=None) -> Linearization:
         """The step Jacobians at a batch of (state, input) pairs ``(N, D), (N, I)``."""
         if method == "autograd":
-            return Linearization(self, s, x, jac=_autograd_jacobian(self.step, s, x, chunk_size))
+            return Linearization(self, s, x, jac=_autograd_jacobian(self, s, x, chunk_size))
         if self.custom is not None:
             assert self.custom.jacobian is not None  # "analytic" for a custom cell needs its closed form
             return Linearization(self, s, x, jac=self.custom.jacobian(s, x))
@@ -276,14 +313,25 @@ class Dynamics:
         return Linearization(self, s, x, coefs=coefs)
 
 
-def _autograd_jacobian(step, s: Tensor, x: Tensor, chunk_size=None) -> Tensor:
-    """``vmap(jacrev(step))`` over the leading dim of ``s (N, D)`` and ``x (N, I)``."""
+def _autograd_jacobian(dyn: Dynamics, s: Tensor, x: Tensor, chunk_size=None) -> Tensor:
+    """``vmap(jacrev(step))`` over the leading dim of ``s (N, D)`` and ``x (N, I)``; works under the caller's
+    ``no_grad``/``inference_mode`` (then the result carries no graph)."""
     from torch.func import jacrev, vmap
 
-    def single(si, xi):
-        return step(si.unsqueeze(0), xi.unsqueeze(0)).squeeze(0)
+    keep_graph = torch.is_grad_enabled()
+    with grad_region():
+        step = dyn.for_autograd().step
 
-    return vmap(jacrev(single, argnums=0, chunk_size=chunk_size))(s, x)
+        def single(si, xi):
+            return step(si.unsqueeze(0), xi.unsqueeze(0)).squeeze(0)
+
+        jac = vmap(jacrev(single, argnums=0, chunk_size=chunk_size))(normal(s), normal(x))
+    return jac if keep_graph else jac.detach()
+
+
+def _any_inference(lin: Linearization) -> bool:
+    coefs = [v for c in lin.coefs or [] for v in c.values()]
+    return any(t.is_inference() for t in [*coefs, *lin.dyn.tensors()] + ([lin.jac] if lin.jac is not None else []))
 
 
 class Linearization:
@@ -295,6 +343,11 @@ class Linearization:
         self.x = x
         self.coefs = coefs
         self.jac = jac
+
+    def for_autograd(self) -> Linearization:
+        """``self``, or a copy with every inference-mode tensor cloned (call it inside :func:`grad_region`)."""
+        coefs = None if self.coefs is None else [{k: normal(v) for k, v in c.items()} for c in self.coefs]
+        return Linearization(self.dyn.for_autograd(), normal(self.s), normal(self.x), coefs=coefs, jac=normal(self.jac))
 
     def detached(self) -> Linearization:
         """The same linearisation cut from the autograd graph (weights and coefficients detached)."""
@@ -353,10 +406,15 @@ class Linearization:
         return torch.cat(out, -2)
 
     def apply_transpose(self, u: Tensor, state: str = "full") -> Tensor:
-        """``J^T U``: the vjp of the linear map ``Q -> J Q`` (differentiable w.r.t. J's ingredients)."""
-        with torch.enable_grad():
-            vjp = torch.func.vjp(lambda q: self.apply(q, state), torch.zeros_like(u))[1]
-        return vjp(u)[0]
+        """``J^T U``: the vjp of the linear map ``Q -> J Q`` (differentiable w.r.t. J's ingredients when grad
+        mode is on; works under ``no_grad``/``inference_mode`` too)."""
+        keep_graph = torch.is_grad_enabled()
+        with grad_region():
+            lin = self.for_autograd() if torch.is_inference(u) or _any_inference(self) else self
+            u = normal(u)
+            vjp = torch.func.vjp(lambda q: lin.apply(q, state), torch.zeros_like(u))[1]
+            out = vjp(u)[0]
+        return out if keep_graph else out.detach()
 
     def materialize(self, state: str = "full") -> Tensor:
         """``J`` as ``(N, D, D)``."""

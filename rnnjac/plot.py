@@ -3,6 +3,15 @@
 A figure is created only when ``ax`` is None; labels come from each variable's ``long_name`` and
 ``units``; nothing here calls ``show()`` or ``savefig`` (the command line and the analyses save).
 Matplotlib is imported lazily so that ``import rnnjac`` stays light.
+
+Sweeps (a Dataset with a ``checkpoint`` or ``training_step`` dim, from :func:`rnnjac.analyze_checkpoints`):
+:func:`singular_values` and :func:`lyapunov_spectrum` draw one line per checkpoint, coloured by training
+step; :func:`lyapunov_vs_training_step` and :func:`kaplan_yorke_vs_training_step` draw the exponents and
+the Kaplan-Yorke dimension against training step; the plots over time or the complex plane
+(:func:`singular_value_heatmap`, :func:`lyapunov_convergence`, :func:`eigenvalues`, :func:`end_to_end`)
+draw one checkpoint chosen with ``checkpoint=`` (a position or a path) and refuse a sweep without it.
+Every plot checks its Dataset before it creates a figure, and :func:`available` lists exactly the plots
+that can be drawn from a Dataset without keywords.
 """
 
 from __future__ import annotations
@@ -16,17 +25,24 @@ __all__ = [
     "lyapunov_convergence",
     "eigenvalues",
     "end_to_end",
+    "lyapunov_vs_training_step",
+    "kaplan_yorke_vs_training_step",
     "compare",
+    "available",
     "summary",
     "PLOTS",
 ]
 
+SWEEP_DIMS = ("checkpoint", "training_step")
+
 _HINTS = {
     "singular_values": "spectra(..., singular_values=True)",
     "lyapunov_exponents": "spectra(..., lyapunov=True) or lyapunov_spectrum(...)",
-    "local_lyapunov": "spectra(..., local_lyapunov=True) (CLI: --local)",
-    "eigenvalues_real": "spectra(..., eigenvalues=True) (CLI: --eigenvalues)",
-    "end_to_end_log_singular_values": "spectra(..., end_to_end=True) (CLI: --end-to-end)",
+    "kaplan_yorke_dimension": "spectra(..., lyapunov=True)",
+    "local_lyapunov": "spectra(..., local_lyapunov=True)",
+    "eigenvalues_real": "spectra(..., eigenvalues=True)",
+    "eigenvalues_imag": "spectra(..., eigenvalues=True)",
+    "end_to_end_log_singular_values": "spectra(..., end_to_end=True)",
 }
 
 
@@ -39,6 +55,51 @@ def _require(ds, name: str):
             + (f"; compute it with {hint}" if hint else "")
         )
     return ds[name]
+
+
+#: plot -> (variables it needs, what it draws: "any" = one model or every checkpoint of a sweep,
+#: "one" = one model or one chosen checkpoint, "sweep" = a curve over the checkpoints of a sweep)
+_SPEC = {
+    "singular_values": (("singular_values",), "any"),
+    "singular_value_heatmap": (("singular_values",), "one"),
+    "lyapunov_spectrum": (("lyapunov_exponents",), "any"),
+    "lyapunov_convergence": (("local_lyapunov",), "one"),
+    "eigenvalues": (("eigenvalues_real", "eigenvalues_imag"), "one"),
+    "end_to_end": (("end_to_end_log_singular_values",), "one"),
+    "lyapunov_vs_training_step": (("lyapunov_exponents",), "sweep"),
+    "kaplan_yorke_vs_training_step": (("kaplan_yorke_dimension",), "sweep"),
+}
+
+
+def _check(name: str, ds, checkpoint=None):
+    """Check ``ds`` for the plot ``name`` before anything is drawn; returns ``(ds, sweep_dim or None)``."""
+    from .datasets import VARIABLES
+
+    needs, kind = _SPEC[name]
+    for var in needs:
+        _require(ds, var)
+    if kind == "sweep":
+        dim = _sweep_dim(ds)
+        if dim is None:
+            raise ValueError(
+                f"{name} needs a sweep: a dataset with a 'checkpoint' (or 'training_step') dim, as "
+                f"analyze_checkpoints writes; this one has dims {tuple(ds.dims)}"
+            )
+    else:
+        ds, dim = _prepare(ds, checkpoint)
+        if dim is not None and kind == "one":
+            n = ds.sizes[dim]
+            raise ValueError(
+                f"{name} draws one checkpoint and the dataset is a sweep of {n} (dim {dim!r}); pass checkpoint= "
+                f"a position 0..{n - 1} or a path (e.g. checkpoint={n - 1}, the last), or use lyapunov_spectrum, "
+                "singular_values or lyapunov_vs_training_step, which draw every checkpoint"
+            )
+    for var in needs:
+        want = VARIABLES[var][0]
+        got = tuple(d for d in ds[var].dims if d != dim)
+        if got != want:
+            raise ValueError(f"{name} expects {var!r} with dims {want} (plus a sweep dim); it has {ds[var].dims}")
+    return ds, dim
 
 
 def _label(da) -> str:
@@ -59,27 +120,183 @@ def _axes(ax, figsize=(5.5, 4.0)):
 def _title(ds, what: str) -> str:
     arch = ds.attrs.get("architecture", "")
     h = ds.attrs.get("hidden_size", "")
-    return f"{what} — {arch} H={h}" if arch else what
+    title = f"{what} — {arch} H={h}" if arch else what
+    if "training_step" in ds.coords and ds["training_step"].ndim == 0 and int(ds["training_step"]) >= 0:
+        title += f", step {int(ds['training_step'])}"
+    return title
 
 
-def singular_values(ds, *, ax=None, time=None, quantiles=(0.1, 0.9), log=True, **kwargs):
+# ----------------------------------------------------------------------------- sweeps
+def _sweep_dim(ds) -> str | None:
+    dims = [d for d in SWEEP_DIMS if d in ds.dims]
+    if len(dims) > 1:
+        raise ValueError(f"expected at most one sweep dim of {SWEEP_DIMS}; the dataset has both {dims}")
+    return dims[0] if dims else None
+
+
+def _checkpoint_names(ds, dim: str) -> list[str]:
+    """One label per checkpoint: the ``checkpoint`` coordinate (path) or else the training step."""
+    if "checkpoint" in ds.coords and ds["checkpoint"].dims == (dim,):
+        return [str(v) for v in ds["checkpoint"].values]
+    return [f"step {v}" for v in ds["training_step"].values]
+
+
+def _select_checkpoint(ds, checkpoint):
+    """The row of a sweep that ``checkpoint`` (a position or a path or file name) names."""
+    dim = _sweep_dim(ds)
+    if dim is None:
+        raise ValueError(
+            f"checkpoint={checkpoint!r} was given but the dataset has no sweep dim {SWEEP_DIMS} "
+            f"(its dims: {tuple(ds.dims)}); leave checkpoint=None for a single analysis"
+        )
+    n, names = ds.sizes[dim], _checkpoint_names(ds, dim)
+    if isinstance(checkpoint, (int, np.integer)) and not isinstance(checkpoint, bool):
+        if not -n <= checkpoint < n:
+            raise ValueError(f"checkpoint={checkpoint} is out of range: the dataset has {n} checkpoints (0..{n - 1})")
+        i = int(checkpoint) % n
+    else:
+        want = str(checkpoint)
+        hits = [i for i, name in enumerate(names) if name == want]
+        hits = hits or [i for i, name in enumerate(names) if name.replace("\\", "/").rsplit("/", 1)[-1] == want]
+        if len(hits) != 1:
+            found = "no checkpoint" if not hits else f"{len(hits)} checkpoints"
+            raise ValueError(
+                f"checkpoint={checkpoint!r} names {found}; expected a position 0..{n - 1} or one of {names}"
+            )
+        i = hits[0]
+    return ds.isel({dim: i})
+
+
+def _prepare(ds, checkpoint):
+    """``(ds, sweep_dim)``: one row when ``checkpoint`` is given or the sweep has one checkpoint."""
+    if checkpoint is not None:
+        return _select_checkpoint(ds, checkpoint), None
+    dim = _sweep_dim(ds)
+    if dim is not None and ds.sizes[dim] == 1:
+        return ds.isel({dim: 0}), None
+    return ds, dim
+
+
+def _sweep_x(ds, dim: str):
+    """x values and label for the checkpoints: training steps when all known and distinct, else positions."""
+    n = ds.sizes[dim]
+    steps = ds["training_step"].values if "training_step" in ds.coords else np.full(n, -1)
+    if steps.shape == (n,) and (steps >= 0).all() and len(set(steps.tolist())) == n:
+        return steps.astype(float), "training step [step]"
+    return np.arange(n, dtype=float), "checkpoint (position in the sweep)"
+
+
+def _sweep_colors(ax, ds, dim: str):
+    """One viridis colour per checkpoint by training step, with a colorbar on ``ax``'s figure."""
+    import matplotlib as mpl
+
+    x, label = _sweep_x(ds, dim)
+    norm = mpl.colors.Normalize(x.min(), x.max() if x.max() > x.min() else x.min() + 1)
+    cmap = mpl.colormaps["viridis"]
+    sm = mpl.cm.ScalarMappable(norm=norm, cmap=cmap)
+    ax.figure.colorbar(sm, ax=ax, label=label)
+    return [cmap(norm(v)) for v in x]
+
+
+def _lines_per_checkpoint(ax, ds, dim: str, da, log: bool = False, **kwargs) -> None:
+    """One line per checkpoint of ``da`` (dims ``(dim, index)``) against index 1..n."""
+    curves = da.transpose(dim, ...).values
+    idx = np.arange(1, curves.shape[-1] + 1)
+    for curve, color, name in zip(curves, _sweep_colors(ax, ds, dim), _checkpoint_names(ds, dim), strict=True):
+        _curve(ax, idx, curve, log=log, marker="o", ms=2.5, lw=1.2, color=color, label=name, **kwargs)
+    _integer_ticks(ax.xaxis)
+    lost = [a for a in ax.lines if a.get_label().startswith("−∞")]
+    if lost:  # the colorbar names the checkpoints; the legend only explains the markers
+        ax.legend(handles=lost, fontsize="small")
+
+
+def _curve(ax, x, y, *, log: bool = False, **kwargs):
+    """``ax.plot(x, y)``, plus a marker at the bottom edge for every point at ``-inf`` (or ``<= 0`` with ``log``).
+
+    ``-inf`` is a lost direction (an exactly singular step); matplotlib would drop those points without a trace.
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    lost = (y == -np.inf) | ((y <= 0) if log else False)
+    line = ax.plot(x, np.where(lost, np.nan, y), **kwargs)[0]
+    if lost.any():
+        first = not any(a.get_label().startswith("−∞") for a in ax.lines)
+        label = ("−∞ (log of 0)" if log else "−∞") + " at the bottom edge" if first else "_lost"
+        ax.plot(
+            x[lost],
+            np.zeros(lost.sum()),
+            ls="none",
+            marker="v",
+            ms=6,
+            color=line.get_color(),
+            label=label,
+            transform=ax.get_xaxis_transform(),
+            clip_on=False,
+        )
+    return line
+
+
+def _indices(indices, n: int, default) -> list[int]:
+    """``indices`` (0-based, negative from the end) checked against ``n``; ``default`` clipped to range."""
+    if indices is None:
+        return sorted(set(default) & set(range(n)))
+    indices = [int(i) for i in indices]
+    bad = [i for i in indices if not -n <= i < n]
+    if bad:
+        raise ValueError(f"indices={bad} are out of range: the dataset has {n} (0..{n - 1})")
+    return [i % n for i in indices]
+
+
+def _integer_ticks(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def singular_values(ds, *, ax=None, time=None, quantiles=(0.1, 0.9), log=True, checkpoint=None, **kwargs):
     """Singular values of ``J_t`` by index: median over batch (and time) with a quantile band.
 
-    ``time`` selects steps (an int or a slice of the ``time`` coordinate).
+    On a sweep, one line per checkpoint (median over batch and time) coloured by training step.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        With ``singular_values``; a sweep has a ``checkpoint`` (or ``training_step``) dim.
+    ax : matplotlib.axes.Axes, optional
+        Drawn into; a new figure when None.
+    time : int or slice, optional
+        Steps to use (labels of the ``time`` coordinate).
+    quantiles : (float, float)
+        The band around the median (one model or one checkpoint only).
+    log : bool
+        Logarithmic y axis.
+    checkpoint : int or str, optional
+        On a sweep, draw only this checkpoint (a position or a path).
 
     Examples
     --------
     >>> rnnjac.plot.singular_values(ds, time=slice(50, None))  # doctest: +SKIP
+    >>> rnnjac.plot.singular_values(sweep)  # one line per checkpoint  # doctest: +SKIP
     """
-    sv = _require(ds, "singular_values")
+    ds, dim = _check("singular_values", ds, checkpoint)
+    sv = ds["singular_values"]
     if time is not None:
         sv = sv.sel(time=time)
-    flat = sv.values.reshape(-1, sv.sizes["sv_index"]) if sv.ndim == 3 else sv.values.reshape(-1, sv.shape[-1])
+    if dim is not None:
+        ax = _axes(ax, (6.5, 4.0))
+        med = sv.median([d for d in ("batch", "time") if d in sv.dims])
+        _lines_per_checkpoint(ax, ds, dim, med, log=log, **kwargs)
+        ax.axhline(1.0, color="0.4", lw=0.8, ls="--")
+        ax.set_yscale("log" if log else "linear")
+        ax.set_xlabel("index i (descending)")
+        ax.set_ylabel(_label(sv))
+        ax.set_title(_title(ds, "Singular values of J_t (median per checkpoint)"))
+        return ax
+    flat = sv.values.reshape(-1, sv.sizes["sv_index"])
     idx = np.arange(1, flat.shape[-1] + 1)
     ax = _axes(ax)
     med = np.median(flat, 0)
     lo, hi = np.quantile(flat, quantiles, axis=0)
-    line = ax.plot(idx, med, marker="o", ms=3, label=kwargs.pop("label", "median"), **kwargs)[0]
+    line = _curve(ax, idx, med, log=log, marker="o", ms=3, label=kwargs.pop("label", "median"), **kwargs)
     ax.fill_between(
         idx,
         lo,
@@ -92,16 +309,28 @@ def singular_values(ds, *, ax=None, time=None, quantiles=(0.1, 0.9), log=True, *
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("index i (descending)")
+    _integer_ticks(ax.xaxis)
     ax.set_ylabel(_label(sv))
     ax.set_title(_title(ds, "Singular values of J_t"))
     ax.legend(fontsize="small")
     return ax
 
 
-def singular_value_heatmap(ds, *, ax=None, batch=None, cmap="viridis", **kwargs):
-    """log10 singular values of ``J_t`` over time (x) and index (y); median over batch unless ``batch`` is given."""
-    sv = _require(ds, "singular_values")
+def singular_value_heatmap(ds, *, ax=None, batch=None, cmap="viridis", checkpoint=None, **kwargs):
+    """log10 singular values of ``J_t`` over time (x) and index (y); median over batch unless ``batch`` is given.
+
+    A sweep needs ``checkpoint=`` (a position or a path): the heatmap is one checkpoint's.
+
+    Examples
+    --------
+    >>> rnnjac.plot.singular_value_heatmap(ds, batch=0)  # doctest: +SKIP
+    >>> rnnjac.plot.singular_value_heatmap(sweep, checkpoint=-1)  # the last checkpoint  # doctest: +SKIP
+    """
+    ds, _ = _check("singular_value_heatmap", ds, checkpoint)
+    sv = ds["singular_values"]
     data = sv.sel(batch=batch).values if batch is not None else sv.median("batch").values
+    if data.ndim != 2:
+        raise ValueError(f"batch={batch!r} must select one sample (a label of the 'batch' coordinate)")
     ax = _axes(ax, (7, 4))
     t = ds["time"].values
     with np.errstate(divide="ignore"):
@@ -122,14 +351,32 @@ def singular_value_heatmap(ds, *, ax=None, batch=None, cmap="viridis", **kwargs)
     return ax
 
 
-def lyapunov_spectrum(ds, *, ax=None, **kwargs):
-    """Lyapunov exponents by index: median with the min–max spread over the batch, zero line, D_KY."""
-    le = _require(ds, "lyapunov_exponents")
+def lyapunov_spectrum(ds, *, ax=None, checkpoint=None, **kwargs):
+    """Lyapunov exponents by index: median with the min–max spread over the batch, zero line, D_KY.
+
+    On a sweep, one line per checkpoint (median over the batch) coloured by training step; ``checkpoint=``
+    (a position or a path) draws one checkpoint alone.
+
+    Examples
+    --------
+    >>> rnnjac.plot.lyapunov_spectrum(ds)  # doctest: +SKIP
+    >>> rnnjac.plot.lyapunov_spectrum(sweep)  # one line per checkpoint  # doctest: +SKIP
+    """
+    ds, dim = _check("lyapunov_spectrum", ds, checkpoint)
+    le = ds["lyapunov_exponents"]
+    if dim is not None:
+        ax = _axes(ax, (6.5, 4.0))
+        _lines_per_checkpoint(ax, ds, dim, le.median("batch"), **kwargs)
+        ax.axhline(0.0, color="k", lw=0.8)
+        ax.set_xlabel("exponent index i")
+        ax.set_ylabel(_label(le))
+        ax.set_title(_title(ds, "Lyapunov spectrum (median per checkpoint)"))
+        return ax
     vals = le.values
     idx = np.arange(1, vals.shape[-1] + 1)
     ax = _axes(ax)
     med = np.median(vals, 0)
-    line = ax.plot(idx, med, marker="o", ms=3, label=kwargs.pop("label", "median over batch"), **kwargs)[0]
+    line = _curve(ax, idx, med, marker="o", ms=3, label=kwargs.pop("label", "median over batch"), **kwargs)
     if vals.shape[0] > 1:
         ax.fill_between(idx, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.25, label="min–max over batch")
     ax.axhline(0.0, color="k", lw=0.8)
@@ -137,29 +384,38 @@ def lyapunov_spectrum(ds, *, ax=None, **kwargs):
         dky = float(np.median(ds["kaplan_yorke_dimension"].values))
         ax.plot([], [], " ", label=f"Kaplan–Yorke dim. {dky:.2f}")
     ax.set_xlabel("exponent index i")
+    _integer_ticks(ax.xaxis)
     ax.set_ylabel(_label(le))
     ax.set_title(_title(ds, "Lyapunov spectrum"))
     ax.legend(fontsize="small")
     return ax
 
 
-def lyapunov_convergence(ds, *, ax=None, indices=None, **kwargs):
-    """Running estimates of the exponents (cumulative mean of the local exponents) over time."""
-    loc = _require(ds, "local_lyapunov")
-    vals = np.nan_to_num(loc.values, nan=0.0)  # (B, T, k)
+def lyapunov_convergence(ds, *, ax=None, indices=None, checkpoint=None, **kwargs):
+    """Running estimates of the exponents (cumulative mean of the local exponents) over time.
+
+    A sweep needs ``checkpoint=`` (a position or a path).
+
+    Examples
+    --------
+    >>> rnnjac.plot.lyapunov_convergence(ds, indices=[0, 1])  # doctest: +SKIP
+    """
+    ds, _ = _check("lyapunov_convergence", ds, checkpoint)
+    loc = ds["local_lyapunov"]
+    vals = np.where(np.isnan(loc.values), 0.0, loc.values)  # (B, T, k); -inf (a lost direction) stays -inf
     counted = ~np.isnan(loc.values[..., :1])
     steps = ds.attrs.get("reortho_every", 1)
     n = np.cumsum(counted, axis=1) * steps
     with np.errstate(invalid="ignore", divide="ignore"):
         running = np.cumsum(vals * steps, axis=1) / n
     running = np.where(n > 0, running, np.nan)
-    running = np.where(counted.any(0), np.median(np.nan_to_num(running), axis=0), np.nan)
+    running = np.where(counted.any(0), np.median(np.where(np.isnan(running), 0.0, running), axis=0), np.nan)
     k = running.shape[-1]
-    indices = indices if indices is not None else sorted({0, 1, k // 2, k - 1} & set(range(k)))
+    indices = _indices(indices, k, (0, 1, k // 2, k - 1))
     ax = _axes(ax)
     t = ds["time"].values
     for i in indices:
-        ax.plot(t, running[:, i], label=f"λ_{i + 1}", **kwargs)
+        _curve(ax, t, running[:, i], label=f"λ_{i + 1}", **kwargs)
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xlabel(f"time t [{ds['time'].attrs.get('units', 'step')}]")
     ax.set_ylabel(f"running Lyapunov exponent [{loc.attrs.get('units', '')}]")
@@ -168,9 +424,17 @@ def lyapunov_convergence(ds, *, ax=None, indices=None, **kwargs):
     return ax
 
 
-def eigenvalues(ds, *, ax=None, time=None, max_points=5000, gridsize=60, **kwargs):
-    """Eigenvalues of ``J_t`` in the complex plane with the unit circle; a density for many points."""
-    re = _require(ds, "eigenvalues_real")
+def eigenvalues(ds, *, ax=None, time=None, max_points=5000, gridsize=60, checkpoint=None, **kwargs):
+    """Eigenvalues of ``J_t`` in the complex plane with the unit circle; a density for many points.
+
+    A sweep needs ``checkpoint=`` (a position or a path).
+
+    Examples
+    --------
+    >>> rnnjac.plot.eigenvalues(ds, time=slice(100, None))  # doctest: +SKIP
+    """
+    ds, _ = _check("eigenvalues", ds, checkpoint)
+    re = ds["eigenvalues_real"]
     im = ds["eigenvalues_imag"]
     if time is not None:
         re, im = re.sel(time=time), im.sel(time=time)
@@ -191,16 +455,25 @@ def eigenvalues(ds, *, ax=None, time=None, max_points=5000, gridsize=60, **kwarg
     return ax
 
 
-def end_to_end(ds, *, ax=None, indices=None, **kwargs):
-    """Log singular values of ``ds_t/ds_0`` against t (median over the batch) for a few indices."""
-    e2e = _require(ds, "end_to_end_log_singular_values")
+def end_to_end(ds, *, ax=None, indices=None, checkpoint=None, **kwargs):
+    """Log singular values of ``ds_t/ds_0`` against t (median over the batch) for a few indices.
+
+    Uses ``end_to_end_log_singular_values`` (natural log; ``-inf`` where a direction is lost, marked at
+    the bottom edge). A sweep needs ``checkpoint=`` (a position or a path).
+
+    Examples
+    --------
+    >>> rnnjac.plot.end_to_end(ds, indices=[0, 1, 2])  # doctest: +SKIP
+    """
+    ds, _ = _check("end_to_end", ds, checkpoint)
+    e2e = ds["end_to_end_log_singular_values"]
     med = e2e.median("batch").values
     d = med.shape[-1]
-    indices = indices if indices is not None else sorted({0, 1, d // 4, d // 2, d - 1} & set(range(d)))
+    indices = _indices(indices, d, (0, 1, d // 4, d // 2, d - 1))
     ax = _axes(ax)
     t = ds["time"].values
     for i in indices:
-        ax.plot(t, med[:, i], label=f"σ_{i + 1}", **kwargs)
+        _curve(ax, t, med[:, i], label=f"σ_{i + 1}", **kwargs)
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xlabel(f"time t [{ds['time'].attrs.get('units', 'step')}]")
     ax.set_ylabel(_label(e2e))
@@ -209,27 +482,119 @@ def end_to_end(ds, *, ax=None, indices=None, **kwargs):
     return ax
 
 
+def _against_steps(ax, ds, dim: str, da, label: str, band_label: str = "_band", **kwargs):
+    """Median over the batch of ``da`` (dims ``(dim, batch)``) against training step, with the min–max band."""
+    x, xlabel = _sweep_x(ds, dim)
+    vals = da.transpose(dim, "batch").values
+    order = np.argsort(x, kind="stable")
+    x, vals = x[order], vals[order]
+    line = _curve(ax, x, np.median(vals, 1), marker="o", ms=3, label=label, **kwargs)
+    if vals.shape[1] > 1:
+        ax.fill_between(x, vals.min(1), vals.max(1), color=line.get_color(), alpha=0.2, lw=0, label=band_label)
+    ax.set_xlabel(xlabel)
+    if xlabel.startswith("checkpoint"):
+        names = [_checkpoint_names(ds, dim)[i].replace("\\", "/").rsplit("/", 1)[-1] for i in order]
+        ax.set_xticks(x, names, rotation=30, ha="right", fontsize="small")
+    return line
+
+
+def lyapunov_vs_training_step(ds, *, ax=None, indices=None, **kwargs):
+    """Lyapunov exponents of a sweep against training step: median over the batch with its min–max band.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A sweep (a ``checkpoint`` or ``training_step`` dim) with ``lyapunov_exponents``.
+    ax : matplotlib.axes.Axes, optional
+        Drawn into; a new figure when None.
+    indices : list of int, optional
+        Exponents to draw (0-based; default the first two, the middle one and the last).
+
+    Examples
+    --------
+    >>> sweep = rnnjac.analyze_checkpoints(paths)  # doctest: +SKIP
+    >>> rnnjac.plot.lyapunov_vs_training_step(sweep, indices=[0, 1, 2])  # doctest: +SKIP
+    """
+    ds, dim = _check("lyapunov_vs_training_step", ds)
+    le = ds["lyapunov_exponents"]
+    k = le.sizes["le_index"]
+    indices = _indices(indices, k, (0, 1, k // 2, k - 1))
+    ax = _axes(ax, (6.5, 4.0))
+    for i in indices:
+        _against_steps(ax, ds, dim, le.isel(le_index=i), f"λ_{i + 1}", **kwargs)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_ylabel(_label(le))
+    ax.set_title(_title(ds, "Lyapunov exponents over training"))
+    ax.legend(fontsize="small", ncol=2, title="median, min–max over batch", title_fontsize="small")
+    return ax
+
+
+def kaplan_yorke_vs_training_step(ds, *, ax=None, **kwargs):
+    """Kaplan–Yorke dimension of a sweep against training step: median over the batch, min–max band.
+
+    Examples
+    --------
+    >>> rnnjac.plot.kaplan_yorke_vs_training_step(sweep)  # doctest: +SKIP
+    """
+    ds, dim = _check("kaplan_yorke_vs_training_step", ds)
+    kyd = ds["kaplan_yorke_dimension"]
+    ax = _axes(ax, (6.5, 4.0))
+    _against_steps(ax, ds, dim, kyd, "median over batch", "min–max over batch", **kwargs)
+    ax.legend(fontsize="small")
+    top = np.nanmax(kyd.values, initial=0.0)
+    ax.set_ylim(0.0, max(1.0, 1.1 * top))  # the dimension is >= 0; a flat 0 sits on the axis
+    ax.set_ylabel(_label(kyd))
+    ax.set_title(_title(ds, "Kaplan–Yorke dimension over training"))
+    return ax
+
+
+def _compare_curve(ds, variable: str, where: str):
+    """The 1-D curve :func:`compare` draws for one dataset (median over batch and time), checked."""
+    dim = _sweep_dim(ds)
+    if dim is not None and ds.sizes[dim] > 1:
+        raise ValueError(
+            f"compare draws one curve per dataset and {where} is a sweep of {ds.sizes[dim]} checkpoints; "
+            f"pass one checkpoint (ds.isel({dim}=i)), or draw every checkpoint with lyapunov_spectrum(ds) "
+            "or singular_values(ds)"
+        )
+    if dim is not None:
+        ds = ds.isel({dim: 0})
+    da = _require(ds, variable)
+    med = da.median([d for d in ("batch", "time") if d in da.dims])
+    if med.ndim != 1:
+        raise ValueError(
+            f"compare draws a spectrum by index; {variable!r} of {where} has dims {da.dims}, "
+            "which leave more than one dim after the median over batch and time"
+        )
+    return med.values
+
+
 def compare(datasets, labels, variable: str = "lyapunov_exponents", *, ax=None, **kwargs):
     """Overlay one spectrum (median over batch, and time where present) from several datasets.
+
+    Each dataset is one model or one checkpoint (a sweep with one checkpoint is fine); a sweep of several
+    checkpoints is refused: :func:`lyapunov_spectrum` and :func:`singular_values` draw all of them.
 
     Examples
     --------
     >>> rnnjac.plot.compare([ds_a, ds_b], ["before", "after"])  # doctest: +SKIP
+    >>> rnnjac.plot.compare([sweep.isel(checkpoint=0), sweep.isel(checkpoint=-1)], ["first", "last"])  # doctest: +SKIP
     """
     datasets, labels = list(datasets), list(labels)
     if len(datasets) != len(labels):
         raise ValueError(f"compare needs one label per dataset; got {len(datasets)} datasets and {len(labels)} labels")
     if not datasets:
         raise ValueError("compare needs at least one dataset")
+    curves = [_compare_curve(ds, variable, f"datasets[{i}]") for i, ds in enumerate(datasets)]
     ax = _axes(ax)
     import matplotlib as mpl
 
     colors = mpl.colormaps["viridis"](np.linspace(0.05, 0.9, len(datasets)))
-    for ds, label, color in zip(datasets, labels, colors, strict=False):
-        da = _require(ds, variable)
-        reduce = [d for d in ("batch", "time") if d in da.dims]
-        med = da.median(reduce).values
-        ax.plot(np.arange(1, med.size + 1), med, marker="o", ms=2.5, color=color, label=str(label), **kwargs)
+    for med, label, color in zip(curves, labels, colors, strict=True):
+        log = variable == "singular_values"
+        _curve(
+            ax, np.arange(1, med.size + 1), med, log=log, marker="o", ms=2.5, color=color, label=str(label), **kwargs
+        )
     da0 = datasets[0][variable]
     if variable in ("singular_values",):
         ax.set_yscale("log")
@@ -242,7 +607,7 @@ def compare(datasets, labels, variable: str = "lyapunov_exponents", *, ax=None, 
     return ax
 
 
-#: variable that must be present -> plot function, in the order of :func:`summary`
+#: plot name -> plot function ``f(ds, *, ax=None, ...)``, in the order of :func:`summary` for one model
 PLOTS = {
     "singular_values": singular_values,
     "singular_value_heatmap": singular_value_heatmap,
@@ -250,35 +615,74 @@ PLOTS = {
     "lyapunov_convergence": lyapunov_convergence,
     "eigenvalues": eigenvalues,
     "end_to_end": end_to_end,
+    "lyapunov_vs_training_step": lyapunov_vs_training_step,
+    "kaplan_yorke_vs_training_step": kaplan_yorke_vs_training_step,
 }
-_NEEDS = {
-    "singular_values": "singular_values",
-    "singular_value_heatmap": "singular_values",
-    "lyapunov_spectrum": "lyapunov_exponents",
-    "lyapunov_convergence": "local_lyapunov",
-    "eigenvalues": "eigenvalues_real",
-    "end_to_end": "end_to_end_log_singular_values",
-}
+
+
+def _why_not(name: str, ds) -> str | None:
+    """Why ``PLOTS[name](ds)`` would refuse ``ds`` (None when it draws)."""
+    try:
+        _check(name, ds)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def available(ds) -> list[str]:
-    """Names of the plots in :data:`PLOTS` that ``ds`` has the variables for."""
-    return [name for name in PLOTS if _NEEDS[name] in ds.data_vars]
+    """Names of the plots in :data:`PLOTS` that ``PLOTS[name](ds)`` draws without further keywords.
+
+    For one model: the plots whose variables ``ds`` has. For a sweep of several checkpoints: the
+    per-checkpoint spectra and the curves over training (the others need ``checkpoint=``).
+
+    Examples
+    --------
+    >>> for name in rnnjac.plot.available(ds):  # doctest: +SKIP
+    ...     rnnjac.plot.PLOTS[name](ds).figure.savefig(f"{name}.png")
+    """
+    return [name for name in PLOTS if _why_not(name, ds) is None]
 
 
-def summary(ds):
-    """A figure with one panel per available plot; returns the Figure."""
+def summary(ds, *, checkpoint=None):
+    """A figure with one panel per available plot; returns the Figure.
+
+    On a sweep the curves over training come first (exponents and Kaplan–Yorke dimension against
+    training step), then the per-checkpoint spectra; ``checkpoint=`` (a position or a path) gives the
+    summary of one checkpoint instead.
+
+    Examples
+    --------
+    >>> rnnjac.plot.summary(ds).savefig("summary.png")  # doctest: +SKIP
+    >>> rnnjac.plot.summary(sweep, checkpoint=-1)  # the last checkpoint alone  # doctest: +SKIP
+    """
     import matplotlib.pyplot as plt
 
-    names = available(ds)
+    if checkpoint is not None:
+        ds = _select_checkpoint(ds, checkpoint)
+    names = sorted(available(ds), key=lambda n: _SPEC[n][1] != "sweep")
     if not names:
-        raise ValueError(f"nothing to plot: the dataset has none of {sorted(set(_NEEDS.values()))}")
-    cols = min(3, len(names))
+        known = sorted({v for needs, _ in _SPEC.values() for v in needs})
+        if not any(v in ds.data_vars for v in known):
+            raise ValueError(f"nothing to plot: the dataset has none of {known}")
+        reasons = {n: _why_not(n, ds) for n in PLOTS if any(v in ds.data_vars for v in _SPEC[n][0])}
+        raise ValueError("nothing to plot: " + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
+    cols = 2 if len(names) == 4 else min(3, len(names))
     rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 4.2 * rows), constrained_layout=True, squeeze=False)
     for ax, name in zip(axes.flat, names, strict=False):
         PLOTS[name](ds, ax=ax)
     for ax in list(axes.flat)[len(names) :]:
         ax.set_visible(False)
-    fig.suptitle(f"rnnjac summary — {ds.attrs.get('architecture', '')} {ds.attrs.get('checkpoint', '')}".strip())
+    fig.suptitle(_summary_title(ds))
     return fig
+
+
+def _summary_title(ds) -> str:
+    arch = ds.attrs.get("architecture", "")
+    dim = _sweep_dim(ds)
+    if dim is None:
+        one = ds["checkpoint"].item() if "checkpoint" in ds.coords and ds["checkpoint"].ndim == 0 else ""
+        return f"rnnjac summary — {arch} {ds.attrs.get('checkpoint', one)}".strip()
+    x, label = _sweep_x(ds, dim)
+    what = f", training steps {int(x.min())}–{int(x.max())}" if label.startswith("training") else ""
+    return f"rnnjac summary — {arch} sweep of {ds.sizes[dim]} checkpoints{what}".strip()

@@ -32,6 +32,7 @@ from ._checks import (
     prepare,
 )
 from .datasets import build_dataset
+from .dynamics import grad_region, normal
 from .jacobians import run_states, time_chunk_for
 
 __all__ = ["finite_difference_jacobians", "verify"]
@@ -176,7 +177,8 @@ def verify(
         Seeds the random directions.
     dtype : torch.dtype, optional
         Check a converted copy of the model (``torch.float64`` gives the tight check for a float32
-        model; the model itself is untouched).
+        model; the model itself is untouched). Built-in modules only: a custom step is the caller's
+        to convert (an error unless everything already has this dtype).
 
     Returns
     -------
@@ -293,8 +295,9 @@ def verify(
 
 def _reverse_mode(ref, state: str, s: Tensor, x: Tensor, u: Tensor) -> Tensor:
     """``J^T u`` by reverse-mode autograd of the (float64) step, for each of the k columns of u."""
-    base, step = _restricted(ref, state, s)
-    with torch.enable_grad():
+    with grad_region():  # also under the caller's no_grad / inference_mode
+        s, x, u = normal(s), normal(x), normal(u)
+        base, step = _restricted(ref.for_autograd(), state, s)
         vjp = torch.func.vjp(lambda z: step(z, x, s), base)[1]
-        cols = [vjp(u[..., i])[0] for i in range(u.shape[-1])]
+        cols = [vjp(u[..., i])[0].detach() for i in range(u.shape[-1])]
     return torch.stack(cols, -1)
