@@ -7,19 +7,31 @@ Shared by the command line (``rnnjac analyze``/``verify``) and by sweeps over ma
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ._checks import NonFiniteError, first_nonfinite_step
+from ._checks import NonFiniteError, check_choice, check_positive_int, first_nonfinite_step
 from .checkpoints import checkpoint_info, load_checkpoint, sha256
 from .spectra import spectra
 
-__all__ = ["InputSpec", "SpectraOptions", "load_inputs", "make_inputs", "analyze_checkpoint"]
+__all__ = [
+    "InputSpec",
+    "SpectraOptions",
+    "check_device",
+    "check_input_spec",
+    "load_inputs",
+    "make_inputs",
+    "analyze_checkpoint",
+]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+H0_CHOICES = ("zeros", "random")
+_DEVICE = re.compile(r"(cpu|cuda)(:(\d+))?")
 
 
 @dataclass
@@ -45,6 +57,65 @@ class InputSpec:
             )
         kind = "zeros (autonomous)" if self.autonomous else f"Gaussian, std {self.input_std:g}"
         return f"generated: batch {self.batch}, steps {self.steps}, {kind}, seed {self.seed}"
+
+
+def check_input_spec(spec: InputSpec) -> InputSpec:
+    """Raise ``ValueError`` naming the field if an :class:`InputSpec` value is invalid; return ``spec``.
+
+    ``batch`` and ``steps`` must be integers >= 1, ``input_std`` a finite number > 0, ``h0`` one of
+    ``'zeros'``/``'random'`` and ``seed`` an integer. Checked before any work, also when the inputs
+    come from a file (the values then go unused but are recorded in the provenance).
+
+    Examples
+    --------
+    >>> check_input_spec(InputSpec(batch=2)).batch
+    2
+    >>> check_input_spec(InputSpec(input_std=-1.0))
+    Traceback (most recent call last):
+    ...
+    ValueError: input_std must be a finite number > 0; got -1.0
+    """
+    check_positive_int("batch", spec.batch)
+    check_positive_int("steps", spec.steps)
+    std = spec.input_std
+    if isinstance(std, bool) or not isinstance(std, (int, float, np.number)) or not (math.isfinite(std) and std > 0):
+        raise ValueError(f"input_std must be a finite number > 0; got {std!r}")
+    check_choice("h0", spec.h0, H0_CHOICES)
+    if isinstance(spec.seed, bool) or not isinstance(spec.seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer; got {spec.seed!r}")
+    return spec
+
+
+def check_device(device) -> torch.device:
+    """The ``torch.device`` for ``device`` (``'cpu'``, ``'cuda'`` or ``'cuda:N'``), checked before any work.
+
+    Raises ``ValueError`` for another name, and when CUDA (or device ``N``) is not available here.
+
+    Examples
+    --------
+    >>> check_device("cpu")
+    device(type='cpu')
+    >>> check_device("gpu")
+    Traceback (most recent call last):
+    ...
+    ValueError: device must be cpu, cuda or cuda:N; got 'gpu'
+    """
+    name = str(device)
+    match = _DEVICE.fullmatch(name)
+    if match is None:
+        raise ValueError(f"device must be cpu, cuda or cuda:N; got {device!r}")
+    if match.group(1) == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={name!r} was asked for but CUDA is not available on this machine "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})"
+            )
+        index = match.group(3)
+        if index is not None and int(index) >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 ...)"
+            )
+    return torch.device(name)
 
 
 @dataclass
@@ -75,7 +146,7 @@ def _pick(arrays: dict, key: str | None, path) -> np.ndarray:
             raise ValueError(f"{path} has no array {key!r}; it has {sorted(arrays)}")
         return arrays[key]
     if len(arrays) != 1:
-        raise ValueError(f"{path} holds several arrays {sorted(arrays)}; choose one with --inputs-key")
+        raise ValueError(f"{path} holds several arrays {sorted(arrays)}; choose one with key=")
     return next(iter(arrays.values()))
 
 
@@ -106,7 +177,7 @@ def load_inputs(path, *, key: str | None = None, time_major: bool = False) -> to
         raise ValueError(f"inputs must be .npy, .npz, .pt or .nc; got {path.name}")
     if arr.ndim != 3:
         raise ValueError(
-            f"inputs in {path} must be 3-D (B, T, I) (or (T, B, I) with --time-major); got shape {arr.shape}"
+            f"inputs in {path} must be 3-D (B, T, I) (or (T, B, I) with time_major=True); got shape {arr.shape}"
         )
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(f"inputs in {path} must be floating point; got {arr.dtype}")
@@ -116,11 +187,10 @@ def load_inputs(path, *, key: str | None = None, time_major: bool = False) -> to
 
 def make_inputs(spec: InputSpec, input_size: int, dtype=torch.float32) -> torch.Tensor:
     """Inputs for an analysis as ``(B, T, I)`` in ``dtype``, from a file or the seeded generator."""
+    check_input_spec(spec)
     if spec.path:
         x = load_inputs(spec.path, key=spec.key, time_major=spec.time_major).to(dtype)
     else:
-        if spec.batch < 1 or spec.steps < 1:
-            raise ValueError(f"--batch and --steps must be >= 1; got {spec.batch} and {spec.steps}")
         if spec.autonomous:
             x = torch.zeros(spec.batch, spec.steps, input_size, dtype=dtype)
         else:
@@ -135,10 +205,9 @@ def make_inputs(spec: InputSpec, input_size: int, dtype=torch.float32) -> torch.
 
 
 def make_h0(spec: InputSpec, dyn_state_size: int, batch: int, dtype) -> torch.Tensor | None:
+    check_input_spec(spec)
     if spec.h0 == "zeros":
         return None
-    if spec.h0 != "random":
-        raise ValueError(f"--h0 must be 'zeros' or 'random'; got {spec.h0!r}")
     g = torch.Generator().manual_seed(spec.seed + 1)
     return (0.5 * torch.randn(batch, dyn_state_size, generator=g, dtype=torch.float64)).to(dtype)
 
@@ -155,11 +224,11 @@ def analyze_checkpoint(
     """Load one checkpoint, build its inputs and return its spectra Dataset with provenance attrs."""
     from .dynamics import as_dynamics
 
+    check_input_spec(inputs)
+    check_device(options.device)
     module = load_checkpoint(path, **(load_kwargs or {}))
     info = checkpoint_info(module)
     dtype = DTYPES[options.dtype] if options.dtype else next(module.parameters()).dtype
-    if options.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
     x = make_inputs(inputs, info["input_size"], dtype)
     dyn = as_dynamics(module)
     h0 = make_h0(inputs, dyn.state_size, x.shape[0], dtype)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,14 +76,21 @@ def test_every_format_round_trips(tmp_path, name, fmt):
         assert info["training_step"] == 3
 
 
-def test_nonlinearity_cannot_be_inferred_and_is_recorded(tmp_path):
+def test_nonlinearity_cannot_be_inferred_and_is_recorded(tmp_path, capsys):
+    # issue 11: an nn.RNN without a recorded nonlinearity is no longer assumed tanh; it must be given
     torch.save(nn.RNN(2, 3, nonlinearity="relu").state_dict(), tmp_path / "r.pt")
-    m = rnnjac.load_checkpoint(tmp_path / "r.pt")
-    assert m.nonlinearity == "tanh" and "assumed" in m.rnnjac_info["nonlinearity_source"]
+    with pytest.raises(rnnjac.checkpoints.CheckpointError, match="nonlinearity='tanh' or nonlinearity='relu'"):
+        rnnjac.load_checkpoint(tmp_path / "r.pt")
+    m = rnnjac.load_checkpoint(tmp_path / "r.pt", nonlinearity="relu")
+    assert m.nonlinearity == "relu" and m.rnnjac_info["nonlinearity_source"] == "given"
     out = tmp_path / "s.nc"
-    assert main(["analyze", str(tmp_path / "r.pt"), "--out", str(out), "--steps", "5", "--quiet"]) == 0
+    assert main(["analyze", str(tmp_path / "r.pt"), "--out", str(out), "--steps", "5", "--quiet"]) == 2
+    assert "cannot be inferred from its weights" in capsys.readouterr().err
+    assert not out.exists()
+    args = ["analyze", str(tmp_path / "r.pt"), "--nonlinearity", "relu", "--out", str(out), "--steps", "5", "--quiet"]
+    assert main(args) == 0
     ds = rnnjac.open_dataset(out)
-    assert ds.attrs["nonlinearity"] == "tanh" and "assumed" in ds.attrs["nonlinearity_source"]
+    assert ds.attrs["nonlinearity"] == "relu" and ds.attrs["nonlinearity_source"] == "given"
 
 
 def test_cells_and_larger_models(tmp_path):
@@ -103,14 +112,22 @@ class Evil:
         return (os.system, (f"touch {os.environ[MARKER_ENV]}",))
 
 
-def test_malicious_pickle_is_refused_and_does_not_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "plain_pickle"])
+def test_malicious_pickle_is_refused_and_does_not_run(tmp_path, monkeypatch, fmt):
     marker = tmp_path / "pwned"
     monkeypatch.setenv(MARKER_ENV, str(marker))
     path = tmp_path / "evil.pt"
-    with open(path, "wb") as f:
-        pickle.dump({"state_dict": nn.GRU(2, 3).state_dict(), "payload": Evil()}, f)
-    with pytest.raises(ValueError, match="unsafe=True"):
-        rnnjac.load_checkpoint(path)
+    obj = {"state_dict": nn.GRU(2, 3).state_dict(), "payload": Evil()}
+    if fmt == "plain_pickle":  # issue 11: torch.load cannot read it even unsafely, so no unsafe advice
+        with open(path, "wb") as f:
+            pickle.dump(obj, f)
+        with pytest.raises(ValueError, match="not a readable checkpoint") as err:
+            rnnjac.load_checkpoint(path, unsafe=True)
+        assert "unsafe" not in str(err.value)
+    else:
+        torch.save(obj, path, _use_new_zipfile_serialization=fmt == "zip")
+        with pytest.raises(ValueError, match=r"refers to posix\.system.*unsafe=True"):
+            rnnjac.load_checkpoint(path)
     assert not marker.exists()
     assert main(["info", str(path)]) == 2
     assert not marker.exists()
@@ -211,8 +228,10 @@ BAD = {
     "feature size": (["analyze", "{ckpt}", "--out", "{o}", "--inputs", "{x5}"], "5 features"),
     "non-finite inputs": (["analyze", "{ckpt}", "--out", "{o}", "--inputs", "{xnan}"], "NaN/Inf, first at step t=4"),
     "output exists": (["analyze", "{ckpt}", "--out", "{exists}"], "already exists"),
-    "bad out folder": (["analyze", "{ckpt}", "--out", "{junk}/s.nc"], "does not exist"),
-    "k too big": (["analyze", "{ckpt}", "--out", "{o}", "--k", "99"], "k must be an integer"),
+    "out folder is a file": (["analyze", "{ckpt}", "--out", "{junk}/s.nc"], "is not a folder"),
+    "no out folder": (["analyze", "{ckpt}", "--out", "{o}/s.nc"], "does not exist"),
+    "k too big": (["analyze", "{ckpt}", "--out", "{o}", "--num-exponents", "99"], "--num-exponents must be an integer"),
+    "k too big, old name": (["analyze", "{ckpt}", "--out", "{o}", "--k", "99"], "--num-exponents must be an integer"),
 }
 
 
@@ -271,6 +290,7 @@ def test_verify_command(tmp_path, ckpt, capsys):
     assert "worst entry: sample" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_info_and_plot(tmp_path, ckpt, capsys):
     assert main(["info", str(ckpt)]) == 0
     out = capsys.readouterr().out
@@ -304,14 +324,22 @@ def test_help_is_complete(capsys):
         assert "usage: rnnjac " + cmd in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "done in" in out
     assert (tmp_path / "d" / "spectra.nc").exists() and (tmp_path / "d" / "summary.png").exists()
-    assert main(["demo", "--out", str(tmp_path / "d")]) == 2
+    bundled = Path(rnnjac.__file__).parent / "data" / "flipflop_gru.safetensors"
+    digest = hashlib.sha256(bundled.read_bytes()).hexdigest()
+    assert rnnjac.open_dataset(tmp_path / "d" / "spectra.nc").attrs["checkpoint_sha256"] == digest
+    names = sorted(p.name for p in (tmp_path / "d").iterdir())
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 2  # refused at once: every output checked first
+    assert "already exists; use --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == names
 
 
+@pytest.mark.slow
 def test_console_script_and_python_m(tmp_path, ckpt):
     for cmd in (["rnnjac"], [sys.executable, "-m", "rnnjac"]):
         r = subprocess.run([*cmd, "info", str(ckpt)], capture_output=True, text=True, timeout=120)
