@@ -7,9 +7,9 @@ differentiable penalties. Conventions are in the README ("Conventions").
 
 from . import plot, regularizers
 from ._checks import NonFiniteError, RnnjacWarning
+from ._io import open_dataset, save
 from ._version import __version__
 from .checkpoints import load_checkpoint
-from .datasets import open_dataset, save
 from .dynamics import CustomCell
 from .jacobians import iter_jacobians, jacobians, trajectory
 from .spectra import lyapunov_spectrum, spectra

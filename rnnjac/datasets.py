@@ -1,6 +1,6 @@
-"""The one place that builds xarray objects, and their files (netCDF via h5netcdf, or zarr).
+"""The one place that builds xarray objects (files are written and read by :mod:`rnnjac._io`).
 
-Schema (DESIGN.md, "Labelled outputs"):
+Schema (the README's "Conventions" section):
 
 - dims ``batch``, ``time`` (t = 1..T, units "step"), ``sv_index``, ``eig_index``, ``le_index``,
   ``unit`` (with coords ``layer``, ``part``, ``neuron``), ``checkpoint`` for sweeps;
@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import xarray as xr
 
+from ._io import check_output, open_dataset, save
 from ._version import __version__
 
 __all__ = ["VARIABLES", "save", "open_dataset", "validate", "build_dataset"]
+
+#: kept for compatibility: writing and reading moved to :mod:`rnnjac._io`
+check_writable = check_output
 
 BATCH, TIME, SV, EIG, LE, UNIT, CHECKPOINT = "batch", "time", "sv_index", "eig_index", "le_index", "unit", "checkpoint"
 DIMS = (CHECKPOINT, BATCH, TIME, SV, EIG, LE, UNIT)
@@ -194,7 +194,7 @@ def stack_checkpoints(rows: list[xr.Dataset]) -> xr.Dataset:
             "checkpoint_sha256": (CHECKPOINT, [ds.attrs["checkpoint_sha256"]]),
         }
         stacked.append(ds.expand_dims(CHECKPOINT).assign_coords(coords))
-    out = xr.concat(stacked, dim=CHECKPOINT, combine_attrs="drop_conflicts")
+    out = xr.concat(stacked, dim=CHECKPOINT, coords="different", compat="equals", combine_attrs="drop_conflicts")
     for k in _PER_CHECKPOINT_ATTRS:
         out.attrs.pop(k, None)
     out[CHECKPOINT].attrs["long_name"] = "checkpoint file"
@@ -205,7 +205,11 @@ def stack_checkpoints(rows: list[xr.Dataset]) -> xr.Dataset:
 def concat_checkpoints(parts: list[xr.Dataset], *, attrs: dict | None = None) -> xr.Dataset:
     """Join stacked (or single-row) checkpoint Datasets, sorted by training step then path."""
     parts = [p if CHECKPOINT in p.dims else p.expand_dims(CHECKPOINT) for p in parts]
-    out = xr.concat(parts, dim=CHECKPOINT, combine_attrs="drop_conflicts") if len(parts) > 1 else parts[0]
+    out = (
+        xr.concat(parts, dim=CHECKPOINT, coords="different", compat="equals", combine_attrs="drop_conflicts")
+        if len(parts) > 1
+        else parts[0]
+    )
     order = np.lexsort((out[CHECKPOINT].values, out["training_step"].values))
     out = out.isel({CHECKPOINT: order})
     out.attrs["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -245,86 +249,3 @@ def validate(ds: xr.Dataset) -> None:
         problems.append("attribute 'config_json' is not valid JSON")
     if problems:
         raise ValueError("dataset does not follow the rnnjac schema: " + "; ".join(problems))
-
-
-def _is_zarr(path: Path) -> bool:
-    return path.suffix == ".zarr"
-
-
-def check_writable(path, *, overwrite: bool = False) -> Path:
-    """Raise before any work if ``path`` cannot be written (exists without ``overwrite``, no folder)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"output folder {parent} is not writable")
-    if _is_zarr(path):
-        try:
-            import zarr  # noqa: F401
-        except ImportError as err:
-            raise ImportError("writing .zarr needs the zarr package: pip install 'rnnjac[sweep]'") from err
-    return path
-
-
-def save(ds: xr.Dataset, path, *, overwrite: bool = False) -> Path:
-    """Write ``ds`` atomically to netCDF (h5netcdf) or, for a ``.zarr`` path, a zarr store.
-
-    The data go to a temporary file in the same folder which is then renamed, so the target appears
-    whole or not at all. An existing file is replaced only with ``overwrite=True``.
-
-    Examples
-    --------
-    >>> import torch, rnnjac, tempfile, os
-    >>> ds = rnnjac.spectra(torch.nn.GRU(2, 4, batch_first=True), torch.randn(1, 5, 2))
-    >>> path = rnnjac.save(ds, os.path.join(tempfile.mkdtemp(), "s.nc"))
-    >>> rnnjac.open_dataset(path).singular_values.shape
-    (1, 5, 4)
-    """
-    path = check_writable(path, overwrite=overwrite)
-    parent = path.parent if str(path.parent) else Path(".")
-    zarr_store = _is_zarr(path)
-    if zarr_store:
-        tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-        target = Path(tmp) / "store.zarr"
-    else:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-        os.close(fd)
-        target = Path(tmp)
-    try:
-        if zarr_store:
-            # zarr format 2: string coordinates (``part``) have no stable v3 encoding yet
-            ds.to_zarr(target, mode="w", zarr_format=2, consolidated=True)
-        else:
-            ds.to_netcdf(target, engine="h5netcdf")
-        if path.exists():
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        os.replace(target, path)
-    finally:
-        if zarr_store:
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def open_dataset(path) -> xr.Dataset:
-    """Read a file written by :func:`save` fully into memory (the file is closed afterwards).
-
-    Examples
-    --------
-    >>> ds = rnnjac.open_dataset("spectra.nc")  # doctest: +SKIP
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if _is_zarr(path):
-        with xr.open_zarr(path) as ds:
-            return ds.load()
-    with xr.open_dataset(path, engine="h5netcdf") as ds:
-        return ds.load()

@@ -1,31 +1,49 @@
 """Sweeps over many checkpoints on Dask, resumable, into one Dataset with a ``checkpoint`` dim.
 
-Each checkpoint is one ``dask.delayed`` task that analyses it (:func:`rnnjac.pipeline.analyze_checkpoint`)
-and writes its result atomically to ``<out>.parts/<sha256>.nc``. When every task is done the parts
-are concatenated along ``checkpoint`` (coordinates: ``checkpoint`` path, ``training_step`` from the
-file's metadata or name, ``checkpoint_sha256``) and written atomically to ``out`` (netCDF, or zarr
-chunked by checkpoint); the parts folder is then removed. A rerun skips checkpoints whose part (or
-whose row in an existing output of the same configuration) is already there, so an interrupted sweep
-resumes without recomputing anything finished, and a killed task leaves no half-written part.
+Each checkpoint is one ``dask.delayed`` task that analyses it (:func:`rnnjac.pipeline.analyze_checkpoint`) and
+writes its result atomically (:func:`rnnjac.save`) to ``<out>.parts/<key>.nc``; ``key`` hashes the checkpoint's
+path as given, its contents (SHA-256) and the configuration (inputs, options, load keywords). When every task is
+done the rows are concatenated along ``checkpoint`` (coordinates: ``checkpoint`` path, ``training_step`` from the
+file's metadata or name, ``checkpoint_sha256``), sorted by training step then path, and written atomically to
+``out`` (netCDF, or zarr chunked by checkpoint; a zarr folder is swapped, see :mod:`rnnjac._io`). The parts of this
+sweep are then deleted, and the parts folder once it is empty.
+
+Rerunning with ``out`` (all decided before any work):
+
+- A row or part is reused only for the same path, the same contents and the same configuration, so a rerun with
+  other options never mixes rows. An ``out`` of another configuration is replaced only with ``overwrite=True``
+  (``FileExistsError`` otherwise); parts of another configuration stay in the parts folder for their own rerun.
+- ``out`` holds exactly the requested checkpoints, one row per path (two files with the same contents are two
+  rows). Rows of checkpoints that are no longer listed, or whose file changed, are dropped only with
+  ``overwrite=True``; otherwise ``FileExistsError`` names them.
+- A rerun with nothing to compute writes nothing: ``out`` keeps its bytes and modification time.
+- Ctrl-C after some checkpoints finished raises :class:`rnnjac._io.Interrupted` (a ``KeyboardInterrupt``) whose
+  message says how many are kept in the parts folder, that ``out`` is unchanged and that rerunning the same call
+  resumes; a plain ``KeyboardInterrupt`` means that nothing was written.
+- A checkpoint that fails raises the same exception type with a one-line message that starts with its path,
+  also from workers; finished parts are kept.
 
 Scheduling: synchronous by default; ``client=`` (a ``dask.distributed.Client``), ``scheduler=``
-(an address) or ``workers=N`` (a ``LocalCluster`` of N single-threaded worker processes).
+(an address) or ``workers=N`` (a ``LocalCluster`` of N single-threaded worker processes, its logs silenced).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import xarray as xr
 
+from ._io import Interrupted, check_output, open_dataset, remove_stale_temps, save
 from .checkpoints import inspect_checkpoint, sha256
-from .datasets import CHECKPOINT, check_writable, concat_checkpoints, open_dataset, save, stack_checkpoints
+from .datasets import CHECKPOINT, concat_checkpoints, stack_checkpoints
 from .pipeline import InputSpec, SpectraOptions, analyze_checkpoint
 
 __all__ = ["analyze_checkpoints"]
@@ -39,25 +57,35 @@ def _config_key(inputs: InputSpec, options: SpectraOptions, load_kwargs: dict) -
     )
 
 
-def _run_one(path: str, digest: str, parts: str, inputs, options, load_kwargs, command, in_worker: bool) -> str:
-    """Analyse one checkpoint and write its part atomically; returns the part's path."""
+def _part_name(path: str, digest: str, config: str) -> str:
+    """File name of a checkpoint's part: a hash of its path as given, its contents and the configuration."""
+    return hashlib.sha256(json.dumps([path, digest, config]).encode()).hexdigest()[:40] + ".nc"
+
+
+def _named(err: Exception, path: str) -> Exception:
+    """The same exception type with a one-line message that starts with the checkpoint's path."""
+    msg = f"checkpoint {path}: " + (" ".join(str(err).split()) or type(err).__name__)
+    try:
+        named = type(err)(msg)
+    except Exception:  # noqa: BLE001 - a type that needs other arguments
+        return RuntimeError(msg)
+    return named if str(named) == msg else RuntimeError(msg)
+
+
+def _run_one(path: str, part: str, inputs, options, load_kwargs, command, in_worker: bool) -> str:
+    """Analyse one checkpoint and write its part atomically (unless it is there); returns the part's path."""
     import torch
 
     if in_worker:
         torch.set_num_threads(1)
-    target = Path(parts) / f"{digest}.nc"
-    if target.exists():
-        return str(target)
-    ds = analyze_checkpoint(path, inputs, options, load_kwargs=load_kwargs, command=command)
-    fd, tmp = tempfile.mkstemp(prefix=".part.", suffix=".tmp", dir=parts)
-    os.close(fd)
+    if Path(part).exists():
+        return part
     try:
-        ds.to_netcdf(tmp, engine="h5netcdf")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return str(target)
+        ds = analyze_checkpoint(path, inputs, options, load_kwargs=load_kwargs, command=command)
+    except Exception as err:
+        raise _named(err, path) from err
+    save(ds, part)
+    return part
 
 
 def _check_compatible(paths, load_kwargs) -> None:
@@ -100,8 +128,9 @@ def analyze_checkpoints(
     out : str or Path, optional
         ``.nc`` or ``.zarr``. With ``out`` the sweep is resumable (see module docstring).
     overwrite : bool
-        Replace an existing output of a *different* configuration (one of the same configuration
-        is extended/resumed without it).
+        Replace an existing ``out`` of another configuration, or drop its rows of checkpoints that are not in
+        ``paths`` (or whose file changed). An ``out`` of the same configuration is extended without it. Only an
+        output that rnnjac wrote is ever replaced.
     load_kwargs : dict, optional
         Passed to :func:`rnnjac.load_checkpoint` (``prefix``, ``arch``, ``nonlinearity``, ``unsafe``).
     client, scheduler, workers
@@ -111,15 +140,20 @@ def analyze_checkpoints(
     Returns
     -------
     xarray.Dataset
-        The spectra variables with a leading ``checkpoint`` dim, sorted by ``training_step``.
+        The spectra variables with a leading ``checkpoint`` dim (one row per path), sorted by ``training_step``.
+
+    Raises
+    ------
+    FileExistsError
+        ``out`` exists with another configuration or other checkpoints, and ``overwrite`` is False.
+    rnnjac._io.Interrupted
+        Ctrl-C after some checkpoints finished (kept for a rerun); a plain ``KeyboardInterrupt`` if none did.
 
     Examples
     --------
     >>> ds = rnnjac.analyze_checkpoints(sorted(glob.glob("runs/step_*.pt")), out="sweep.zarr")  # doctest: +SKIP
     >>> ds.lyapunov_exponents.sel(le_index=0).plot(x="training_step")  # doctest: +SKIP
     """
-    import dask
-
     inputs = inputs or InputSpec()
     options = options or SpectraOptions()
     load_kwargs = dict(load_kwargs or {})
@@ -129,94 +163,181 @@ def analyze_checkpoints(
     for p in paths:
         if not Path(p).exists():
             raise FileNotFoundError(f"checkpoint {p} does not exist")
+        if not Path(p).is_file():
+            raise ValueError(f"checkpoint {p} is not a regular file")
     if len(set(paths)) != len(paths):
         raise ValueError("the same checkpoint path is listed twice")
     _check_compatible(paths, load_kwargs)
-    key = _config_key(inputs, options, load_kwargs)
+    config = _config_key(inputs, options, load_kwargs)
     digests = {p: sha256(p) for p in paths}
-    done_rows: list[xr.Dataset] = []
-    tmp_parts = None
-    if out is not None:
-        out = Path(out)
-        if out.exists():
-            old = open_dataset(out)
-            if old.attrs.get("sweep_config") != key and not overwrite:
-                raise FileExistsError(f"{out} exists with another configuration; pass overwrite=True (--overwrite)")
-            if old.attrs.get("sweep_config") == key:
-                for i in range(old.sizes.get(CHECKPOINT, 0)):
-                    row = old.isel({CHECKPOINT: i})
-                    if row["checkpoint_sha256"].item() in set(digests.values()):
-                        done_rows.append(row)
-        else:
-            check_writable(out)
-        parts = Path(str(out) + ".parts")
-    else:
-        tmp_parts = tempfile.mkdtemp(prefix="rnnjac-sweep-")
-        parts = Path(tmp_parts)
-    parts.mkdir(exist_ok=True)
-    done_sha = {r["checkpoint_sha256"].item() for r in done_rows}
-    todo = [p for p in paths if digests[p] not in done_sha]
-    already = [p for p in todo if (parts / f"{digests[p]}.nc").exists()]
-    log.info(
-        "sweep: %d checkpoints, %d in the output, %d parts on disk, %d to compute",
-        len(paths),
-        len(done_sha),
-        len(already),
-        len(todo) - len(already),
-    )
-    use_distributed = client is not None or scheduler is not None or workers is not None
-    tasks = [
-        dask.delayed(_run_one, pure=False)(
-            p, digests[p], str(parts), inputs, options, load_kwargs, command, use_distributed
-        )
-        for p in todo
-    ]
-    try:
-        if use_distributed:
-            part_paths = _compute_distributed(tasks, client, scheduler, workers, progress)
-        else:
-            part_paths = list(dask.compute(*tasks, scheduler="synchronous"))
-        rows = [open_dataset(pp) for pp in part_paths]
-        rows = [r.isel({CHECKPOINT: 0}) if CHECKPOINT in r.dims else r for r in rows]
-        result = concat_checkpoints(
-            done_rows + ([stack_checkpoints(rows)] if rows else []), attrs={"sweep_config": key, "command": command}
-        )
-        if out is not None:
-            if out.suffix == ".zarr":
-                result = result.chunk({CHECKPOINT: 1})
-            save(result, out, overwrite=True)
+    run = dict(inputs=inputs, options=options, load_kwargs=load_kwargs, command=command, client=client)
+    run.update(scheduler=scheduler, workers=workers, progress=progress)
+    if out is None:
+        parts = Path(tempfile.mkdtemp(prefix="rnnjac-sweep-"))
+        try:
+            names = {p: _part_name(p, digests[p], config) for p in paths}
+            return _combine([], _compute(paths, parts, names, run), config, command).load()
+        finally:
             shutil.rmtree(parts, ignore_errors=True)
-        return result.load()
+    return _sweep_to(Path(out), paths, digests, config, overwrite, run)
+
+
+def _existing_rows(out: Path, paths, digests, config: str, overwrite: bool):
+    """``(old Dataset or None, its rows to keep)``; raises before any work what may not be replaced."""
+    check_output(out, overwrite=True)  # recovers an interrupted swap; refuses an output that rnnjac did not write
+    if not os.path.lexists(out):
+        return None, []
+    old = open_dataset(out)
+    if old.attrs.get("sweep_config") != config or CHECKPOINT not in old.dims:
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} exists with another configuration (or is not a sweep); pass overwrite=True to replace it"
+            )
+        return old, []
+    wanted = {(p, digests[p]) for p in paths}
+    rows, dropped = [], []
+    for i in range(old.sizes[CHECKPOINT]):
+        row = old.isel({CHECKPOINT: i})
+        ident = (str(row[CHECKPOINT].item()), str(row["checkpoint_sha256"].item()))
+        if ident in wanted:
+            rows.append(row)
+        else:
+            dropped.append(ident[0])
+    if dropped and not overwrite:
+        shown = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
+        raise FileExistsError(
+            f"{out} holds {len(dropped)} checkpoint(s) that are not in this list or whose file changed ({shown}); "
+            "pass overwrite=True to replace it by a sweep of exactly this list"
+        )
+    return old, rows
+
+
+def _sweep_to(out: Path, paths, digests, config: str, overwrite: bool, run: dict) -> xr.Dataset:
+    old, done_rows = _existing_rows(out, paths, digests, config, overwrite)
+    parts = Path(str(out) + ".parts")
+    names = {p: _part_name(p, digests[p], config) for p in paths}
+    done = {str(r[CHECKPOINT].item()) for r in done_rows}
+    if old is not None and len(done) == len(paths) == old.sizes[CHECKPOINT]:
+        _drop_parts(parts, names.values())
+        log.info("sweep: all %d checkpoints are already in %s; nothing to compute, nothing written", len(paths), out)
+        return old
+    if os.path.lexists(parts) and (parts.is_symlink() or not parts.is_dir()):
+        raise FileExistsError(f"{parts} (the folder of a sweep's parts) exists and is not a folder")
+    todo = [p for p in paths if p not in done]
+    try:
+        parts.mkdir(exist_ok=True)
+        remove_stale_temps(parts)
+        log.info("sweep: %d checkpoints, %d in %s, %d to compute", len(paths), len(done), out, len(todo))
+        result = _combine(done_rows, _compute(todo, parts, names, run), config, run["command"])
+        if out.suffix.lower() == ".zarr":
+            result = result.chunk({CHECKPOINT: 1})
+        save(result, out, overwrite=old is not None)
+    except KeyboardInterrupt as err:  # also the program's own subclass (e.g. for SIGTERM), kept when nothing is new
+        honest = _interrupted(out, old is not None, parts, [names[p] for p in todo], len(paths), len(done))
+        if honest is None:
+            raise
+        raise honest from err
+    _drop_parts(parts, names.values())
+    return result.load()
+
+
+def _combine(done_rows, part_paths, config: str, command: str) -> xr.Dataset:
+    rows = [open_dataset(pp) for pp in part_paths]
+    rows = [r.isel({CHECKPOINT: 0}) if CHECKPOINT in r.dims else r for r in rows]
+    new = [stack_checkpoints(rows)] if rows else []
+    return concat_checkpoints(done_rows + new, attrs={"sweep_config": config, "command": command})
+
+
+def _compute(todo, parts: Path, names: dict, run: dict) -> list[str]:
+    import dask
+
+    use_distributed = any(run[k] is not None for k in ("client", "scheduler", "workers"))
+    folder = parts.resolve()
+    args = (run["inputs"], run["options"], run["load_kwargs"], run["command"], use_distributed)
+    tasks = [dask.delayed(_run_one, pure=False)(p, str(folder / names[p]), *args) for p in todo]
+    if not tasks:
+        return []
+    if use_distributed:
+        return list(_compute_distributed(tasks, run["client"], run["scheduler"], run["workers"], run["progress"]))
+    return list(dask.compute(*tasks, scheduler="synchronous"))
+
+
+def _interrupted(out: Path, existed: bool, parts: Path, todo_names, total: int, done: int) -> Interrupted | None:
+    """The honest interrupt: what is kept where; None when nothing new is on disk (the interrupt stays as it is)."""
+    kept = sum((parts / n).exists() for n in todo_names)
+    if kept == 0:
+        _rmdir_if_empty(parts)
+        return None
+    state = f"{out} is unchanged" if existed else f"{out} was not written"
+    where = f"kept in {parts}/" if not done else f"kept ({done} in {out}, {kept} in {parts}/)"
+    return Interrupted(
+        f"interrupted: {done + kept} of {total} checkpoints are finished and {where}; {state}; "
+        "rerun the same command to resume"
+    )
+
+
+def _rmdir_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _drop_parts(parts: Path, names) -> None:
+    """Delete this sweep's parts; the folder goes once empty (parts of other configurations stay)."""
+    if not parts.is_dir() or parts.is_symlink():
+        return
+    for n in names:
+        (parts / n).unlink(missing_ok=True)
+    remove_stale_temps(parts)
+    _rmdir_if_empty(parts)
+    if parts.exists():
+        log.info("sweep: kept %d parts of other configurations in %s", len(list(parts.glob("*.nc"))), parts)
+
+
+@contextmanager
+def _quiet_distributed():
+    """Silence distributed's loggers in this process while the cluster we started runs."""
+    loggers = [logging.getLogger(n) for n in ("distributed", "tornado", "bokeh")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
     finally:
-        if tmp_parts is not None:
-            shutil.rmtree(tmp_parts, ignore_errors=True)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _compute_distributed(tasks, client, scheduler, workers, progress):
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
 
-    own_cluster = own_client = None
-    try:
-        if client is None:
-            if scheduler is not None:
-                client = own_client = Client(scheduler)
-            else:
-                own_cluster = LocalCluster(
-                    n_workers=int(workers or 1),
-                    threads_per_worker=1,
-                    processes=True,
-                    dashboard_address=None,
-                    silence_logs=logging.WARNING,
-                )
-                client = own_client = Client(own_cluster)
-        futures = client.compute(tasks)
-        if progress:
-            from dask.distributed import progress as dask_progress
+    if client is not None:
+        return _gather(client, tasks, progress)
+    if scheduler is not None:
+        with Client(scheduler) as own_client:
+            return _gather(own_client, tasks, progress)
+    from dask.distributed import LocalCluster
 
-            dask_progress(futures)
-        return client.gather(futures)
-    finally:
-        if own_client is not None:
-            own_client.close()
-        if own_cluster is not None:
-            own_cluster.close()
+    with _quiet_distributed():
+        cluster = LocalCluster(
+            n_workers=int(workers or 1),
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.CRITICAL,
+        )
+        try:
+            with Client(cluster) as own_client:
+                return _gather(own_client, tasks, progress)
+        finally:
+            cluster.close()
+
+
+def _gather(client, tasks, progress):
+    futures = client.compute(tasks)
+    if progress:
+        from dask.distributed import progress as dask_progress
+
+        dask_progress(futures)
+    return client.gather(futures)

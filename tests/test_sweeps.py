@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import subprocess
 import time
 
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from torch import nn
 
 import rnnjac
@@ -120,3 +124,201 @@ def test_sweep_errors(tmp_path, checkpoints):
     from rnnjac.cli import main
 
     assert main(["analyze", str(tmp_path / "run_*.pt"), "--out", str(tmp_path / "missing" / "s.nc"), "--quiet"]) == 2
+
+
+# ----------------------------------------------------------------------------- resuming, rerunning, interrupting
+INPUTS_B = InputSpec(batch=2, steps=20, seed=4)
+OPTIONS_B = SpectraOptions(k=2, warmup=4, dtype="float64", seed=5)
+
+
+def _reference(path, inputs: InputSpec, options: SpectraOptions) -> np.ndarray:
+    """Lyapunov exponents of one checkpoint from rnnjac.lyapunov_spectrum, inputs built here."""
+    gru = nn.GRU(2, 5, num_layers=2)
+    gru.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+    g = torch.Generator().manual_seed(inputs.seed)
+    x = torch.randn(inputs.batch, inputs.steps, 2, generator=g, dtype=torch.float64) * inputs.input_std
+    ds = rnnjac.lyapunov_spectrum(
+        gru,
+        x,
+        k=options.k,
+        warmup=options.warmup,
+        batch_first=True,
+        generator=torch.Generator().manual_seed(options.seed),
+        dtype=torch.float64,
+    )
+    return ds.lyapunov_exponents.values
+
+
+def _check_rows(ds, paths, inputs, options):
+    assert sorted(ds.checkpoint.values) == sorted(str(p) for p in paths)
+    assert ds.sizes["le_index"] == options.k and ds.sizes["batch"] == inputs.batch
+    for p in paths:
+        np.testing.assert_allclose(
+            ds.lyapunov_exponents.sel(checkpoint=str(p)).values, _reference(p, inputs, options), rtol=1e-12, atol=1e-14
+        )
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """The checkpoints analysed (in order); ``stop_after`` turns the next call into a Ctrl-C."""
+    import rnnjac.sweeps as sweeps
+
+    calls: list[str] = []
+    real = sweeps.analyze_checkpoint
+    limit = {"n": None}
+
+    def analyze(p, *args, **kwargs):
+        if limit["n"] is not None and len(calls) >= limit["n"]:
+            raise KeyboardInterrupt
+        calls.append(str(p))
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(sweeps, "analyze_checkpoint", analyze)
+    return calls, limit
+
+
+def _stamp(path):
+    return {p: (os.stat(p).st_mtime_ns, open(p, "rb").read()) for p in _files(path)}
+
+
+def _files(path):
+    if os.path.isfile(path):
+        return [str(path)]
+    return [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs]
+
+
+def test_resume_with_other_options_never_mixes_rows(tmp_path, checkpoints, counted):
+    calls, limit = counted
+    out = tmp_path / "sweep.nc"
+    parts = tmp_path / "sweep.nc.parts"
+    limit["n"] = 2
+    with pytest.raises(rnnjac._io.Interrupted) as info:
+        rnnjac.analyze_checkpoints(checkpoints, inputs=INPUTS, options=OPTIONS, out=out)
+    assert str(info.value) == (
+        f"interrupted: 2 of 4 checkpoints are finished and kept in {parts}/; {out} was not written; "
+        "rerun the same command to resume"
+    )
+    assert len(list(parts.glob("*.nc"))) == 2 and not out.exists()
+    limit["n"] = None
+    calls.clear()
+    ds = rnnjac.analyze_checkpoints(checkpoints, inputs=INPUTS_B, options=OPTIONS_B, out=out)
+    assert sorted(calls) == sorted(map(str, checkpoints))  # the parts of the first options were not used
+    _check_rows(ds, checkpoints, INPUTS_B, OPTIONS_B)
+    _check_rows(rnnjac.open_dataset(out), checkpoints, INPUTS_B, OPTIONS_B)
+    assert len(list(parts.glob("*.nc"))) == 2  # kept for a rerun of their own configuration
+    with pytest.raises(FileExistsError, match="another configuration"):
+        rnnjac.analyze_checkpoints(checkpoints, inputs=INPUTS, options=OPTIONS, out=out)
+    calls.clear()
+    ds = rnnjac.analyze_checkpoints(checkpoints, inputs=INPUTS, options=OPTIONS, out=out, overwrite=True)
+    assert len(calls) == 2  # resumed from its own two parts
+    _check_rows(ds, checkpoints, INPUTS, OPTIONS)
+    assert not parts.exists()
+
+
+def test_identical_files_are_two_rows_with_their_paths(tmp_path, checkpoints):
+    twin = tmp_path / "twin.pt"
+    shutil.copy(checkpoints[0], twin)
+    paths = [checkpoints[0], twin, checkpoints[1]]
+    ds = rnnjac.analyze_checkpoints(paths, inputs=INPUTS, options=OPTIONS, out=tmp_path / "s.nc")
+    assert sorted(ds.checkpoint.values) == sorted(map(str, paths))
+    _check_rows(ds, paths, INPUTS, OPTIONS)
+    a, b = ds.sel(checkpoint=str(checkpoints[0])), ds.sel(checkpoint=str(twin))
+    assert a.checkpoint_sha256.item() == b.checkpoint_sha256.item()
+    assert a.training_step.item() == 300 and b.training_step.item() == -1  # each from its own file name
+
+
+@pytest.mark.parametrize("suffix", [".nc", ".zarr"])
+def test_rerun_with_nothing_to_compute_writes_nothing(tmp_path, checkpoints, counted, monkeypatch, suffix):
+    calls, _ = counted
+    out = tmp_path / f"sweep{suffix}"
+    first = rnnjac.analyze_checkpoints(checkpoints, inputs=INPUTS, options=OPTIONS, out=out)
+    before, listing = _stamp(out), sorted(os.listdir(tmp_path))
+    calls.clear()
+    monkeypatch.setattr(rnnjac._io, "_write_checked", lambda *a, **k: pytest.fail("wrote"))
+    again = rnnjac.analyze_checkpoints(list(reversed(checkpoints)), inputs=INPUTS, options=OPTIONS, out=out)
+    assert calls == [] and _stamp(out) == before and sorted(os.listdir(tmp_path)) == listing
+    xr.testing.assert_identical(again.drop_attrs(), first.drop_attrs())
+
+
+def test_rerun_with_another_list(tmp_path, checkpoints, counted):
+    calls, _ = counted
+    out = tmp_path / "sweep.nc"
+    rnnjac.analyze_checkpoints(checkpoints, inputs=INPUTS, options=OPTIONS, out=out)
+    before = _stamp(out)
+    with pytest.raises(FileExistsError, match=r"holds 1 checkpoint\(s\) that are not in this list.*run_step400.pt"):
+        rnnjac.analyze_checkpoints(checkpoints[:3], inputs=INPUTS, options=OPTIONS, out=out)
+    assert _stamp(out) == before
+    calls.clear()
+    ds = rnnjac.analyze_checkpoints(checkpoints[:3], inputs=INPUTS, options=OPTIONS, out=out, overwrite=True)
+    assert calls == [] and list(rnnjac.open_dataset(out).training_step.values) == [100, 200, 300]
+    _check_rows(ds, checkpoints[:3], INPUTS, OPTIONS)
+    torch.manual_seed(7)  # the file run_step300.pt changes
+    torch.save({"state_dict": nn.GRU(2, 5, num_layers=2).state_dict()}, checkpoints[0])
+    with pytest.raises(FileExistsError, match="whose file changed"):
+        rnnjac.analyze_checkpoints(checkpoints[:3], inputs=INPUTS, options=OPTIONS, out=out)
+    ds = rnnjac.analyze_checkpoints(checkpoints[:3], inputs=INPUTS, options=OPTIONS, out=out, overwrite=True)
+    assert calls == [str(checkpoints[0])]
+    _check_rows(ds, checkpoints[:3], INPUTS, OPTIONS)
+
+
+def test_interrupted_before_any_part_is_a_plain_interrupt(tmp_path, checkpoints, counted):
+    _, limit = counted
+    limit["n"] = 0
+    with pytest.raises(KeyboardInterrupt) as info:
+        rnnjac.analyze_checkpoints(checkpoints, inputs=INPUTS, options=OPTIONS, out=tmp_path / "s.nc")
+    assert type(info.value) is KeyboardInterrupt  # plain: nothing was written
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in checkpoints)
+
+
+def test_extending_a_zarr_sweep_interrupted_in_the_final_write(tmp_path, checkpoints, counted, monkeypatch):
+    calls, _ = counted
+    out = tmp_path / "sweep.zarr"
+    rnnjac.analyze_checkpoints(checkpoints[:2], inputs=INPUTS, options=OPTIONS, out=out)
+    before = _stamp(out)
+    real = xr.Dataset.to_zarr
+
+    def interrupted(self, *args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C while the new store is being written
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", interrupted)
+    with pytest.raises(rnnjac._io.Interrupted) as info:
+        rnnjac.analyze_checkpoints(checkpoints, inputs=INPUTS, options=OPTIONS, out=out)
+    assert str(info.value) == (
+        f"interrupted: 4 of 4 checkpoints are finished and kept (2 in {out}, 2 in {out}.parts/); {out} is unchanged; "
+        "rerun the same command to resume"
+    )
+    assert _stamp(out) == before and not [n for n in os.listdir(tmp_path) if ".rnnjac-" in n]
+    assert rnnjac.open_dataset(out).sizes["checkpoint"] == 2
+    monkeypatch.setattr(xr.Dataset, "to_zarr", real)
+    calls.clear()
+    ds = rnnjac.analyze_checkpoints(checkpoints, inputs=INPUTS, options=OPTIONS, out=out)
+    assert calls == [] and not (tmp_path / "sweep.zarr.parts").exists()
+    _check_rows(rnnjac.open_dataset(out), checkpoints, INPUTS, OPTIONS)
+    _check_rows(ds, checkpoints, INPUTS, OPTIONS)
+
+
+def _nan_checkpoint(tmp_path):
+    sd = nn.GRU(2, 5, num_layers=2).state_dict()
+    sd["weight_hh_l1"][0, 0] = float("nan")
+    path = tmp_path / "bad_step250.pt"
+    torch.save({"state_dict": sd}, path)
+    return path
+
+
+def test_failing_checkpoint_is_named(tmp_path, checkpoints):
+    bad = _nan_checkpoint(tmp_path)
+    with pytest.raises(rnnjac.NonFiniteError) as info:
+        rnnjac.analyze_checkpoints([*checkpoints, bad], inputs=INPUTS, options=OPTIONS, out=tmp_path / "s.nc")
+    assert str(info.value).startswith(f"checkpoint {bad}: ") and "weight_hh_l1" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_failing_checkpoint_on_workers_is_named_without_logs(tmp_path, checkpoints, capfd):
+    bad = _nan_checkpoint(tmp_path)
+    with pytest.raises(rnnjac.NonFiniteError) as info:
+        rnnjac.analyze_checkpoints([checkpoints[0], bad], inputs=INPUTS, options=OPTIONS, workers=1)
+    assert str(info.value).startswith(f"checkpoint {bad}: ") and "\n" not in str(info.value)
+    err = capfd.readouterr().err
+    assert "distributed" not in err and "Traceback" not in err, err
