@@ -4,6 +4,15 @@
 - :func:`graded_log_svdvals`: log singular values of ``diag(exp(log_e)) K`` without forming it, for
   the end-to-end Jacobian kept as ``Q diag(e) K`` (see :class:`EndToEnd`).
 - :func:`kaplan_yorke`: the Kaplan-Yorke dimension of sorted exponents.
+- :func:`collapse_floor`: the rule that decides when a Lyapunov direction has collapsed.
+
+Singular products (README "Conventions"). A direction of the end-to-end product ``J_t ... J_1`` that a
+step maps exactly to zero is lost for good: its log singular value is ``-inf`` from that step on, and the
+others stay finite. :class:`EndToEnd` keeps such directions as rows of zero scale (``log_e = -inf``):
+rows of ``J_t Q`` that are exactly zero (dead ReLU units, saturated units whose derivative underflows,
+zero weights) and exact zeros of the triangular factor are detected exactly; rank loss that shows only
+as rounding noise is resolved to the working precision (the value then falls by ~37 nats per step in
+float64 instead of reading ``-inf``).
 """
 
 from __future__ import annotations
@@ -107,15 +116,55 @@ def kaplan_yorke(exponents: Tensor) -> Tensor:
 
     ``D_KY = j + (l_1 + ... + l_j) / |l_{j+1}|`` with ``j`` the largest index whose partial sum is
     non-negative; 0 when ``l_1 < 0``; ``k`` when every partial sum is non-negative (with only the
-    top-k exponents known this is then a lower bound).
+    top-k exponents known this is then a lower bound). Collapsed directions (``-inf``, see
+    :func:`collapse_floor`) contract infinitely fast: ``l_{j+1} = -inf`` adds nothing to ``j``, so only
+    the finite exponents contribute, and the result is never NaN.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from rnnjac._linalg import kaplan_yorke
+    >>> kaplan_yorke(torch.tensor([0.5, -1.0, float("-inf")])).item()
+    1.5
     """
     csum = torch.cumsum(exponents, -1)
     k = exponents.shape[-1]
     j = (csum >= 0).to(torch.int64).cumprod(-1).sum(-1)  # leading non-negative partial sums
     s_j = torch.gather(csum, -1, (j - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
     nxt = torch.gather(exponents, -1, j.clamp(max=k - 1).unsqueeze(-1)).squeeze(-1).abs()
-    frac = torch.where((j > 0) & (j < k), s_j / nxt, torch.zeros_like(s_j))
+    inside = (j > 0) & (j < k)
+    # where(...) alone would still divide 0/0 in the unused branch: keep that branch finite
+    frac = torch.where(inside, s_j / torch.where(inside, nxt, torch.ones_like(nxt)), torch.zeros_like(s_j))
     return j.to(exponents.dtype) + frac
+
+
+#: log2 of the per-step relative growth below which a Lyapunov direction counts as collapsed (times
+#: sqrt(D)); 2**-22 is four times float32's unit round-off, see :func:`collapse_floor`.
+COLLAPSE_LOG2 = -22
+
+
+def collapse_floor(block_norm: Tensor, size: int, steps: int) -> Tensor:
+    """Log of the smallest QR growth ``R_ii`` that counts as resolved, the same rule in every dtype.
+
+    A QR of ``J Q`` covering ``steps`` steps resolves ``R_ii`` down to about ``u sqrt(D) ||J Q||_F``
+    (``u`` the unit round-off): in float32 an exactly singular step (a saturated tanh or sigmoid
+    unit, whose derivative underflows to 0 once ``|a| > 9``, a dead ReLU unit) leaves ``R_ii`` at that
+    noise level, while float64 resolves the same direction's true, tiny growth. To count the same
+    ``-inf`` exponents in both dtypes, an exponent whose growth was at or below
+    ``||J Q||_F (2**-22 sqrt(D))**steps`` (four times float32's noise per step) at *every* counted QR is
+    ``-inf`` (the exact limit of a direction that collapses); in any other direction an exact zero at
+    one QR contributes this floor instead of ``log 0``, and every other growth its own log.
+    ``block_norm`` is ``||J Q||_F`` per sample, ``(B,)``; returns ``(B, 1)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from rnnjac._linalg import collapse_floor
+    >>> round(collapse_floor(torch.tensor([1.0]), 16, 1).item(), 3)  # log(2**-22 * 4)
+    -13.863
+    """
+    per_step = COLLAPSE_LOG2 * math.log(2.0) + 0.5 * math.log(size)
+    return (torch.log(block_norm) + steps * per_step).unsqueeze(-1)
 
 
 def _lq_sweep(log_e: Tensor, k_mat: Tensor) -> Tensor:
@@ -132,7 +181,7 @@ def _lq_sweep(log_e: Tensor, k_mat: Tensor) -> Tensor:
 
 
 def graded_log_svdvals(log_e: Tensor, k_mat: Tensor) -> Tensor:
-    """Log singular values (descending) of ``diag(exp(log_e)) @ K`` for ``(B, n)``, ``(B, n, n)``.
+    """Log singular values (descending) of ``diag(exp(log_e)) @ K`` for ``(B, n)``, ``(B, n, m)``.
 
     When the values span less than 18 nats this is one float64-accurate batched ``svdvals`` (the
     smallest carries a relative error below 1e-8). Wider spreads (long products) would lose the
@@ -141,19 +190,34 @@ def graded_log_svdvals(log_e: Tensor, k_mat: Tensor) -> Tensor:
     then grouped into clusters whose neighbouring scales are within 3 nats, and each cluster's
     block is handled by ``svdvals`` (an isolated row contributes ``log e_i + log |K_ii|``). Values in
     a cluster that itself spans more than 18 nats (early transients of large chaotic models) are
-    accurate for its top members only.
+    accurate for its top members only. Rows of zero scale (``log_e = -inf``) give exact ``-inf``
+    values, the others finite ones.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from rnnjac._linalg import graded_log_svdvals
+    >>> log_e = torch.tensor([[900.0, 0.0, float("-inf")]], dtype=torch.float64)
+    >>> graded_log_svdvals(log_e, torch.eye(3, dtype=torch.float64)[None]).tolist()
+    [[900.0, 0.0, -inf]]
     """
+    dead = torch.isneginf(log_e)
+    if bool(dead.any()):
+        return _with_dead_rows(log_e, k_mat, dead)
     top = log_e.max(-1, keepdim=True).values
     logs = torch.log(torch.linalg.svdvals(torch.exp(log_e - top).unsqueeze(-1) * k_mat)) + top
     spread = torch.nonzero((logs[:, 0] - logs[:, -1]) > _RESOLVED_NATS).flatten()
     if len(spread) == 0:
         return logs
-    # the sweeps need ordered scales; before the QR ordering has set in, keep the exact top values
-    ordered = ~(log_e[spread, 1:] > log_e[spread, :-1] + _ORDER_SLACK).any(-1)
-    spread = spread[ordered]
-    if len(spread) == 0:
-        return logs
     le, km = log_e[spread], k_mat[spread]
+    # the sweeps need ordered scales: rows that are not (the QR ordering has not yet set in) are sorted
+    # first, which leaves the singular values unchanged
+    unordered = (le[:, 1:] > le[:, :-1] + _ORDER_SLACK).any(-1)
+    if bool(unordered.any()):
+        order = torch.argsort(le, dim=-1, descending=True, stable=True)
+        order = torch.where(unordered.unsqueeze(-1), order, torch.arange(le.shape[-1], device=le.device))
+        le = torch.gather(le, -1, order)
+        km = torch.gather(km, -2, order.unsqueeze(-1).expand_as(km))
     for _ in range(_SWEEPS):
         km = _lq_sweep(le, km)
     diag = torch.diagonal(km, dim1=-2, dim2=-1).abs()
@@ -163,6 +227,16 @@ def graded_log_svdvals(log_e: Tensor, k_mat: Tensor) -> Tensor:
     return logs
 
 
+def _with_dead_rows(log_e: Tensor, k_mat: Tensor, dead: Tensor) -> Tensor:
+    """Zero rows contribute exact zero singular values; the others come from the live rows alone."""
+    out = torch.full_like(log_e, float("-inf"))
+    for b in range(log_e.shape[0]):
+        live = torch.nonzero(~dead[b]).flatten()
+        if len(live):
+            out[b, : len(live)] = graded_log_svdvals(log_e[b, live][None], k_mat[b, live][None])[0]
+    return out
+
+
 def _clustered(log_e: Tensor, k_mat: Tensor, approx: Tensor) -> Tensor:
     gaps = (log_e[:-1] - log_e[1:]) > _CLUSTER_NATS
     bounds = [0] + (torch.nonzero(gaps).flatten() + 1).tolist() + [log_e.shape[0]]
@@ -170,8 +244,11 @@ def _clustered(log_e: Tensor, k_mat: Tensor, approx: Tensor) -> Tensor:
     for a, b in zip(bounds[:-1], bounds[1:], strict=False):
         if b - a > 1:
             top = log_e[a]
-            block = torch.exp(log_e[a:b] - top).unsqueeze(-1) * k_mat[a:b, a:b]
-            out[a:b] = torch.log(torch.linalg.svdvals(block)) + top
+            # float64 so that a cluster spanning more than float32's ~87 nats keeps its small rows
+            block = torch.exp(log_e[a:b].double() - top.double()).unsqueeze(-1) * k_mat[a:b, a:b].double()
+            vals = torch.log(torch.linalg.svdvals(block)).to(out.dtype) + top
+            # a value lost to round-off inside a very wide cluster falls back on its graded estimate
+            out[a:b] = torch.where(torch.isfinite(vals), vals, torch.sort(approx[a:b], descending=True).values)
     return torch.sort(out, descending=True).values
 
 
@@ -181,6 +258,9 @@ class EndToEnd:
     ``Q`` is orthogonal, ``K`` upper triangular with unit-norm rows, ``log_e`` the row scales. An
     update ``J P = (J Q) E K = Q' R E K = Q' E (E^-1 R E) K`` keeps every factor O(1): the entries
     ``R_ij e_j / e_i`` (i < j) are bounded once the scales are ordered, which the QR ordering gives.
+
+    A direction lost exactly (see the module docstring) is a row with ``log_e = -inf``; ``R`` is then
+    made to have a zero *row* there (:func:`_deflate`), so the loss is exact and permanent.
     """
 
     def __init__(self, batch: int, n: int, dtype, device):
@@ -190,14 +270,72 @@ class EndToEnd:
 
     def update(self, jq: Tensor) -> None:
         """``jq = J_t @ Q`` (the caller applies ``J_t`` to :attr:`q`, structured or not)."""
+        lim = math.log(torch.finfo(jq.dtype).max) / 2
+        le = self.log_e
+        finite = torch.isfinite(le)
+        ratio = le.unsqueeze(-2) - torch.where(finite, le, 0.0).unsqueeze(-1)  # [i, j] = log e_j - log e_i
         q, r = torch.linalg.qr(jq)
-        ratio = (self.log_e.unsqueeze(-2) - self.log_e.unsqueeze(-1)).clamp(max=math.log(torch.finfo(jq.dtype).max) / 2)
-        g = torch.triu(r * torch.exp(ratio))  # E^-1 R E
-        k = g @ self.k
+        k = torch.triu(r * torch.exp(ratio.clamp(max=lim))) @ self.k  # (E^-1 R E) K
         norms = k.norm(dim=-1)
-        self.k = k / norms.unsqueeze(-1)
-        self.log_e = self.log_e + torch.log(norms)
+        # rows the scaled product handles as is: finite scale, no ratio beyond the clamp, a usable norm
+        plain = finite & ~(torch.triu(ratio) > lim).any(-1) & (norms > 0) & torch.isfinite(norms)
+        zero_rows = (jq == 0).all(-1)
+        if not bool(torch.cat([zero_rows, ~plain], -1).any()):  # one host sync per step
+            self.k = k / norms.unsqueeze(-1)
+            self.log_e = le + torch.log(norms)
+            self.q = q
+            return
+        q, r = _qr_zero_rows_last(jq, zero_rows)
+        r = r.masked_fill(~finite.unsqueeze(-2), 0.0)  # columns that multiply rows of zero scale
+        if bool((torch.diagonal(r, dim1=-2, dim2=-1) == 0).any()):
+            q, r = _deflate(q, r)
+        self._scaled_product(q, r, ratio, plain, lim)
+
+    def _scaled_product(self, q: Tensor, r: Tensor, ratio: Tensor, plain: Tensor, lim: float) -> None:
+        """``R E K = E' K'`` with each row scaled by ``e_i`` (plain rows) or by its largest term."""
+        lower = torch.ones_like(r, dtype=torch.bool).tril(-1)
+        log_terms = (torch.log(r.abs()) + self.log_e.unsqueeze(-2)).masked_fill(lower, float("-inf"))
+        top = log_terms.max(-1).values
+        ref = torch.where(plain, self.log_e, torch.where(torch.isfinite(top), top, 0.0))
+        g_plain = torch.triu(r * torch.exp(ratio.clamp(max=lim)))
+        g_big = torch.sign(r) * torch.exp(log_terms - ref.unsqueeze(-1))
+        k = torch.where(plain.unsqueeze(-1), g_plain, g_big) @ self.k
+        norms = k.norm(dim=-1)
+        zero = norms == 0
+        eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device).expand_as(k)
+        self.k = torch.where(zero.unsqueeze(-1), eye, k / torch.where(zero, 1.0, norms).unsqueeze(-1))
+        self.log_e = torch.where(zero, float("-inf"), ref + torch.log(norms))
         self.q = q
 
     def log_singular_values(self) -> Tensor:
         return graded_log_svdvals(self.log_e, self.k)
+
+
+def _qr_zero_rows_last(a: Tensor, zero_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """QR of ``a`` whose exactly-zero rows are moved to the bottom first, so that Householder keeps them
+    exactly zero: ``R`` then has exact zeros where ``a`` loses rank through zero rows."""
+    order = torch.argsort(zero_rows.to(torch.int8), dim=-1, stable=True)  # nonzero rows first, in order
+    q, r = torch.linalg.qr(torch.gather(a, -2, order.unsqueeze(-1).expand_as(a)))
+    inverse = torch.argsort(order, dim=-1)
+    return torch.gather(q, -2, inverse.unsqueeze(-1).expand_as(q)), r
+
+
+def _deflate(q: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate the rows of ``R`` (and the columns of ``Q``, so that ``Q R`` is unchanged) until every zero
+    diagonal entry has a zero row: then each lost direction is one row of zero scale.
+
+    Row i with ``R_ii = 0`` is appended below the triangular block ``R[i+1:, i+1:]``; the complete QR of
+    that ``(n - i) x (n - i - 1)`` matrix leaves its last row zero, which becomes row i.
+    """
+    q, r = q.clone(), r.clone()
+    n = r.shape[-1]
+    for b in torch.nonzero((torch.diagonal(r, dim1=-2, dim2=-1) == 0).any(-1)).flatten().tolist():
+        for i in range(n - 1):
+            if bool(r[b, i, i] != 0) or not bool((r[b, i, i + 1 :] != 0).any()):
+                continue
+            rows = list(range(i + 1, n)) + [i]
+            u, t = torch.linalg.qr(r[b, rows, i + 1 :], mode="complete")
+            r[b, rows, i + 1 :] = t
+            r[b, i, i + 1 :] = 0.0
+            q[b][:, rows] = q[b][:, rows] @ u
+    return q, r

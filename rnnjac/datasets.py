@@ -39,11 +39,6 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "local_lyapunov": ((BATCH, TIME, LE), "local Lyapunov exponents log R_ii at step t", "nats/step"),
     "kaplan_yorke_dimension": ((BATCH,), "Kaplan-Yorke (Lyapunov) dimension", "1"),
     "ks_entropy": ((BATCH,), "sum of positive Lyapunov exponents (Pesin entropy bound)", "nats/step"),
-    "end_to_end_singular_values": (
-        (BATCH, TIME, SV),
-        "singular values of the end-to-end Jacobian ds_t/ds_0",
-        "1",
-    ),
     "end_to_end_log_singular_values": (
         (BATCH, TIME, SV),
         "natural log of the singular values of ds_t/ds_0",

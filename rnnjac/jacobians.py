@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor
 
 from ._checks import Problem, check_positive_int, check_states_finite, prepare
@@ -85,13 +86,20 @@ def iter_jacobians(
     batch_first: bool | None = None,
     chunk_size: int | None = None,
     time_chunk: int | None = None,
+    differentiable: bool = False,
 ) -> Iterator[tuple[int, Tensor]]:
     """Yield ``(t_start, J_chunk)`` over chunks of time, so long sequences stay in bounded memory.
 
     ``J_chunk`` has shape ``(B, n, D, D)`` and holds ``J_t`` for ``t = t_start + 1 .. t_start + n``
     (``t_start`` is the 0-based offset into the time axis of :func:`jacobians`' output). Arguments
     are those of :func:`jacobians`; ``time_chunk`` fixes ``n`` (default: about 256 MB per chunk).
-    The arguments are checked and the trajectory is run before the first chunk is yielded.
+    The arguments are checked before the first chunk; the trajectory is run chunk by chunk as the
+    chunks are taken, so a NaN/Inf state is reported when its chunk is reached.
+
+    Memory is bounded in T, ``O(B n D^2 + B D)``: by default the chunks carry no autograd graph. With
+    ``differentiable=True`` (and grad mode on) each chunk stays differentiable with respect to the
+    weights, ``inputs`` and ``h0`` through the whole trajectory, which keeps the autograd graph of every
+    step so far (memory then grows with T; :func:`jacobians` does the same in one call).
 
     Examples
     --------
@@ -103,16 +111,24 @@ def iter_jacobians(
     check_positive_int("time_chunk", time_chunk, allow_none=True)
     check_positive_int("chunk_size", chunk_size, allow_none=True)
     problem = prepare(model, inputs, h0, state=state, method=method, batch_first=batch_first)
-    states = run_states(problem)
-    return _iter(problem, states, chunk_size, time_chunk)
+    if not isinstance(differentiable, bool):
+        raise TypeError(f"differentiable must be True or False; got {differentiable!r}")
+    return _iter(problem, chunk_size, time_chunk, differentiable=differentiable and torch.is_grad_enabled())
 
 
-def _iter(problem: Problem, states: Tensor, chunk_size, time_chunk):
-    steps = problem.steps
-    n = time_chunk or time_chunk_for(problem.batch, problem.dyn.size(problem.state), steps)
+def _iter(problem: Problem, chunk_size, time_chunk, *, differentiable: bool):
+    steps, b = problem.steps, problem.batch
+    n = time_chunk or time_chunk_for(b, problem.dyn.size(problem.state), steps)
+    s = problem.s0
     for t0 in range(0, steps, n):
         t1 = min(steps, t0 + n)
-        j = _chunk_jacobians(problem, states, t0, t1, chunk_size)
+        with torch.set_grad_enabled(differentiable):
+            states = problem.dyn.run(s, problem.xs[:, t0:t1])
+            check_states_finite(states, offset=t0)
+            sub = Problem(problem.dyn, problem.xs[:, t0:t1], s, problem.unbatched, problem.method, problem.state)
+            j = _chunk_jacobians(sub, states, 0, t1 - t0, chunk_size)
+        s = states[:, -1]
+        del states
         yield t0, (j[0] if problem.unbatched else j)
 
 
