@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "NonFiniteError": ".errors",
     "RnnjacWarning": ".errors",
     "finite_difference_jacobians": ".verify",
+    "fixed_points": ".fixed_points",
     "iter_jacobians": ".jacobians",
     "jacobians": ".jacobians",
     "load_checkpoint": ".checkpoints",
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # static imports for type checkers and IDEs; at run time name
     from .checkpoints import load_checkpoint
     from .dynamics import CustomCell
     from .errors import CheckpointError, NonFiniteError, RnnjacWarning
+    from .fixed_points import fixed_points
     from .jacobians import iter_jacobians, jacobians, trajectory
     from .spectra import lyapunov_spectrum, spectra
     from .sweeps import analyze_checkpoints

@@ -27,7 +27,10 @@ __all__ = ["VARIABLES", "save", "open_dataset", "validate", "build_dataset"]
 check_writable = check_output
 
 BATCH, TIME, SV, EIG, LE, UNIT, CHECKPOINT = "batch", "time", "sv_index", "eig_index", "le_index", "unit", "checkpoint"
-DIMS = (CHECKPOINT, BATCH, TIME, SV, EIG, LE, UNIT)
+#: fixed points (:func:`rnnjac.fixed_points`): points found, the searches' initial states, input conditions,
+#: leading eigenmodes
+FIXED_POINT, INITIAL_STATE, CONDITION, MODE = "fixed_point", "initial_state", "condition", "mode"
+DIMS = (CHECKPOINT, BATCH, TIME, SV, EIG, LE, UNIT, CONDITION, INITIAL_STATE, FIXED_POINT, MODE)
 
 #: name -> (dims, long_name, units)
 VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
@@ -47,6 +50,28 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "states": ((BATCH, TIME, UNIT), "hidden state s_t", "1"),
     "fd_max_abs_error": ((BATCH, TIME), "max |J_t - J_t(finite differences)|", "1"),
     "fd_max_rel_error": ((BATCH, TIME), "max |J_t - J_fd| / max |J_fd|", "1"),
+    # fixed points and slow points
+    "fixed_point_states": ((FIXED_POINT, UNIT), "state s* at the fixed or slow point", "1"),
+    "q": ((FIXED_POINT,), "speed q = 1/2 ||F(s*) - s*||^2", "1"),
+    "is_fixed_point": ((FIXED_POINT,), "fixed point (1: q <= tol) or slow point (0)", "1"),
+    "condition_index": ((FIXED_POINT,), "input condition the point belongs to", "1"),
+    "fixed_point_eigenvalues_real": ((FIXED_POINT, EIG), "real part of the eigenvalues of J at the point", "1"),
+    "fixed_point_eigenvalues_imag": ((FIXED_POINT, EIG), "imaginary part of the eigenvalues of J at the point", "1"),
+    "fixed_point_spectral_radius": ((FIXED_POINT,), "spectral radius of J at the point", "1"),
+    "n_unstable": ((FIXED_POINT,), "number of eigenvalues of J outside the unit circle", "1"),
+    "stable": ((FIXED_POINT,), "linearly stable (1: no eigenvalue of J outside the unit circle)", "1"),
+    "right_eigenvectors_real": ((FIXED_POINT, MODE, UNIT), "real part of right eigenvector r (J r = lambda r)", "1"),
+    "right_eigenvectors_imag": ((FIXED_POINT, MODE, UNIT), "imaginary part of the right eigenvector r", "1"),
+    "left_eigenvectors_real": ((FIXED_POINT, MODE, UNIT), "real part of the left eigenvector l (l J = lambda l)", "1"),
+    "left_eigenvectors_imag": ((FIXED_POINT, MODE, UNIT), "imaginary part of the left eigenvector l", "1"),
+    "converged": ((CONDITION, INITIAL_STATE), "1: the search from this initial state reached q <= tol", "1"),
+    "final_q": ((CONDITION, INITIAL_STATE), "q where the search from this initial state ended", "1"),
+    "point_index": ((CONDITION, INITIAL_STATE), "index along fixed_point of the point reached (-1: none)", "1"),
+    "status": (
+        (CONDITION, INITIAL_STATE),
+        "0 converged (q <= tol), 1 stalled (slow point), 2 iteration limit, 3 outlier, 4 non-finite",
+        "1",
+    ),
 }
 
 #: attributes that ``rnnjac info`` shows for a spectra file
@@ -138,7 +163,7 @@ def build_dataset(
     if TIME in used:
         t = np.arange(1, sizes[TIME] + 1) if time is None else np.asarray(time)
         coords[TIME] = xr.Variable(TIME, t, {"units": "step", "long_name": "time step t"})
-    for d in (SV, EIG, LE):
+    for d in (SV, EIG, LE, CONDITION, INITIAL_STATE, FIXED_POINT, MODE):
         if d in used:
             coords[d] = np.arange(sizes[d])
     if UNIT in used and dyn is not None:
