@@ -53,6 +53,13 @@ if TYPE_CHECKING:  # static imports for type checkers and IDEs; at run time name
     from .verify import finite_difference_jacobians, verify
 
 
+# TEMPORARY until the modules named like functions become private (rename pass): bind them eagerly
+from .fixed_points import fixed_points  # noqa: E402
+from .jacobians import jacobians  # noqa: E402
+from .spectra import spectra  # noqa: E402
+from .verify import verify  # noqa: E402
+
+
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)

@@ -266,6 +266,11 @@ class GRUArch:
         return _row_norm_sq(a, gram) + (z * (z + 2 * cross)).sum(-1)
 
 
+def _cell_update(f: Tensor, c: Tensor, ig: Tensor) -> Tensor:
+    """The LSTM cell-state update ``c' = f c + i g``, with ``ig = i * g`` already formed."""
+    return f * c + ig
+
+
 class LSTMArch:
     """LSTM layer, PyTorch's (i, f, g, o) block order, optional projection ``W_hr``."""
 
@@ -278,7 +283,7 @@ class LSTMArch:
         gi, gh = _pre(p, x, h)
         i, f, g, o = (gi + gh).chunk(4, -1)
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-        c_new = f * c + i * g
+        c_new = _cell_update(f, c, i * g)
         tc = torch.tanh(c_new)
         m = o * tc
         h_new = m if p.w_hr is None else torch.nn.functional.linear(m, p.w_hr)
@@ -286,6 +291,34 @@ class LSTMArch:
 
     def step(self, p, x, h, c):
         return self._forward(p, x, h, c)[-2:]
+
+    @staticmethod
+    def cell_sequence(p: LayerParams, xs: Tensor, hs: Tensor, c0: Tensor) -> Tensor:
+        """The cell states ``c_0..c_T`` ``(B, T+1, H)`` of one layer from its known outputs.
+
+        ``xs`` ``(B, T, I)`` are the layer's inputs and ``hs`` ``(B, T+1, H_out)`` its outputs ``h_0..h_T``
+        (e.g. from the module's own forward, which does not return ``c_t``). The gates of all steps come
+        from two GEMMs; only the elementwise update ``c' = f c + i g`` (the one :meth:`step` uses) runs
+        step by step.
+
+        Examples
+        --------
+        >>> lstm = torch.nn.LSTM(2, 3, bias=False, batch_first=True)
+        >>> x, p = torch.randn(1, 4, 2), LayerParams(lstm.weight_ih_l0, lstm.weight_hh_l0)
+        >>> out, (h_T, c_T) = lstm(x)
+        >>> cs = LSTMArch.cell_sequence(p, x, torch.cat([torch.zeros(1, 1, 3), out], 1), torch.zeros(1, 3))
+        >>> cs.shape, bool(torch.allclose(cs[:, -1], c_T[0], atol=1e-6))
+        (torch.Size([1, 5, 3]), True)
+        """
+        gi, gh = _pre(p, xs, hs[:, :-1])
+        i, f, g, _ = (gi + gh).chunk(4, -1)
+        ig = (torch.sigmoid(i) * torch.tanh(g)).unbind(1)  # unbind: one backward op, not T selects
+        fs = torch.sigmoid(f).unbind(1)
+        cs, c = [c0], c0
+        for f_t, ig_t in zip(fs, ig, strict=True):
+            c = _cell_update(f_t, c, ig_t)
+            cs.append(c)
+        return torch.stack(cs, 1)
 
     def linearize(self, p, x, h, c):
         i, f, g, o, tc, h_new, c_new = self._forward(p, x, h, c)
@@ -312,7 +345,7 @@ class LSTMArch:
         return dh_new, dc_new
 
     def frobenius_sq(self, p, coef):
-        # (callers check Dynamics.frobenius_closed_form: a projection mixes rows, no row-local form)
+        # (callers check System.frobenius_closed_form: a projection mixes rows, no row-local form)
         s_i, s_f, s_g, s_o, s_m, f = (coef[k] for k in ("s_i", "s_f", "s_g", "s_o", "s_m", "f"))
         gram = _rowgram(p.w_hh, 4)
         # row i of dc'/dh is c_i = sum_k a_k W_k[i] over (i, f, g); row i of dh'/dh is s_m c_i + s_o W_o[i],

@@ -184,8 +184,9 @@ def build_dataset(
     }
     if dyn is not None:
         base.update(dyn.describe())
-        if state == "h" and dyn.arch == "lstm":
-            base["state_note"] = "h parts only: c is held fixed at its recorded value (partial derivative)"
+        note = dyn.state_note(state)
+        if note is not None:
+            base["state_note"] = note
     for k, v in (attrs or {}).items():
         base[k] = v
     ds.attrs = {k: _attr(v) for k, v in base.items()}

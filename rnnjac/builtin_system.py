@@ -1,0 +1,312 @@
+"""torch's recurrent modules and cells as a :class:`~rnnjac.system.System`: a stack of built-in layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .cells import ARCHITECTURES, LayerParams
+from .linearization import FactoredLinearization, Linearization, StateLayout, frobenius_row_local, normal
+from .system import System, as_tensor
+
+__all__ = ["BuiltinSystem", "builtin_system"]
+
+_PARAM_NAMES = {"w_ih": "weight_ih", "w_hh": "weight_hh", "b_ih": "bias_ih", "b_hh": "bias_hh", "w_hr": "weight_hr"}
+_MODULE_ARCH: dict[type[nn.RNNBase], str] = {nn.RNN: "rnn", nn.GRU: "gru", nn.LSTM: "lstm"}
+_CELL_ARCH: dict[type[nn.RNNCellBase], str] = {nn.RNNCell: "rnn", nn.GRUCell: "gru", nn.LSTMCell: "lstm"}
+
+
+class BuiltinSystem(System):
+    """``nn.RNN``/``GRU``/``LSTM`` or one of their cells: a stack of :class:`~rnnjac.cells.CellArch` layers.
+
+    Parameters
+    ----------
+    arch : str
+        A key of :data:`rnnjac.cells.ARCHITECTURES`.
+    layers : list of LayerParams
+        References to the model's weights, bottom layer first.
+    input_size, hidden_size, proj_size, batch_first
+        As the module's.
+    layered : bool
+        True for modules (weights named ``weight_hh_l0``, ``h0`` with a leading layer dimension), False for
+        cells (``weight_hh``, ``h0`` without one).
+    module : nn.Module, optional
+        The module itself, whose fused forward :meth:`sequence_states` reuses for one layer on the CPU.
+
+    Examples
+    --------
+    >>> lstm = torch.nn.LSTM(2, 3, batch_first=True)
+    >>> system = builtin_system(lstm)
+    >>> h0, c0 = torch.zeros(1, 4, 3), torch.ones(1, 4, 3)
+    >>> s0 = system.initial_state((h0, c0), torch.zeros(4, 5, 2), unbatched=False)
+    >>> s0.shape, s0[0].tolist(), [name for name, _ in system.named_tensors()][:2]
+    (torch.Size([4, 6]), [0.0, 0.0, 0.0, 1.0, 1.0, 1.0], ['weight_ih_l0', 'weight_hh_l0'])
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        layers: list[LayerParams],
+        *,
+        input_size: int,
+        hidden_size: int,
+        proj_size: int = 0,
+        batch_first: bool = True,
+        layered: bool = True,
+        module: nn.Module | None = None,
+    ):
+        self.arch, self.cell = arch, ARCHITECTURES[arch]
+        self.layers, self.layered, self.module = layers, layered, module
+        self.input_size, self.hidden_size, self.proj_size = input_size, hidden_size, proj_size
+        self.batch_first = batch_first
+        self.num_layers = len(layers)
+        per = [("h", proj_size or hidden_size)] + ([("c", hidden_size)] if self.cell.has_c else [])
+        self.layout = StateLayout([list(per) for _ in layers])
+
+    @property
+    def kind(self) -> str:
+        return "module" if self.layered else "cell"
+
+    def state_note(self, state: str) -> str | None:
+        if state == "h" and self.cell.has_c:
+            return "h parts only: c is held fixed at its recorded value (partial derivative)"
+        return None
+
+    # ------------------------------------------------------------------------------------ initial state
+    def _default_state(self, batch: int, like: Tensor) -> Tensor:
+        return like.new_zeros(batch, self.state_size)
+
+    def _state_from_tuple(self, h0, batch: int, unbatched: bool) -> Tensor:
+        if not self.cell.has_c or len(h0) != 2:
+            return super()._state_from_tuple(h0, batch, unbatched)
+        h, c = (as_tensor("h0", t) for t in h0)
+        lead = (self.num_layers,) if self.layered else ()
+        want_h, want_c = lead + (self.proj_size or self.hidden_size,), lead + (self.hidden_size,)
+        if not unbatched:
+            ins = len(lead)
+            want_h = want_h[:ins] + (batch,) + want_h[ins:]
+            want_c = want_c[:ins] + (batch,) + want_c[ins:]
+        if tuple(h.shape) != want_h or tuple(c.shape) != want_c:
+            raise ValueError(
+                f"h0 = (h0, c0) must have shapes {want_h} and {want_c}; got {tuple(h.shape)} and {tuple(c.shape)}"
+            )
+        if not self.layered:
+            h, c = h.unsqueeze(0), c.unsqueeze(0)
+        if unbatched:
+            h, c = h.unsqueeze(1), c.unsqueeze(1)
+        return self.join([(h[li], c[li]) for li in range(self.num_layers)])
+
+    def _state_from_tensor(self, h0: Tensor, batch: int, unbatched: bool, flat: tuple) -> Tensor:
+        if self.cell.has_c:
+            raise ValueError(
+                f"h0 for an LSTM must be the (h0, c0) tuple or a flat state of shape {flat}; got {tuple(h0.shape)}"
+            )
+        if not self.layered:
+            return super()._state_from_tensor(h0, batch, unbatched, flat)
+        L, H = self.num_layers, self.hidden_size  # noqa: N806
+        mod = (L, H) if unbatched else (L, batch, H)
+        if tuple(h0.shape) != mod:
+            raise ValueError(
+                f"h0 must have shape {mod} (the module's format) or {flat} (flat state); got {tuple(h0.shape)}"
+            )
+        h0 = h0.unsqueeze(1) if unbatched else h0
+        return self.join([(h0[li], None) for li in range(L)])
+
+    def _state_like(self, s0: Tensor, xs: Tensor) -> Tensor:
+        return s0.to(dtype=xs.dtype, device=xs.device)
+
+    # ------------------------------------------------------------------------------------ parameters
+    def named_tensors(self) -> list[tuple[str, Tensor]]:
+        """``(name, tensor)`` for every weight, named as in the module's ``state_dict`` (``weight_hh_l0``,
+        ``bias_ih``, ...)."""
+        out = []
+        for li, p in enumerate(self.layers):
+            suffix = f"_l{li}" if self.layered else ""
+            for field, base in _PARAM_NAMES.items():
+                t = getattr(p, field)
+                if t is not None:
+                    out.append((base + suffix, t))
+        return out
+
+    def _with_layers(self, layers: list[LayerParams]) -> BuiltinSystem:
+        return BuiltinSystem(
+            self.arch,
+            layers,
+            input_size=self.input_size,
+            hidden_size=self.hidden_size,
+            proj_size=self.proj_size,
+            batch_first=self.batch_first,
+            layered=self.layered,
+        )
+
+    def to(self, dtype=None, device=None) -> BuiltinSystem:
+        kw = {k: v for k, v in (("dtype", dtype), ("device", device)) if v is not None}
+        return self._with_layers([p.to(**kw) for p in self.layers])
+
+    def detached(self) -> BuiltinSystem:
+        return self._with_layers([p.map(Tensor.detach) for p in self.layers])
+
+    def for_autograd(self) -> BuiltinSystem:
+        if not any(t.is_inference() for t in self.tensors()):
+            return self
+        return self._with_layers([p.map(normal) for p in self.layers])
+
+    def describe(self) -> dict:
+        return {
+            "architecture": self.arch,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "input_size": self.input_size,
+            "proj_size": self.proj_size,
+        }
+
+    # ------------------------------------------------------------------------------------ checks
+    def check_input_size(self, xs: Tensor, shown: tuple) -> None:
+        if xs.shape[-1] != self.input_size:
+            raise ValueError(
+                f"inputs have {xs.shape[-1]} features but the model expects input_size={self.input_size} "
+                f"(inputs shape {shown})"
+            )
+
+    def converted(self, xs: Tensor, h0, dtype, device) -> tuple[System, Tensor]:
+        if dtype is None and device is None:
+            return self, xs
+        return self.to(dtype=dtype, device=device), xs.to(dtype=dtype or xs.dtype, device=device or xs.device)
+
+    # ------------------------------------------------------------------------------------ stepping
+    @property
+    def has_closed_form(self) -> bool:
+        return True
+
+    def step(self, s: Tensor, x: Tensor) -> Tensor:
+        out, inp = [], x
+        for p, (h, c) in zip(self.layers, self.split(s), strict=False):
+            h, c = self.cell.step(p, inp, h, c)
+            out.append((h, c))
+            inp = h
+        return self.join(out)
+
+    def _closed_form(self, s: Tensor, x: Tensor) -> Linearization:
+        coefs, inp = [], x
+        for p, (h, c) in zip(self.layers, self.split(s), strict=False):
+            h, c, coef = self.cell.linearize(p, inp, h, c)
+            coefs.append(coef)
+            inp = h
+        return FactoredLinearization(self.cell, self.layers, self.layout, s, x, coefs)
+
+    def factored(self, method: str) -> bool:
+        return method == "analytic"
+
+    def frobenius_closed_form(self, state: str) -> bool:
+        return frobenius_row_local(self.cell, self.layers, state)
+
+    def sequence_states(self, s0: Tensor, xs: Tensor, outputs: Tensor | None = None, *, unbatched=False) -> Tensor:
+        """Differentiable states ``(B, T+1, D)``: for one layer from the caller's ``outputs`` when given (the
+        forward is shared with the task loss), else from the module's own forward on the CPU; else :meth:`run`.
+        ``c_t``, which ``nn.LSTM`` does not return, is rebuilt by :meth:`LSTMArch.cell_sequence`."""
+        if outputs is not None:
+            out = self._outputs(outputs, xs, unbatched)
+        elif self.module is not None and self.num_layers == 1 and not xs.is_cuda:
+            out = self._module_forward(s0, xs)
+        else:
+            return self.run(s0, xs)
+        ((h0, c0),) = self.split(s0)
+        hs = torch.cat([h0.unsqueeze(1), out], 1)
+        if c0 is None:
+            return hs
+        return torch.cat([hs, self.cell.cell_sequence(self.layers[0], xs, hs, c0)], -1)
+
+    def _outputs(self, outputs, xs: Tensor, unbatched: bool) -> Tensor:
+        """The caller's output sequence as ``(B, T, H_out)`` after checking it can stand for the states."""
+        if not self.layered or self.num_layers != 1:
+            raise ValueError(self._outputs_refused())
+        if not isinstance(outputs, Tensor):
+            raise TypeError(f"outputs must be the output tensor of model(inputs, h0); got {type(outputs).__name__}")
+        out = outputs
+        if unbatched:
+            out = out.unsqueeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        want = (xs.shape[0], xs.shape[1], self.proj_size or self.hidden_size)
+        if tuple(out.shape) != want:
+            raise ValueError(
+                f"outputs must be the model's output sequence, shape {want} (batch-first); got {tuple(outputs.shape)}"
+            )
+        return out
+
+    def _module_forward(self, s0: Tensor, xs: Tensor) -> Tensor:
+        """The top layer's outputs ``(B, T, H_out)`` from the module's own (single-layer) forward."""
+        module = self.module
+        assert module is not None
+        ((h0, c0),) = self.split(s0)
+        x_in = xs if module.batch_first else xs.transpose(0, 1)
+        hx = (h0.unsqueeze(0), c0.unsqueeze(0)) if c0 is not None else h0.unsqueeze(0)
+        out, _ = module(x_in, hx)
+        return out if module.batch_first else out.transpose(0, 1)
+
+
+def _rnn_layers(module, num_layers: int, *, cell: bool = False) -> list[LayerParams]:
+    out = []
+    for li in range(num_layers):
+        suffix = "" if cell else f"_l{li}"
+
+        def get(base, suffix=suffix):
+            return getattr(module, base + suffix, None)
+
+        out.append(
+            LayerParams(
+                w_ih=get("weight_ih"),
+                w_hh=get("weight_hh"),
+                b_ih=get("bias_ih"),
+                b_hh=get("bias_hh"),
+                w_hr=get("weight_hr"),
+            )
+        )
+    return out
+
+
+def _arch_name(model, base: str) -> str:
+    return f"rnn_{getattr(model, 'nonlinearity', 'tanh')}" if base == "rnn" else base
+
+
+def _arch_name(model, base: str) -> str:
+    return f"rnn_{getattr(model, 'nonlinearity', 'tanh')}" if base == "rnn" else base
+
+
+def builtin_system(model) -> BuiltinSystem | None:
+    """The system of an ``nn.RNN``/``GRU``/``LSTM`` or one of their cells; None for anything else.
+
+    Raises ``ValueError`` for a bidirectional module.
+
+    Examples
+    --------
+    >>> builtin_system(torch.nn.LSTM(2, 3, num_layers=2)).parts
+    [[('h', 3), ('c', 3)], [('h', 3), ('c', 3)]]
+    """
+    for cls, base in _MODULE_ARCH.items():
+        if isinstance(model, cls):
+            if model.bidirectional:
+                raise ValueError(
+                    f"{type(model).__name__}(bidirectional=True) is not one causal dynamical system: its "
+                    "backward direction runs from t=T down to 1. Analyse each direction as its own model "
+                    "(e.g. copy the *_reverse weights into a unidirectional module)."
+                )
+            return BuiltinSystem(
+                _arch_name(model, base),
+                _rnn_layers(model, model.num_layers),
+                input_size=model.input_size,
+                hidden_size=model.hidden_size,
+                proj_size=getattr(model, "proj_size", 0),
+                batch_first=model.batch_first,
+                module=model,  # lets the penalties reuse the module's own (non-cuDNN) forward
+            )
+    for cell_cls, base in _CELL_ARCH.items():
+        if isinstance(model, cell_cls):
+            return BuiltinSystem(
+                _arch_name(model, base),
+                _rnn_layers(model, 1, cell=True),
+                input_size=model.input_size,
+                hidden_size=model.hidden_size,
+                layered=False,
+            )
+    return None

@@ -1,0 +1,320 @@
+"""The step Jacobians ``J_t = dF/ds`` of a batch of steps, and the state layout they are written in.
+
+:class:`Linearization` is one interface with two implementations:
+
+- :class:`FactoredLinearization` (built-in cells, ``method="analytic"``): per-layer coefficients plus
+  references to the layers' weights. ``apply`` computes ``J Q`` with shared GEMMs, ``materialize`` forms
+  ``J``, ``frobenius_sq`` uses the row-local Gram form where it exists (:mod:`rnnjac.cells`).
+- :class:`DenseLinearization`: a materialised ``(N, D, D)``, from ``torch.func.vmap(torch.func.jacrev(step))``
+  or a :class:`~rnnjac.CustomCell`'s own closed form.
+
+Both read the state layout from a :class:`StateLayout` (layer-major, ``[h; c]`` inside an LSTM layer, README,
+"Conventions": "State vector"), so ``state="h"`` means the same rows and columns in both.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from .cells import EYE, CellArch, LayerParams
+
+__all__ = ["DenseLinearization", "FactoredLinearization", "Linearization", "StateLayout"]
+
+
+@contextmanager
+def grad_region():
+    """Gradients on and inference mode off, whatever the caller's context (``torch.no_grad()`` or
+    ``torch.inference_mode()``), for the parts that differentiate internally. Tensors created under the
+    caller's inference mode must pass through :func:`normal` inside the region before entering autograd."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def normal(t):
+    """``t`` itself, or a normal clone of an inference tensor (which autograd cannot save); ``None`` stays."""
+    return t.clone() if isinstance(t, Tensor) and t.is_inference() else t
+
+
+class StateLayout:
+    """Where each layer's ``h`` and ``c`` sit in the flat state vector.
+
+    Parameters
+    ----------
+    parts : list of list of (str, int)
+        Per layer, its parts in order: ``[("h", n_h), ("c", n_c)]`` for an LSTM layer, ``[("h", n)]`` otherwise.
+
+    Examples
+    --------
+    >>> layout = StateLayout([[("h", 2), ("c", 3)], [("h", 2), ("c", 3)]])
+    >>> layout.state_size, layout.h_size, layout.h_index().tolist()
+    (10, 4, [0, 1, 5, 6])
+    """
+
+    def __init__(self, parts: list[list[tuple[str, int]]]):
+        self.parts = parts
+
+    @property
+    def state_size(self) -> int:
+        return sum(n for layer in self.parts for _, n in layer)
+
+    @property
+    def h_size(self) -> int:
+        return sum(n for layer in self.parts for p, n in layer if p == "h")
+
+    def size(self, state: str) -> int:
+        """``D`` of the chosen state: ``"full"`` or ``"h"`` (h parts only)."""
+        return self.state_size if state == "full" else self.h_size
+
+    def unit_coords(self, state: str = "full") -> dict[str, list]:
+        """``layer``, ``part``, ``neuron`` labels of the state coordinates."""
+        layer, part, neuron = [], [], []
+        for li, parts in enumerate(self.parts):
+            for name, n in parts:
+                if state == "h" and name != "h":
+                    continue
+                layer += [li] * n
+                part += [name] * n
+                neuron += list(range(n))
+        return {"layer": layer, "part": part, "neuron": neuron}
+
+    def h_index(self, device=None) -> Tensor:
+        """Positions of the h coordinates inside the full state."""
+        idx: list[int] = []
+        off = 0
+        for parts in self.parts:
+            for name, n in parts:
+                if name == "h":
+                    idx += range(off, off + n)
+                off += n
+        return torch.tensor(idx, dtype=torch.long, device=device)
+
+    def split(self, s: Tensor) -> list[tuple[Tensor, Tensor | None]]:
+        """Full state ``(..., D)`` -> per layer ``(h, c)`` (``c`` is None without a cell state)."""
+        out, off = [], 0
+        for parts in self.parts:
+            vals = []
+            for _, n in parts:
+                vals.append(s[..., off : off + n])
+                off += n
+            out.append((vals[0], vals[1] if len(vals) > 1 else None))
+        return out
+
+    def join(self, layers: list[tuple[Tensor, Tensor | None]]) -> Tensor:
+        """Inverse of :meth:`split`."""
+        return torch.cat([t for h, c in layers for t in ((h,) if c is None else (h, c))], -1)
+
+    def with_h(self, h: Tensor, s: Tensor) -> Tensor:
+        """Full state ``s`` with its h parts replaced by ``h`` (``(..., h_size)``)."""
+        out, off = [], 0
+        for hh, c in self.split(s):
+            n = hh.shape[-1]
+            out.append((h[..., off : off + n], c))
+            off += n
+        return self.join(out)
+
+    def h_block(self, j: Tensor) -> Tensor:
+        """The h rows and columns of ``j (..., D, D)`` (``j`` itself when the state has only h parts)."""
+        if self.h_size == self.state_size:
+            return j
+        idx = self.h_index(j.device)
+        return j.index_select(-2, idx).index_select(-1, idx)
+
+
+def frobenius_row_local(cell: CellArch, layers: list[LayerParams], state: str) -> bool:
+    """Whether ``||J||_F^2`` has the row-local (Gram) form: one layer, no projection, full state (or no c)."""
+    return len(layers) == 1 and (state == "full" or not cell.has_c) and layers[0].w_hr is None
+
+
+class Linearization(ABC):
+    """``J_t`` for ``N`` steps at once: the interface both implementations share.
+
+    ``s (N, D)`` and ``x (N, I)`` are the points it was taken at; ``state`` arguments are ``"full"`` or
+    ``"h"`` (the h rows and columns, c held fixed).
+    """
+
+    s: Tensor
+    x: Tensor
+    factored: bool = False
+    """Whether ``J`` is kept as coefficients (``apply`` costs GEMMs with the shared weights)."""
+
+    @abstractmethod
+    def apply(self, q: Tensor, state: str = "full") -> Tensor:
+        """``J @ Q`` for tangents ``Q`` of shape ``(N, D, k)`` (``D`` of the chosen ``state``)."""
+
+    @abstractmethod
+    def materialize(self, state: str = "full") -> Tensor:
+        """``J`` as ``(N, D, D)``."""
+
+    @abstractmethod
+    def unbind(self, steps: int) -> list[Linearization]:
+        """All steps of a linearisation laid out as ``(B, steps)``, as a list (one autograd op per tensor)."""
+
+    @abstractmethod
+    def detached(self) -> Linearization:
+        """The same linearisation cut from the autograd graph."""
+
+    @abstractmethod
+    def for_autograd(self) -> Linearization:
+        """``self``, or a copy with every inference-mode tensor cloned (call it inside :func:`grad_region`)."""
+
+    @abstractmethod
+    def _operands(self) -> list[Tensor]:
+        """The tensors ``apply`` reads (checked for inference mode before a vjp)."""
+
+    def frobenius_sq(self, state: str = "full") -> Tensor:
+        """``||J||_F^2`` per step, ``(N,)``."""
+        return self.materialize(state).pow(2).sum((-2, -1))
+
+    def apply_transpose(self, u: Tensor, state: str = "full") -> Tensor:
+        """``J^T U``: the vjp of the linear map ``Q -> J Q`` (differentiable w.r.t. J's ingredients when grad
+        mode is on; works under ``no_grad``/``inference_mode`` too)."""
+        keep_graph = torch.is_grad_enabled()
+        with grad_region():
+            inference = torch.is_inference(u) or any(t.is_inference() for t in self._operands())
+            lin = self.for_autograd() if inference else self
+            u = normal(u)
+            vjp = torch.func.vjp(lambda q: lin.apply(q, state), torch.zeros_like(u))[1]
+            out = vjp(u)[0]
+        return out if keep_graph else out.detach()
+
+
+def _split_steps(t: Tensor, steps: int):
+    return t.reshape(-1, steps, *t.shape[1:]).unbind(1)
+
+
+class DenseLinearization(Linearization):
+    """``J`` materialised as ``jac (N, D, D)`` (full state), with the ``layout`` that ``state="h"`` selects from.
+
+    Examples
+    --------
+    >>> s, x, jac = torch.zeros(1, 2), torch.zeros(1, 1), 2 * torch.eye(2)[None]
+    >>> lin = DenseLinearization(StateLayout([[("h", 2)]]), s, x, jac)
+    >>> lin.apply(torch.ones(1, 2, 1)).flatten().tolist(), lin.frobenius_sq().tolist()
+    ([2.0, 2.0], [8.0])
+    """
+
+    factored = False
+
+    def __init__(self, layout: StateLayout, s: Tensor, x: Tensor, jac: Tensor):
+        self.layout, self.s, self.x, self.jac = layout, s, x, jac
+
+    def _with(self, s, x, jac) -> DenseLinearization:
+        return DenseLinearization(self.layout, s, x, jac)
+
+    def apply(self, q: Tensor, state: str = "full") -> Tensor:
+        return self.materialize(state) @ q
+
+    def materialize(self, state: str = "full") -> Tensor:
+        return self.jac if state == "full" else self.layout.h_block(self.jac)
+
+    def unbind(self, steps: int) -> list[Linearization]:
+        s, x, jac = (_split_steps(t, steps) for t in (self.s, self.x, self.jac))
+        return [self._with(s[j], x[j], jac[j]) for j in range(steps)]
+
+    def detached(self) -> DenseLinearization:
+        return self._with(self.s.detach(), self.x.detach(), self.jac.detach())
+
+    def for_autograd(self) -> DenseLinearization:
+        return self._with(normal(self.s), normal(self.x), normal(self.jac))
+
+    def _operands(self) -> list[Tensor]:
+        return [self.jac]
+
+
+class FactoredLinearization(Linearization):
+    """``J`` of a stack of built-in layers, kept as each layer's coefficients (:meth:`CellArch.linearize`).
+
+    Parameters
+    ----------
+    cell : CellArch
+        The layers' architecture (its ``tangent`` pushes tangents through one layer).
+    layers : list of LayerParams
+        References to the weights (never copies).
+    layout : StateLayout
+    s, x : Tensor
+        The points ``(N, D)``, ``(N, I)``.
+    coefs : list of dict
+        Per layer, the coefficients of its linearised step.
+    """
+
+    factored = True
+
+    def __init__(self, cell: CellArch, layers: list[LayerParams], layout: StateLayout, s: Tensor, x: Tensor, coefs):
+        self.cell, self.layers, self.layout = cell, layers, layout
+        self.s, self.x, self.coefs = s, x, coefs
+
+    def _with(self, layers, s, x, coefs) -> FactoredLinearization:
+        return FactoredLinearization(self.cell, layers, self.layout, s, x, coefs)
+
+    def unbind(self, steps: int) -> list[Linearization]:
+        s, x = _split_steps(self.s, steps), _split_steps(self.x, steps)
+        per = [{k: _split_steps(v, steps) for k, v in c.items()} for c in self.coefs]
+        coefs = [[{k: v[j] for k, v in c.items()} for c in per] for j in range(steps)]
+        return [self._with(self.layers, s[j], x[j], coefs[j]) for j in range(steps)]
+
+    def detached(self) -> FactoredLinearization:
+        coefs = [{k: v.detach() for k, v in c.items()} for c in self.coefs]
+        layers = [p.map(Tensor.detach) for p in self.layers]
+        return self._with(layers, self.s.detach(), self.x.detach(), coefs)
+
+    def for_autograd(self) -> FactoredLinearization:
+        coefs = [{k: normal(v) for k, v in c.items()} for c in self.coefs]
+        inference = any(t.is_inference() for p in self.layers for t in p.tensors())
+        layers = [p.map(normal) for p in self.layers] if inference else self.layers
+        return self._with(layers, normal(self.s), normal(self.x), coefs)
+
+    def _operands(self) -> list[Tensor]:
+        return [v for c in self.coefs for v in c.values()] + [t for p in self.layers for t in p.tensors()]
+
+    def apply(self, q: Tensor, state: str = "full") -> Tensor:
+        out, dx, off = [], None, 0
+        for p, coef, parts in zip(self.layers, self.coefs, self.layout.parts, strict=False):
+            n_h = parts[0][1]
+            dh = q[..., off : off + n_h, :]
+            off += n_h
+            dc = None
+            if len(parts) > 1 and state == "full":
+                dc = q[..., off : off + parts[1][1], :]
+                off += parts[1][1]
+            dh, dc = self.cell.tangent(p, coef, dx, dh, dc)
+            out.append(dh)
+            if dc is not None and state == "full":
+                out.append(dc)
+            dx = dh
+        return torch.cat(out, -2)
+
+    def materialize(self, state: str = "full") -> Tensor:
+        n, cell, total = self.s.shape[0], self.cell, self.layout.state_size
+        j = self.s.new_empty(n, total, total)
+        r0, below = 0, None  # below: h-rows of the previous layer's row block (a view of j)
+        for p, coef, parts in zip(self.layers, self.coefs, self.layout.parts, strict=False):
+            n_h = parts[0][1]
+            r1 = r0 + sum(m for _, m in parts)
+            c0 = r0
+            for dh, dc in [(EYE, None)] + ([(None, EYE)] if len(parts) > 1 else []):
+                out_h, out_c = cell.tangent(p, coef, None, dh, dc)
+                width = out_h.shape[-1]
+                j[:, r0 : r0 + n_h, c0 : c0 + width] = out_h
+                if out_c is not None:
+                    j[:, r0 + n_h : r1, c0 : c0 + width] = out_c
+                c0 += width
+            if below is not None:
+                low_h, low_c = cell.tangent(p, coef, below, None, None)
+                j[:, r0 : r0 + n_h, :r0] = low_h
+                if low_c is not None:
+                    j[:, r0 + n_h : r1, :r0] = low_c
+            if r1 < total:
+                j[:, r0:r1, r1:] = 0
+            below = j[:, r0 : r0 + n_h, :r1]
+            r0 = r1
+        return j if state == "full" else self.layout.h_block(j)
+
+    def frobenius_sq(self, state: str = "full") -> Tensor:
+        """``||J||_F^2`` per step, ``(N,)``; O(N K^2 H) for a single layer without projection."""
+        if frobenius_row_local(self.cell, self.layers, state):
+            return self.cell.frobenius_sq(self.layers[0], self.coefs[0])
+        return super().frobenius_sq(state)
