@@ -22,7 +22,8 @@ def ds():
 
 
 SWEEP_ONLY = ["lyapunov_vs_training_step", "kaplan_yorke_vs_training_step"]  # curves over training
-SINGLE = [n for n in plot.PLOTS if n not in SWEEP_ONLY]  # every plot of one model
+FIXED_POINT = ["fixed_points", "fixed_point_eigenvalues"]  # plots of a fixed-point dataset
+SINGLE = [n for n in plot.PLOTS if n not in SWEEP_ONLY + FIXED_POINT]  # every plot of one model
 
 
 @pytest.mark.parametrize("name", SINGLE)
@@ -359,3 +360,76 @@ def test_convergence_keeps_minus_infinity_and_indices_are_checked_first(ds):
         with pytest.raises(ValueError, match=r"indices=\[99\] are out of range"):
             plot.PLOTS[name](ds, indices=[0, 99])
         assert not plt.get_fignums()
+
+
+# ----------------------------------------------------------------------------- fixed points
+@pytest.fixture(scope="module")
+def fp():
+    """Fixed and slow points of a 2-unit tanh RNN, W = [[2, .2], [.1, 2]]: stable corners, saddles, the origin."""
+    import torch
+    from torch import nn
+
+    rnn = nn.RNN(1, 2, bias=False, batch_first=True).double()
+    with torch.no_grad():
+        rnn.weight_hh_l0.copy_(torch.tensor([[2.0, 0.2], [0.1, 2.0]], dtype=torch.float64))
+    starts = 2.4 * torch.rand(40, 2, generator=torch.Generator().manual_seed(19), dtype=torch.float64) - 1.2
+    ds = rnnjac.fixed_points(rnn, initial_states=starts)
+    assert int(ds.stable.sum()) > 0 and int((ds.stable == 0).sum()) > 0
+    return ds
+
+
+def _pairwise(xy):
+    return np.sort(np.linalg.norm(xy[:, None] - xy[None], axis=-1).ravel())
+
+
+def test_fixed_point_plots_are_registered_and_available(fp, ds, sweep):
+    assert plot.available(fp) == FIXED_POINT
+    assert all(plot.PLOTS[n] is getattr(plot, n) for n in FIXED_POINT)
+    assert not set(FIXED_POINT) & set(plot.available(ds) + plot.available(sweep))
+    for name in plot.PLOTS:
+        if name not in FIXED_POINT:
+            with pytest.raises(ValueError, match="needs the variable"):
+                plot.PLOTS[name](fp)
+    with pytest.raises(ValueError, match="needs the variable 'fixed_point_states' of a fixed-point dataset"):
+        plot.fixed_points(ds)
+    with pytest.raises(ValueError, match=r"expects 'fixed_point_states' with dims \('fixed_point', 'unit'\)"):
+        plot.fixed_points(fp.transpose("unit", "fixed_point", ...))
+    empty = fp.isel(fixed_point=[])  # nothing to draw without trajectories
+    assert plot.available(empty) == []
+    with pytest.raises(ValueError, match="nothing to plot: .*no fixed or slow point"):
+        plot.summary(empty)
+    plt.close("all")
+
+
+def test_summary_of_fixed_points_side_by_side(fp):
+    fig = plot.summary(fp)
+    panels = [a for a in fig.axes if a.get_visible() and a.get_title()]
+    assert [a.get_title().split(" —")[0] for a in panels] == ["Fixed points", "Eigenvalues of J at fixed points"]
+    left, right = (a.get_subplotspec() for a in panels)
+    assert (left.rowspan, left.colspan, right.rowspan, right.colspan) == (range(1), range(1), range(1), range(1, 2))
+    assert "fixed and slow points" in fig._suptitle.get_text()
+    # PCA of 2-D states onto 2 components is a rotation/reflection: the distances between points are kept
+    drawn = np.concatenate([c.get_offsets() for c in panels[0].collections])
+    np.testing.assert_allclose(_pairwise(drawn), _pairwise(fp.fixed_point_states.values), atol=1e-9)
+    # the eigenvalue panel shows the eigenvalues of the fixed (not the slow) points, as stored
+    fixed = fp.is_fixed_point.values == 1
+    eig = (fp.fixed_point_eigenvalues_real.values + 1j * fp.fixed_point_eigenvalues_imag.values)[fixed].ravel()
+    xy = np.concatenate([c.get_offsets() for c in panels[1].collections])
+    np.testing.assert_allclose(np.sort_complex(xy[:, 0] + 1j * xy[:, 1]), np.sort_complex(eig), atol=1e-12)
+    plt.close("all")
+
+
+def test_cli_plot_on_a_fixed_point_file(fp, tmp_path):
+    from rnnjac.cli import main
+
+    src = rnnjac.save(fp, tmp_path / "fp.nc")
+    out = tmp_path / "figures"
+    assert main(["plot", str(src), "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"fp_{n}.png" for n in [*FIXED_POINT, "summary"])
+    for p in out.iterdir():
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        img = plt.imread(p)
+        assert img.ndim == 3 and img[..., :3].std() > 0.01  # decodes, and is not a blank canvas
+    summary = plt.imread(out / "fp_summary.png")
+    assert summary.shape[1] > 1.5 * summary.shape[0]  # the two plots side by side
+    plt.close("all")
