@@ -445,7 +445,8 @@ def write_plots(ds, out_dir, fmt: str = "png", overwrite: bool = False, stem: st
 
 # ----------------------------------------------------------------------------- commands
 def _spectra_options(args):
-    from .pipeline import SpectraOptions
+    """The one :class:`~rnnjac._options.SpectraOptions` of ``rnnjac analyze``, validated before any work."""
+    from ._options import SpectraOptions
 
     return SpectraOptions(
         k=args.k,
@@ -472,6 +473,7 @@ def cmd_analyze(args, argv) -> int:
 
     inputs = _input_spec(args)
     check_device(args.device)
+    options = _spectra_options(args)
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"workers must be an integer >= 1; got {args.workers}")
     paths = _expand(args.checkpoints)
@@ -481,7 +483,6 @@ def cmd_analyze(args, argv) -> int:
     # it must still be a file rnnjac wrote, of the right kind
     exists = os.path.lexists(out)
     _io.check_output(out, overwrite=args.overwrite or bool(sweep and exists))
-    options = _spectra_options(args)
     if sweep:
         from .sweeps import analyze_checkpoints
 
@@ -614,16 +615,24 @@ def cmd_info(args, argv) -> int:
 
 
 DEMO_CHECKPOINT = "flipflop_gru.safetensors"
-DEMO_OPTIONS = {"eigenvalues": True, "end_to_end": True, "local_lyapunov": True, "warmup": 20, "tangent_warmup": 20}
+#: the fields of the demo's :class:`~rnnjac._options.SpectraOptions` (a dict: building it imports torch)
+DEMO_OPTIONS = {
+    "eigenvalues": True,
+    "end_to_end": True,
+    "local_lyapunov": True,
+    "warmup": 20,
+    "tangent_warmup": 20,
+    "seed": 0,
+}
 
 
-def _demo_figures(model, x) -> list[str]:
+def _demo_figures(model, x, options) -> list[str]:
     """The plots the demo's Dataset has, from a tiny run with the same options (nothing is written)."""
     from . import plot
     from .spectra import spectra
 
-    steps = DEMO_OPTIONS["warmup"] + DEMO_OPTIONS["tangent_warmup"] + 2
-    return plot.available(spectra(model, x[:1, :steps], **DEMO_OPTIONS))
+    steps = options.warmup + options.tangent_warmup + 2
+    return plot.available(spectra(model, x[:1, :steps], options=options))
 
 
 def cmd_demo(args, argv) -> int:
@@ -633,6 +642,7 @@ def cmd_demo(args, argv) -> int:
     import torch
 
     from . import _io
+    from ._options import SpectraOptions
     from .checkpoints import checkpoint_info, load_checkpoint, sha256
     from .spectra import spectra
     from .tasks import flipflop
@@ -647,7 +657,8 @@ def cmd_demo(args, argv) -> int:
         model = load_checkpoint(ckpt)
         model64 = model.double()
         x, _ = flipflop(8, 400, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        figures = plot_targets(_demo_figures(model64, x), out, "png")
+        options = SpectraOptions(**DEMO_OPTIONS)
+        figures = plot_targets(_demo_figures(model64, x, options), out, "png")
         _io.check_outputs([spectra_path, *figures.values()], overwrite=args.overwrite)
         info = checkpoint_info(model)
         meta = info["metadata"]
@@ -666,8 +677,7 @@ def cmd_demo(args, argv) -> int:
             "command": _command_line(argv),
             "inputs": "3-bit flip-flop trials, batch 8, steps 400, seed 0",
         }
-        gen = torch.Generator().manual_seed(0)
-        ds = spectra(model64, x, **DEMO_OPTIONS, generator=gen, attrs=attrs, progress=not args.quiet)
+        ds = spectra(model64, x, options=options, attrs=attrs, progress=not args.quiet)
         _write(_io.save, ds, spectra_path, overwrite=args.overwrite, written=args.written)
         lam = ds.lyapunov_exponents.median("batch").values
         say(

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ._checks import NonFiniteError, check_choice, check_positive_int, first_nonfinite_step
+from ._options import SpectraOptions
 from .checkpoints import checkpoint_info, load_checkpoint, sha256
 from .spectra import spectra
 
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+"""The ``dtype`` names the command line offers."""
 H0_CHOICES = ("zeros", "random")
 _DEVICE = re.compile(r"(cpu|cuda)(:(\d+))?")
 
@@ -118,28 +120,6 @@ def check_device(device) -> torch.device:
     return torch.device(name)
 
 
-@dataclass
-class SpectraOptions:
-    """The options of :func:`rnnjac.spectra` that the command line exposes."""
-
-    k: int | None = None
-    warmup: int = 0
-    tangent_warmup: int = 0
-    reortho_every: int = 1
-    eigenvalues: bool = False
-    end_to_end: bool = False
-    singular_values: bool = True
-    lyapunov: bool = True
-    local_lyapunov: bool = False
-    keep_states: bool = False
-    state: str = "full"
-    method: str = "auto"
-    device: str = "cpu"
-    dtype: str | None = None
-    seed: int = 0
-    extra: dict = field(default_factory=dict)
-
-
 def _pick(arrays: dict, key: str | None, path) -> np.ndarray:
     if key is not None:
         if key not in arrays:
@@ -221,19 +201,26 @@ def analyze_checkpoint(
     progress: bool = False,
     command: str = "",
 ):
-    """Load one checkpoint, build its inputs and return its spectra Dataset with provenance attrs."""
+    """Load one checkpoint, build its inputs and return its spectra Dataset with provenance attrs.
+
+    ``options`` (a :class:`SpectraOptions`, passed whole to :func:`rnnjac.spectra`) says what to compute; its
+    ``device`` (default the CPU) and ``dtype`` (default the checkpoint's) also place the inputs, and its ``seed``
+    seeds the tangent basis.
+    """
     from .dynamics import as_dynamics
 
     check_input_spec(inputs)
-    check_device(options.device)
+    if not isinstance(options, SpectraOptions):
+        raise TypeError(f"options must be a SpectraOptions; got {type(options).__name__}")
+    device = check_device(options.device or "cpu")
     module = load_checkpoint(path, **(load_kwargs or {}))
     info = checkpoint_info(module)
-    dtype = DTYPES[options.dtype] if options.dtype else next(module.parameters()).dtype
+    dtype = options.torch_dtype or next(module.parameters()).dtype
     x = make_inputs(inputs, info["input_size"], dtype)
     dyn = as_dynamics(module)
     h0 = make_h0(inputs, dyn.state_size, x.shape[0], dtype)
     if h0 is not None:
-        h0 = h0.to(options.device)
+        h0 = h0.to(device)
     attrs = {
         "checkpoint": str(path),
         "checkpoint_sha256": sha256(path),
@@ -245,25 +232,4 @@ def analyze_checkpoint(
         "training_step": -1 if info["training_step"] is None else int(info["training_step"]),
         "inputs_json": json.dumps(asdict(inputs), sort_keys=True),
     }
-    return spectra(
-        module,
-        x.to(options.device),
-        h0,
-        state=options.state,
-        singular_values=options.singular_values,
-        eigenvalues=options.eigenvalues,
-        lyapunov=options.lyapunov,
-        k=options.k,
-        warmup=options.warmup,
-        tangent_warmup=options.tangent_warmup,
-        reortho_every=options.reortho_every,
-        end_to_end=options.end_to_end,
-        keep_states=options.keep_states,
-        local_lyapunov=options.local_lyapunov,
-        method=options.method,
-        generator=torch.Generator().manual_seed(options.seed),
-        dtype=dtype,
-        device=options.device,
-        progress=progress,
-        attrs=attrs,
-    )
+    return spectra(module, x.to(device), h0, options=options, progress=progress, attrs=attrs)

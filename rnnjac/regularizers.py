@@ -43,7 +43,7 @@ from ._checks import (
     check_states_finite,
     prepare,
 )
-from ._linalg import qr_positive, qr_schedule
+from ._kernels import LyapunovQR, initial_basis
 
 __all__ = ["jacobian_penalty", "lyapunov_penalty", "JacobianPenalty"]
 
@@ -62,61 +62,10 @@ def _warn_no_grad(dyn, inputs) -> None:
         )
 
 
-def _check_outputs(problem, outputs) -> Tensor:
-    dyn = problem.dyn
-    if dyn.kind != "module" or dyn.num_layers != 1:
-        raise ValueError(
-            "outputs= can be reused only for a single-layer nn.RNN/GRU/LSTM (the output sequence holds the "
-            f"top layer alone); this model is a {dyn.kind} with {dyn.num_layers} layer(s): leave outputs=None"
-        )
-    if not isinstance(outputs, Tensor):
-        raise TypeError(f"outputs must be the output tensor of model(inputs, h0); got {type(outputs).__name__}")
-    out = outputs
-    if problem.unbatched:
-        out = out.unsqueeze(0)
-    elif not dyn.batch_first:
-        out = out.transpose(0, 1)
-    want = (problem.batch, problem.steps, dyn.proj_size or dyn.hidden_size)
-    if tuple(out.shape) != want:
-        raise ValueError(
-            f"outputs must be the model's output sequence, shape {want} (batch-first); got {tuple(outputs.shape)}"
-        )
-    return out
-
-
 def _states(problem, outputs=None) -> Tensor:
-    """Differentiable states ``(B, T+1, D)``.
-
-    From the caller's own ``outputs`` when given (single-layer modules: the forward is shared with the
-    task loss); else from the module's own forward on the CPU (one layer), else from the step.
-    """
-    dyn, xs, s0 = problem.dyn, problem.xs, problem.s0
-    module = getattr(dyn, "module", None)
-    if outputs is None and (module is None or dyn.num_layers != 1 or dyn.kind != "module" or xs.is_cuda):
-        states = dyn.run(s0, xs)
-    else:
-        out = _check_outputs(problem, outputs) if outputs is not None else None
-        ((h0, c0),) = dyn.split(s0)
-        if out is None:
-            assert module is not None
-            x_in = xs if module.batch_first else xs.transpose(0, 1)
-            hx = (h0.unsqueeze(0), c0.unsqueeze(0)) if c0 is not None else h0.unsqueeze(0)
-            out, _ = module(x_in, hx)
-            out = out if module.batch_first else out.transpose(0, 1)
-        hs = torch.cat([h0.unsqueeze(1), out], 1)
-        if c0 is None:
-            states = hs
-        else:  # c is not returned by nn.LSTM: rebuild it from parallel gates and an elementwise scan
-            p = dyn.layers[0]
-            gates = nn.functional.linear(xs, p.w_ih, p.b_ih) + nn.functional.linear(hs[:, :-1], p.w_hh, p.b_hh)
-            i, f, g, _ = gates.chunk(4, -1)
-            ig = (torch.sigmoid(i) * torch.tanh(g)).unbind(1)  # unbind: one backward op, not T selects
-            fs = torch.sigmoid(f).unbind(1)
-            cs, c = [c0], c0
-            for f_t, ig_t in zip(fs, ig, strict=True):
-                c = f_t * c + ig_t
-                cs.append(c)
-            states = torch.cat([hs, torch.stack(cs, 1)], -1)
+    """Differentiable states ``(B, T+1, D)``, checked finite (``System.sequence_states``: from the caller's own
+    ``outputs`` of a single-layer module, or that module's own forward on the CPU, else the step)."""
+    states = problem.dyn.sequence_states(problem.s0, problem.xs, outputs, unbatched=problem.unbatched)
     check_states_finite(states.detach())
     return states
 
@@ -297,30 +246,24 @@ def lyapunov_penalty(
         raise ValueError(f"target must be a finite number; got {target!r}")
     _warn_no_grad(problem.dyn, inputs)
     states = _states(problem, outputs)
-    steps, b = problem.steps, problem.batch
-    n_lin = steps - warmup
-    per_step = _linearize(problem, states, torch.arange(warmup, steps)).unbind(n_lin)
-    q0, _ = qr_positive(torch.randn(d, k, generator=generator, dtype=torch.float64))
-    q = q0.to(dtype=states.dtype, device=states.device).expand(b, d, k)
-    log_sum = torch.zeros(b, k, dtype=states.dtype, device=states.device)
-    qr_at, start = qr_schedule(steps, warmup, tangent_warmup, reortho_every), warmup + tangent_warmup
+    steps, b, state = problem.steps, problem.batch, problem.state
+    per_step = _linearize(problem, states, torch.arange(warmup, steps)).unbind(steps - warmup)
+    q0 = initial_basis(d, k, generator, states.dtype, states.device, b)
+    acc = LyapunovQR(
+        q0, steps, warmup=warmup, tangent_warmup=tangent_warmup, reortho_every=reortho_every, differentiable=True
+    )
     finite, qr_steps = [], []  # checked after the loop: no host round-trip per step
-    for j in range(n_lin):
+    for j, lin_t in enumerate(per_step):
         t = warmup + j + 1
-        q = per_step[j].apply(q, problem.state)
-        if t in qr_at:
-            q, r = qr_positive(q)
-            if t > start:
-                log_r = torch.log(r)
-                log_sum = log_sum + log_r
-                finite.append(torch.isfinite(log_r.detach()).all())
-                qr_steps.append(t)
+        flag = acc.step(t, lambda v, lin_t=lin_t: lin_t.apply(v, state))
+        if flag is not None:
+            finite.append(flag)
+            qr_steps.append(t)
     if finite:
         ok = torch.stack(finite)
         if not bool(ok.all()):
             raise NonFiniteError(f"the Lyapunov penalty is NaN/Inf at step t={qr_steps[int((~ok).nonzero()[0, 0])]}")
-    lam = log_sum / (steps - start)
-    return (lam - target).pow(2).mean()
+    return (acc.result().exponents - target).pow(2).mean()
 
 
 class JacobianPenalty(nn.Module):

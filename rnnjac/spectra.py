@@ -33,161 +33,73 @@ Time is processed in chunks: one batched linearisation per chunk, then the seque
 updates use the factored ``J Q`` (one shared GEMM per weight matrix).
 Memory is O(B T D) for per-step spectra and constant in T for exponents alone. ``progress=True``
 advances a bar after every step of the sequential loop (or every chunk when there is none).
+
+The numbers come from the tensor kernels of :mod:`rnnjac._kernels` (:func:`~rnnjac._kernels.spectra_tensors`);
+this module checks the arguments, draws the progress bar and labels the result. The analysis options travel as
+one :class:`rnnjac._options.SpectraOptions`, stored whole in the ``options_json`` attribute.
 """
 
 from __future__ import annotations
 
-import math
 import sys
-from collections.abc import Callable
+from dataclasses import fields, replace
 
 import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from ._checks import NonFiniteError, check_lyapunov_options, prepare
-from ._linalg import EndToEnd, collapse_floor, kaplan_yorke, qr_positive, qr_schedule, svdvals
+from ._checks import prepare
+from ._kernels import spectra_tensors
+from ._options import SpectraOptions
 from .datasets import build_dataset
-from .jacobians import time_chunk_for
 
 __all__ = ["spectra", "lyapunov_spectrum"]
 
 
-def _first_bad(ok: torch.Tensor, t0: int) -> int | None:
-    bad = torch.nonzero(~ok)
-    return None if len(bad) == 0 else t0 + int(bad[0, 0]) + 1
-
-
-def _compute(
-    problem,
-    *,
-    singular_values: bool,
-    eigenvalues: bool,
-    lyapunov: bool,
-    k: int | None,
-    warmup: int,
-    tangent_warmup: int,
-    reortho_every: int,
-    end_to_end: bool,
-    keep_states: bool,
-    local_lyapunov: bool,
-    generator,
-    advance: Callable[[int], None] | None,
-    time_chunk: int | None,
-) -> dict:
-    """The spectra as tensors; ``advance(n)``, when given, is called after every n steps done (progress)."""
-    dyn, state, xs = problem.dyn, problem.state, problem.xs
-    b, steps, d = problem.batch, problem.steps, dyn.size(state)
-    dtype, device = xs.dtype, xs.device
-    k = d if k is None else k
-    out: dict[str, torch.Tensor] = {}
-    per_step = singular_values or eigenvalues
-    # J Q with the shared weights wins for narrow tangent blocks; for wide ones (k > D/16, and the
-    # end-to-end product) materialising J_t and one bmm is faster (analyses/benchmark_spectra.py)
-    structured = (not end_to_end) and problem.method == "analytic" and dyn.custom is None and k * 16 <= d
-    materialise = per_step or ((lyapunov or end_to_end) and not structured)
-    n_chunk = time_chunk or (time_chunk_for(b, d, steps, 2**24) if materialise else min(steps, 256))
-    stepwise = lyapunov or end_to_end  # a sequential per-step loop reports each step
-    if advance is not None and not stepwise and time_chunk is None:
-        n_chunk = min(n_chunk, max(1, math.ceil(steps / 100)))  # per-step spectra only: report every ~1%
-    if singular_values:
-        out["singular_values"] = torch.empty(b, steps, d, dtype=dtype, device=device)
-    if eigenvalues:
-        out["eigenvalues_real"] = torch.empty(b, steps, d, dtype=dtype, device=device)
-        out["eigenvalues_imag"] = torch.empty(b, steps, d, dtype=dtype, device=device)
-        out["spectral_radius"] = torch.empty(b, steps, dtype=dtype, device=device)
-    if keep_states:
-        out["states"] = torch.empty(b, steps, d, dtype=dtype, device=device)
-        h_idx = dyn.h_index(device)
-    if lyapunov:
-        # one basis for every sample, so that a sample's result does not depend on its batch
-        q0, _ = qr_positive(torch.randn(d, k, generator=generator, dtype=torch.float64))
-        q = q0.to(dtype=dtype, device=device).expand(b, d, k).contiguous()
-        log_sum = torch.zeros(b, k, dtype=dtype, device=device)
-        collapsed = torch.ones(b, k, dtype=torch.bool, device=device)  # at the floor at every counted QR
-        if local_lyapunov:
-            out["local_lyapunov"] = torch.full((b, steps, k), float("nan"), dtype=dtype, device=device)
-        qr_at, start_count = qr_schedule(steps, warmup, tangent_warmup, reortho_every), warmup + tangent_warmup
-    if end_to_end:
-        e2e = EndToEnd(b, d, dtype, device)
-        out["end_to_end_log_singular_values"] = torch.empty(b, steps, d, dtype=dtype, device=device)
-    s = problem.s0
-    for t0 in range(0, steps, n_chunk):
-        t1 = min(steps, t0 + n_chunk)
-        n = t1 - t0
-        chunk = dyn.run(s, xs[:, t0:t1])
-        ok = torch.isfinite(chunk[:, 1:]).flatten(2).all(-1).all(0)
-        s = chunk[:, -1]
-        if keep_states:
-            out["states"][:, t0:t1] = chunk[:, 1:] if state == "full" else chunk[:, 1:].index_select(-1, h_idx)
-        lin = dyn.linearize(chunk[:, :-1].reshape(b * n, -1), xs[:, t0:t1].reshape(b * n, -1), problem.method)
-        if materialise:
-            jac = lin.materialize(state)
-            # one reading pass: a NaN/Inf entry makes its matrix's sum non-finite
-            ok &= torch.isfinite(jac.sum((-2, -1))).reshape(b, n).all(0)
-            bad = _first_bad(ok, t0)
-            if bad is not None:
-                raise NonFiniteError(f"the state or Jacobian J_t is NaN/Inf at step t={bad}")
-        if per_step:
-            if singular_values:
-                out["singular_values"][:, t0:t1] = svdvals(jac).reshape(b, n, d)
-            if eigenvalues:
-                ev = torch.linalg.eigvals(jac)
-                order = torch.argsort(ev.abs(), dim=-1, descending=True)
-                ev = torch.gather(ev, -1, order).reshape(b, n, d)
-                out["eigenvalues_real"][:, t0:t1] = ev.real
-                out["eigenvalues_imag"][:, t0:t1] = ev.imag
-                out["spectral_radius"][:, t0:t1] = ev[..., 0].abs()
-        if lyapunov or end_to_end:
-            step_lins = lin.unbind(n) if structured else None
-            jac_steps = jac.reshape(b, n, d, d) if materialise else None
-            for j in range(n):
-                t = t0 + j + 1
-                if step_lins is not None:
-                    apply = lambda v, lin_t=step_lins[j]: lin_t.apply(v, state)  # noqa: E731
-                else:
-                    assert jac_steps is not None
-                    apply = lambda v, jt=jac_steps[:, j]: torch.bmm(jt, v)  # noqa: E731
-                if lyapunov and t > warmup:
-                    q = apply(q)
-                    if t in qr_at:
-                        counted = t > start_count
-                        if counted:
-                            floor = collapse_floor(torch.linalg.vector_norm(q, dim=(-2, -1)), d, qr_at[t])
-                        q, r = qr_positive(q)
-                        ok[j] &= torch.isfinite(r).all()  # a NaN/Inf in J_t Q reaches diag(R)
-                        if counted:
-                            log_r = torch.log(r)
-                            collapsed &= log_r <= floor
-                            log_r = torch.where(r > 0, log_r, floor)  # an exact zero at one step counts as the floor
-                            log_sum += log_r
-                            if local_lyapunov:
-                                out["local_lyapunov"][:, t - 1] = log_r / qr_at[t]
-                if end_to_end:
-                    e2e.update(apply(e2e.q))
-                    out["end_to_end_log_singular_values"][:, t - 1] = e2e.log_singular_values()
-                if advance is not None:
-                    advance(1)
-        bad = _first_bad(ok, t0)
-        if bad is not None:
-            raise NonFiniteError(f"the state or tangent J_t Q is NaN/Inf at step t={bad}")
-        if advance is not None and not stepwise:
-            advance(n)
-    if lyapunov:
-        lam = log_sum / (steps - warmup - tangent_warmup)
-        lam = torch.where(collapsed, float("-inf"), lam)
-        order = torch.argsort(lam, dim=-1, descending=True)
-        out["lyapunov_exponents"] = torch.gather(lam, -1, order)
-        if local_lyapunov:
-            out["local_lyapunov"] = torch.gather(out["local_lyapunov"], -1, order.unsqueeze(1).expand(-1, steps, -1))
-        out["kaplan_yorke_dimension"] = kaplan_yorke(out["lyapunov_exponents"])
-        out["ks_entropy"] = out["lyapunov_exponents"].clamp(min=0).sum(-1)
-    return out
-
-
 def progress_bar(total: int, enabled: bool) -> tqdm:
-    """The tqdm bar on stderr behind ``progress=True``; its ``update`` is the ``advance(n)`` callback."""
+    """The tqdm bar on stderr behind ``progress=True``; its ``update`` is the kernels' ``on_steps(n)`` callback."""
     return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="step", desc="spectra", leave=False)
+
+
+_CONFIG_KEYS = (
+    "singular_values",
+    "eigenvalues",
+    "lyapunov",
+    "k",
+    "warmup",
+    "tangent_warmup",
+    "reortho_every",
+    "end_to_end",
+    "keep_states",
+    "local_lyapunov",
+)
+_DEFAULTS = {f.name: f.default for f in fields(SpectraOptions)}
+
+
+def _unchanged(value, default) -> bool:
+    return value is default or (type(value) is type(default) and value == default)
+
+
+def _resolve_options(options, generator, keywords: dict) -> tuple[SpectraOptions, torch.Generator | None]:
+    """The :class:`SpectraOptions` of a call and the generator of its tangent basis.
+
+    Without ``options`` they are built from the analysis ``keywords`` (``seed``: the generator's initial seed, or
+    None for torch's global random state). With ``options``, every keyword must keep its default (else
+    ``TypeError``); a ``generator`` given as well replaces ``options.seed``.
+    """
+    if options is None:
+        seed = None if generator is None else int(generator.initial_seed())
+        return SpectraOptions(**keywords, seed=seed), generator
+    if not isinstance(options, SpectraOptions):
+        raise TypeError(f"options must be a SpectraOptions (or None); got {type(options).__name__}")
+    changed = [f"{name}={value!r}" for name, value in keywords.items() if not _unchanged(value, _DEFAULTS[name])]
+    if changed:
+        raise TypeError(
+            f"pass the analysis either as options= or as keywords, not both; got options= and {', '.join(changed)}"
+        )
+    if generator is not None:
+        return replace(options, seed=int(generator.initial_seed())), generator
+    return options, options.generator()
 
 
 def spectra(
@@ -195,6 +107,7 @@ def spectra(
     inputs,
     h0=None,
     *,
+    options: SpectraOptions | None = None,
     state: str = "full",
     singular_values: bool = True,
     eigenvalues: bool = False,
@@ -221,6 +134,10 @@ def spectra(
     ----------
     model, inputs, h0, state, method, batch_first
         As in :func:`rnnjac.jacobians`.
+    options : SpectraOptions, optional
+        The whole analysis as one value (``rnnjac.pipeline.SpectraOptions``), instead of the keywords below:
+        then ``state`` ... ``time_chunk`` must keep their defaults, and ``options.seed`` seeds the tangent
+        basis unless ``generator`` is given.
     singular_values, eigenvalues : bool
         Per-step singular values of ``J_t`` (descending) / eigenvalues (by modulus, descending) and
         the spectral radius.
@@ -251,7 +168,7 @@ def spectra(
     -------
     xarray.Dataset
         The variables computed, on dims ``batch``, ``time`` (1..T), ``sv_index``, ``eig_index``,
-        ``le_index``, ``unit``.
+        ``le_index``, ``unit``; the options in the ``options_json`` attribute.
 
     Examples
     --------
@@ -261,64 +178,52 @@ def spectra(
     ...                     generator=torch.Generator().manual_seed(0))
     >>> ds.lyapunov_exponents.shape, ds.singular_values.dims
     ((4, 3), ('batch', 'time', 'sv_index'))
+    >>> from rnnjac.pipeline import SpectraOptions
+    >>> ds = rnnjac.spectra(gru, torch.randn(4, 50, 3), options=SpectraOptions(k=3, seed=0))
+    >>> SpectraOptions.from_json(ds.attrs["options_json"]).k
+    3
     """
-    problem = prepare(
-        model, inputs, h0, state=state, method=method, batch_first=batch_first, dtype=dtype, device=device
+    keywords = dict(
+        state=state,
+        singular_values=singular_values,
+        eigenvalues=eigenvalues,
+        lyapunov=lyapunov,
+        k=k,
+        warmup=warmup,
+        tangent_warmup=tangent_warmup,
+        reortho_every=reortho_every,
+        end_to_end=end_to_end,
+        keep_states=keep_states,
+        local_lyapunov=local_lyapunov,
+        method=method,
+        dtype=dtype,
+        device=device,
+        time_chunk=time_chunk,
     )
-    check_lyapunov_options(problem, k, warmup, tangent_warmup, reortho_every, lyapunov=lyapunov)
-    for name, flag in (
-        ("singular_values", singular_values),
-        ("eigenvalues", eigenvalues),
-        ("lyapunov", lyapunov),
-        ("end_to_end", end_to_end),
-        ("keep_states", keep_states),
-    ):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be True or False; got {flag!r}")
-    if not (singular_values or eigenvalues or lyapunov or end_to_end or keep_states):
-        raise ValueError("nothing to compute: every output (singular_values, eigenvalues, lyapunov, ...) is off")
-    if local_lyapunov and not lyapunov:
-        raise ValueError("local_lyapunov=True needs lyapunov=True")
-    seed = int(generator.initial_seed()) if generator is not None else -1
-    config = {
-        "singular_values": singular_values,
-        "eigenvalues": eigenvalues,
-        "lyapunov": lyapunov,
-        "k": k,
-        "warmup": warmup,
-        "tangent_warmup": tangent_warmup,
-        "reortho_every": reortho_every,
-        "end_to_end": end_to_end,
-        "keep_states": keep_states,
-        "local_lyapunov": local_lyapunov,
-        "batch": problem.batch,
-        "steps": problem.steps,
-    }
-    bar = progress_bar(problem.steps, progress)
-    with torch.no_grad(), bar:
-        values = _compute(
-            problem,
-            singular_values=singular_values,
-            eigenvalues=eigenvalues,
-            lyapunov=lyapunov,
-            k=k,
-            warmup=warmup,
-            tangent_warmup=tangent_warmup,
-            reortho_every=reortho_every,
-            end_to_end=end_to_end,
-            keep_states=keep_states,
-            local_lyapunov=local_lyapunov,
-            generator=generator,
-            advance=bar.update if progress else None,
-            time_chunk=time_chunk,
-        )
+    options, generator = _resolve_options(options, generator, keywords)
+    problem = prepare(
+        model,
+        inputs,
+        h0,
+        state=options.state,
+        method=options.method,
+        batch_first=batch_first,
+        dtype=options.torch_dtype,
+        device=options.device,
+    )
+    options.check(problem)
+    with progress_bar(problem.steps, progress) as bar:
+        values = spectra_tensors(problem, options, generator=generator, on_steps=bar.update if progress else None)
+    config = {name: getattr(options, name) for name in _CONFIG_KEYS}
+    config.update(batch=problem.batch, steps=problem.steps)
     extra = {
-        "warmup": warmup,
-        "tangent_warmup": tangent_warmup,
-        "reortho_every": reortho_every,
-        "seed": seed,
-        "k": k or problem.dyn.size(problem.state),
+        "warmup": options.warmup,
+        "tangent_warmup": options.tangent_warmup,
+        "reortho_every": options.reortho_every,
+        "seed": int(generator.initial_seed()) if generator is not None else -1,
+        "k": options.k or problem.dyn.size(problem.state),
         "lyapunov_units": "nats/step",
+        "options_json": options.to_json(),
     }
     extra.update(attrs or {})
     return build_dataset(
@@ -338,6 +243,7 @@ def lyapunov_spectrum(
     inputs,
     h0=None,
     *,
+    options: SpectraOptions | None = None,
     k: int | None = None,
     warmup: int = 0,
     tangent_warmup: int = 0,
@@ -354,7 +260,8 @@ def lyapunov_spectrum(
 ) -> xr.Dataset:
     """Lyapunov exponents alone (memory constant in T), with Kaplan-Yorke dimension and entropy.
 
-    Same options as :func:`spectra`. ``ks_entropy`` is the sum of the positive exponents (Pesin's
+    Same options as :func:`spectra`; with ``options=`` its outputs are set to the exponents alone
+    (``local_lyapunov`` as given). ``ks_entropy`` is the sum of the positive exponents (Pesin's
     bound on the Kolmogorov-Sinai entropy), ``kaplan_yorke_dimension`` the Lyapunov dimension.
 
     Examples
@@ -365,23 +272,32 @@ def lyapunov_spectrum(
     >>> ds.lyapunov_exponents.attrs["units"]
     'nats/step'
     """
-    return spectra(
-        model,
-        inputs,
-        h0,
-        state=state,
-        singular_values=False,
-        lyapunov=True,
+    keywords = dict(
         k=k,
         warmup=warmup,
         tangent_warmup=tangent_warmup,
         reortho_every=reortho_every,
         local_lyapunov=local_lyapunov,
+        state=state,
         method=method,
-        batch_first=batch_first,
-        generator=generator,
         dtype=dtype,
         device=device,
+    )
+    if options is not None:
+        options, generator = _resolve_options(options, generator, keywords)
+        alone = dict(singular_values=False, eigenvalues=False, end_to_end=False, keep_states=False, lyapunov=True)
+        options = replace(options, **alone)
+        keywords = {}
+    else:
+        keywords.update(singular_values=False, lyapunov=True)
+    return spectra(
+        model,
+        inputs,
+        h0,
+        options=options,
+        batch_first=batch_first,
+        generator=generator,
         progress=progress,
         attrs=attrs,
+        **keywords,
     )

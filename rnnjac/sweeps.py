@@ -52,8 +52,11 @@ log = logging.getLogger(__name__)
 
 
 def _config_key(inputs: InputSpec, options: SpectraOptions, load_kwargs: dict) -> str:
+    """The sweep's configuration: inputs, the options' own JSON (:meth:`SpectraOptions.to_json`), load keywords."""
     return json.dumps(
-        {"inputs": asdict(inputs), "options": asdict(options), "load": load_kwargs}, sort_keys=True, default=str
+        {"inputs": asdict(inputs), "options": json.loads(options.to_json()), "load": load_kwargs},
+        sort_keys=True,
+        default=str,
     )
 
 
@@ -155,7 +158,9 @@ def analyze_checkpoints(
     >>> ds.lyapunov_exponents.sel(le_index=0).plot(x="training_step")  # doctest: +SKIP
     """
     inputs = inputs or InputSpec()
-    options = options or SpectraOptions()
+    options = SpectraOptions() if options is None else options
+    if not isinstance(options, SpectraOptions):
+        raise TypeError(f"options must be a SpectraOptions (or None); got {type(options).__name__}")
     load_kwargs = dict(load_kwargs or {})
     paths = [str(p) for p in paths]
     if not paths:

@@ -25,15 +25,10 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from ._checks import (
-    NonFiniteError,
-    RnnjacWarning,
-    check_positive_int,
-    prepare,
-)
+from ._checks import RnnjacWarning, check_positive_int, prepare
+from ._fd import compare_jacobians, fd_columns
 from .datasets import build_dataset
-from .dynamics import grad_region, normal
-from .jacobians import run_states, time_chunk_for
+from .jacobians import run_states
 
 __all__ = ["finite_difference_jacobians", "verify"]
 
@@ -49,52 +44,11 @@ def _check_eps(eps):
     return float(eps)
 
 
-def _restricted(dyn, state: str, s: Tensor):
-    """``(base, step)``: the coordinates of ``s (N, D)`` that the chosen state perturbs, and the map
-    ``step(z, x, s_ref)`` from them to the same coordinates of the next state (``"h"``: c held at its
-    recorded value ``s_ref``; ``s_ref`` is ignored for the full state)."""
-    if state == "full" or dyn.custom is not None:
-        return s, lambda z, x, s_ref=None: dyn.step(z, x)
-    idx = dyn.h_index(s.device)
-
-    def step(z, x, s_ref):
-        return dyn.step(dyn.with_h(z, s_ref), x).index_select(-1, idx)
-
-    return s.index_select(-1, idx), step
-
-
-def _fd_columns(dyn, state, s: Tensor, x: Tensor, directions: Tensor, eps: float) -> Tensor:
-    """Central differences along ``directions (N, D_sub, k)`` at ``s (N, D)``: returns ``(N, D_sub, k)``."""
-    n, k = s.shape[0], directions.shape[-1]
-    base, step_fn = _restricted(dyn, state, s)
-    restricted = base is not s
-    scale = eps * torch.clamp(base.abs(), min=1.0)  # (N, D_sub)
-    d_sub = base.shape[-1]
-    max_cols = max(1, (2**24) // max(1, n * d_sub))
-    out = []
-    for c0 in range(0, k, max_cols):
-        v = directions[..., c0 : c0 + max_cols]  # (N, D_sub, c)
-        c = v.shape[-1]
-        # step length per direction: eps * max(1, |s|) along the direction's largest component
-        h = (scale.unsqueeze(-1) * v.abs()).amax(1, keepdim=True) / v.abs().amax(1, keepdim=True)
-        plus = base.unsqueeze(-1) + h * v
-        minus = base.unsqueeze(-1) - h * v
-        denom = ((plus - minus) * v).sum(1, keepdim=True) / (v * v).sum(1, keepdim=True)
-
-        def flat(t, c=c):
-            return t.transpose(1, 2).reshape(n * c, d_sub)
-
-        xx = x.repeat_interleave(c, 0)
-        sref = s.repeat_interleave(c, 0) if restricted else None
-        fp, fm = step_fn(flat(plus), xx, sref), step_fn(flat(minus), xx, sref)
-        diff = (fp - fm).reshape(n, c, -1).transpose(1, 2)
-        out.append(diff / denom)
-    return torch.cat(out, -1)
-
-
 def _reference_dynamics(problem):
+    """The system the finite differences run on, and its dtype: a float64 copy, or the model itself where it
+    cannot be converted (a custom step, in the inputs' dtype)."""
     dyn = problem.dyn
-    if dyn.custom is not None:
+    if not dyn.convertible:
         return dyn, problem.xs.dtype
     return dyn.to(dtype=torch.float64), torch.float64
 
@@ -134,7 +88,7 @@ def finite_difference_jacobians(
     x = problem.xs.reshape(b * t, -1).to(dtype)
     d = problem.dyn.size(problem.state)
     eye = torch.eye(d, dtype=dtype, device=s.device).expand(b * t, d, d)
-    j = _fd_columns(ref, problem.state, s, x, eye, eps).reshape(b, t, d, d)
+    j = fd_columns(ref, problem.state, s, x, eye, eps).reshape(b, t, d, d)
     return j[0] if problem.unbatched else j
 
 
@@ -205,62 +159,20 @@ def verify(
     if problem.xs.dtype != torch.float64:
         rtol, atol = max(rtol, FLOAT32_RTOL), max(atol, FLOAT32_ATOL)
         warnings.warn(
-            f"verifying {problem.xs.dtype} Jacobians against float64 finite differences: tolerances "
-            f"widened to rtol={rtol:g}, atol={atol:g}; use a float64 model for a tight check",
+            f"verifying {problem.xs.dtype} Jacobians against float64 finite differences: "
+            f"tolerances widened (rtol {rtol:g}, atol {atol:g}); use a float64 model for a tight check",
             RnnjacWarning,
             stacklevel=2,
         )
     with torch.no_grad():
         states = run_states(problem)
         ref, ref_dtype = _reference_dynamics(problem)
-        b, steps, d = problem.batch, problem.steps, dyn.size(problem.state)
-        mode = "full" if directions is None else "directional"
-        width = d if directions is None else 2 * directions
-        n_t = time_chunk_for(b, max(d, width), steps, 2**22)
-        abs_err = torch.empty(b, steps, dtype=torch.float64)
-        rel_err = torch.empty(b, steps, dtype=torch.float64)
-        worst: tuple[float, tuple[int, int, int, int, bool] | None] = (-1.0, None)
-        for t0 in range(0, steps, n_t):
-            t1 = min(steps, t0 + n_t)
-            n = b * (t1 - t0)
-            s = states[:, t0:t1].reshape(n, -1)
-            x = problem.xs[:, t0:t1].reshape(n, -1)
-            lin = dyn.linearize(s, x, problem.method)
-            s64, x64 = s.to(ref_dtype), x.to(ref_dtype)
-            if directions is None:
-                got = lin.materialize(problem.state)
-                if not bool(torch.isfinite(got).all()):
-                    bad = int(torch.nonzero(~torch.isfinite(got.reshape(b, t1 - t0, -1)).any(-1).any(0))[0, 0])
-                    raise NonFiniteError(f"the Jacobian under test is NaN/Inf at step t={t0 + bad + 1}")
-                eye = torch.eye(d, dtype=ref_dtype, device=s.device).expand(n, d, d)
-                want = _fd_columns(ref, problem.state, s64, x64, eye, eps)
-                got = got.to(ref_dtype)
-                cols_are_units = True
-            else:
-                v = torch.randn(n, d, directions, generator=generator, dtype=ref_dtype).to(s.device)
-                u = torch.randn(n, d, directions, generator=generator, dtype=ref_dtype).to(s.device)
-                v, u = v / v.norm(dim=1, keepdim=True), u / u.norm(dim=1, keepdim=True)
-                jv = lin.apply(v.to(s.dtype), problem.state).to(ref_dtype)
-                jv_fd = _fd_columns(ref, problem.state, s64, x64, v, eps)
-                utj = lin.apply_transpose(u.to(s.dtype), problem.state).to(ref_dtype)
-                utj_ref = _reverse_mode(ref, problem.state, s64, x64, u)
-                got, want = torch.cat([jv, utj], -1), torch.cat([jv_fd, utj_ref], -1)
-                cols_are_units = False
-            diff = (got - want).abs()
-            excess = diff / (atol + rtol * want.abs())
-            abs_err[:, t0:t1] = diff.amax((-2, -1)).reshape(b, t1 - t0).cpu()
-            scale = want.abs().amax((-2, -1)).clamp_min(torch.finfo(ref_dtype).tiny)
-            rel_err[:, t0:t1] = (diff.amax((-2, -1)) / scale).reshape(b, t1 - t0).cpu()
-            top = float(excess.max())
-            if top > worst[0]:
-                flat = int(excess.reshape(-1).argmax())
-                i_n, rem = divmod(flat, excess.shape[-2] * excess.shape[-1])
-                row, col = divmod(rem, excess.shape[-1])
-                worst = (top, (i_n // (t1 - t0), t0 + i_n % (t1 - t0) + 1, row, col, cols_are_units))
-    passed = worst[0] <= 1.0
-    assert worst[1] is not None
-    wb, wt, wr, wc, cols_are_units = worst[1]
-    if cols_are_units:
+    result = compare_jacobians(
+        problem, states, ref, ref_dtype, eps=eps, rtol=rtol, atol=atol, directions=directions, generator=generator
+    )
+    passed = result.worst_ratio <= 1.0
+    wb, wt, wr, wc = result.worst
+    if result.columns_are_units:
         block = f"row {_describe_unit(dyn, problem.state, wr)}, column {_describe_unit(dyn, problem.state, wc)}"
     elif wc < (directions or 0):
         block = f"row {_describe_unit(dyn, problem.state, wr)} of J v (direction {wc})"
@@ -271,7 +183,7 @@ def verify(
         "rtol": float(rtol),
         "atol": float(atol),
         "eps": float(eps),
-        "mode": mode,
+        "mode": "full" if directions is None else "directional",
         "directions": int(directions or 0),
         "fd_dtype": str(ref_dtype).replace("torch.", ""),
         "worst_batch": int(wb),
@@ -279,10 +191,10 @@ def verify(
         "worst_row": int(wr),
         "worst_col": int(wc),
         "worst_block": block,
-        "worst_tolerance_ratio": float(worst[0]),
+        "worst_tolerance_ratio": float(result.worst_ratio),
     }
     return build_dataset(
-        {"fd_max_abs_error": abs_err, "fd_max_rel_error": rel_err},
+        {"fd_max_abs_error": result.abs_error, "fd_max_rel_error": result.rel_error},
         dyn=dyn,
         state=problem.state,
         method=problem.method,
@@ -291,13 +203,3 @@ def verify(
         config={"eps": eps, "rtol": rtol, "atol": atol, "directions": directions},
         attrs=attrs,
     )
-
-
-def _reverse_mode(ref, state: str, s: Tensor, x: Tensor, u: Tensor) -> Tensor:
-    """``J^T u`` by reverse-mode autograd of the (float64) step, for each of the k columns of u."""
-    with grad_region():  # also under the caller's no_grad / inference_mode
-        s, x, u = normal(s), normal(x), normal(u)
-        base, step = _restricted(ref.for_autograd(), state, s)
-        vjp = torch.func.vjp(lambda z: step(z, x, s), base)[1]
-        cols = [vjp(u[..., i])[0].detach() for i in range(u.shape[-1])]
-    return torch.stack(cols, -1)

@@ -1,0 +1,384 @@
+r"""The tensor core under the labelled layer: the model protocol and tensors in, tensors (or small named tuples) out.
+
+No xarray, no files, no progress bars: progress is a callback ``on_steps(n)`` (called after every ``n`` steps
+done) that the labelled layer passes in. :mod:`rnnjac.spectra`, :mod:`rnnjac.verify` and
+:mod:`rnnjac.regularizers` turn these results into Datasets or losses. Internal (not a public API).
+
+- :func:`initial_basis`, :class:`LyapunovQR`, :class:`LyapunovResult`: the one Lyapunov QR pass (Benettin et al.
+  1980), ``Q_t R_t = qr(J_t Q_{t-1})`` on the schedule of :func:`rnnjac._linalg.qr_schedule`, in place and fast
+  (the spectra) or differentiable (the Lyapunov penalty);
+- :func:`linearization_stream` (:class:`Chunk`): the trajectory run and linearised one time chunk at a time;
+- :func:`step_spectra`: per-step singular values and eigenvalues of materialised ``J_t``;
+- :func:`spectra_tensors`: every spectra variable of one :class:`rnnjac._options.SpectraOptions` as tensors;
+- the finite-difference check of :func:`rnnjac.verify` is the kernel :func:`rnnjac._fd.compare_jacobians`.
+
+The rules for ``-inf`` exponents and for the end-to-end product are those of :mod:`rnnjac._linalg`
+(:func:`~rnnjac._linalg.collapse_floor`, :class:`~rnnjac._linalg.EndToEnd`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._checks import NonFiniteError, Problem
+from ._linalg import EndToEnd, collapse_floor, kaplan_yorke, qr_positive, qr_schedule, svdvals
+from .dynamics import Linearization
+from .jacobians import time_chunk_for
+
+__all__ = [
+    "Chunk",
+    "LyapunovQR",
+    "LyapunovResult",
+    "initial_basis",
+    "linearization_stream",
+    "spectra_tensors",
+    "step_spectra",
+]
+
+OnSteps = Callable[[int], None]
+Apply = Callable[[Tensor], Tensor]
+
+
+# ----------------------------------------------------------------------------- Lyapunov exponents
+def initial_basis(d: int, k: int, generator=None, dtype=torch.float64, device=None, batch: int = 1) -> Tensor:
+    """A random orthonormal ``(d, k)`` basis, drawn in float64 on the CPU from ``generator`` (torch's global random
+    state when None) and shared by every sample (a sample's result does not depend on its batch): ``(batch, d, k)``.
+
+    Examples
+    --------
+    >>> q = initial_basis(5, 2, torch.Generator().manual_seed(0), batch=3)
+    >>> q.shape, bool(torch.allclose(q[0].T @ q[0], torch.eye(2, dtype=torch.float64)))
+    (torch.Size([3, 5, 2]), True)
+    """
+    q0, _ = qr_positive(torch.randn(d, k, generator=generator, dtype=torch.float64))
+    return q0.to(dtype=dtype, device=device).expand(batch, d, k).contiguous()
+
+
+class LyapunovResult(NamedTuple):
+    """What :meth:`LyapunovQR.result` returns."""
+
+    exponents: Tensor
+    """``(B, k)``, descending, in nats per step (``-inf``: a collapsed direction, in-place mode only)."""
+    local: Tensor | None
+    """``(B, T, k)`` local exponents ``log R_ii / m`` at each counted QR step, NaN elsewhere, in the order of
+    ``exponents``; None unless asked for."""
+    counted_steps: int
+    """``T - warmup - tangent_warmup``, the divisor of the exponents."""
+    counted_qrs: int
+    """How many QRs were counted."""
+
+
+class LyapunovQR:
+    """The Lyapunov QR pass over a stream of linearisations: call :meth:`step` for t = 1..T, then :meth:`result`.
+
+    Tangents ``Q`` (``q0``, ``(B, D, k)``, e.g. :func:`initial_basis`) evolve as ``Q <- J_t Q`` from step
+    ``warmup + 1``; a QR follows on the schedule of :func:`rnnjac._linalg.qr_schedule`, and its ``log R_ii`` add
+    up from step ``warmup + tangent_warmup + 1`` on.
+
+    ``differentiable=False`` (the spectra): updates in place, no graph; the collapse rule of
+    :func:`rnnjac._linalg.collapse_floor` makes an exponent ``-inf`` when its growth was at or below the floor at
+    every counted QR, and an exact zero growth at one QR counts as the floor. :meth:`step` returns, at each QR, a
+    0-dim bool tensor "diag(R) is finite" (no host sync).
+
+    ``differentiable=True`` (the Lyapunov penalty): out-of-place, so gradients flow through every ``J_t Q`` and QR;
+    plain logs (a zero growth is ``-inf`` and has no gradient). :meth:`step` returns, at each counted QR, a 0-dim
+    bool tensor "log diag(R) is finite".
+
+    Examples
+    --------
+    >>> d = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    >>> acc = LyapunovQR(torch.eye(3, dtype=torch.float64)[None], 50)  # a diagonal J keeps Q = I: exact
+    >>> for t in range(1, 51):
+    ...     _ = acc.step(t, lambda q: d[:, None] * q)
+    >>> acc.result().exponents.exp().round(decimals=12).tolist()
+    [[2.0, 1.0, 0.5]]
+    """
+
+    def __init__(
+        self,
+        q0: Tensor,
+        steps: int,
+        *,
+        warmup: int = 0,
+        tangent_warmup: int = 0,
+        reortho_every: int = 1,
+        local: bool = False,
+        differentiable: bool = False,
+    ):
+        b, _, k = q0.shape
+        self.q, self.differentiable, self._steps = q0, differentiable, steps
+        self.warmup, self.start = warmup, warmup + tangent_warmup
+        self.schedule = qr_schedule(steps, warmup, tangent_warmup, reortho_every)
+        self.log_sum = q0.new_zeros(b, k)
+        self.collapsed = torch.ones(b, k, dtype=torch.bool, device=q0.device)  # at the floor at every counted QR
+        self.counted_qrs = 0
+        self.local: Tensor | None = None
+        self._local: list[tuple[int, Tensor]] | None = [] if local and differentiable else None
+        if local and not differentiable:
+            self.local = torch.full((b, steps, k), float("nan"), dtype=q0.dtype, device=q0.device)
+
+    def step(self, t: int, apply: Apply) -> Tensor | None:
+        """Step ``t`` (1-based): ``Q <- apply(Q)`` (``apply(Q) = J_t Q``), then the QR if one is due."""
+        if t <= self.warmup:
+            return None
+        q = apply(self.q)
+        cover = self.schedule.get(t)
+        if cover is None:
+            self.q = q
+            return None
+        if self.differentiable:
+            return self._qr_graph(t, q, cover)
+        return self._qr_in_place(t, q, cover)
+
+    def _qr_in_place(self, t: int, q: Tensor, cover: int) -> Tensor:
+        counted = t > self.start
+        if counted:
+            floor = collapse_floor(torch.linalg.vector_norm(q, dim=(-2, -1)), q.shape[-2], cover)
+        self.q, r = qr_positive(q)
+        finite = torch.isfinite(r).all()  # a NaN/Inf in J_t Q reaches diag(R)
+        if counted:
+            self.counted_qrs += 1
+            log_r = torch.log(r)
+            self.collapsed &= log_r <= floor
+            log_r = torch.where(r > 0, log_r, floor)  # an exact zero at one step counts as the floor
+            self.log_sum += log_r
+            if self.local is not None:
+                self.local[:, t - 1] = log_r / cover
+        return finite
+
+    def _qr_graph(self, t: int, q: Tensor, cover: int) -> Tensor | None:
+        self.q, r = qr_positive(q)
+        if t <= self.start:
+            return None
+        self.counted_qrs += 1
+        log_r = torch.log(r)
+        self.log_sum = self.log_sum + log_r
+        if self._local is not None:
+            self._local.append((t, log_r / cover))
+        return torch.isfinite(log_r.detach()).all()
+
+    def _local_values(self) -> Tensor | None:
+        if self._local is None:
+            return self.local
+        b, k = self.log_sum.shape
+        local = self.log_sum.new_full((b, self._steps, k), float("nan"))
+        if not self._local:
+            return local
+        index = torch.tensor([t - 1 for t, _ in self._local], device=local.device)
+        return local.index_copy(1, index, torch.stack([v for _, v in self._local], 1))
+
+    def result(self) -> LyapunovResult:
+        """The exponents (sorted, descending) and the local exponents in the same order."""
+        counted = self._steps - self.start
+        lam = self.log_sum / counted
+        if not self.differentiable:
+            lam = torch.where(self.collapsed, float("-inf"), lam)
+        order = torch.argsort(lam, dim=-1, descending=True)
+        local = self._local_values()
+        if local is not None:
+            local = torch.gather(local, -1, order.unsqueeze(1).expand(-1, local.shape[1], -1))
+        return LyapunovResult(torch.gather(lam, -1, order), local, counted, self.counted_qrs)
+
+
+# ----------------------------------------------------------------------------- the stream of linearisations
+class Chunk(NamedTuple):
+    """One time chunk of :func:`linearization_stream`: steps ``t0 + 1 .. t0 + n``."""
+
+    t0: int
+    states: Tensor
+    """``(B, n + 1, D)``: ``s_{t0} .. s_{t0 + n}`` (full state)."""
+    lin: Linearization
+    """``J_t`` at the chunk's ``B * n`` points, batch-major (``lin.unbind(n)`` gives the steps)."""
+    finite: Tensor
+    """``(n,)`` bool: every state of the step is finite."""
+
+
+def linearization_stream(problem: Problem, time_chunk: int) -> Iterator[Chunk]:
+    """Run the trajectory ``time_chunk`` steps at a time and linearise each chunk in one batched call.
+
+    Memory is that of one chunk; states are not checked here (``Chunk.finite`` says where they are finite).
+    """
+    dyn, xs, b = problem.dyn, problem.xs, problem.batch
+    s = problem.s0
+    for t0 in range(0, problem.steps, time_chunk):
+        t1 = min(problem.steps, t0 + time_chunk)
+        n = t1 - t0
+        chunk = dyn.run(s, xs[:, t0:t1])
+        finite = torch.isfinite(chunk[:, 1:]).flatten(2).all(-1).all(0)
+        s = chunk[:, -1]
+        lin = dyn.linearize(chunk[:, :-1].reshape(b * n, -1), xs[:, t0:t1].reshape(b * n, -1), problem.method)
+        yield Chunk(t0, chunk, lin, finite)
+
+
+def step_spectra(jac: Tensor, *, singular_values: bool = True, eigenvalues: bool = False) -> dict[str, Tensor]:
+    """Per-matrix spectra of ``jac (N, D, D)``: ``singular_values`` (descending), ``eigenvalues_real`` and
+    ``eigenvalues_imag`` (by modulus, descending), each ``(N, D)``, and ``spectral_radius`` ``(N,)``.
+
+    Examples
+    --------
+    >>> out = step_spectra(torch.diag(torch.tensor([1.0, -3.0]))[None], eigenvalues=True)
+    >>> out["singular_values"].tolist(), out["eigenvalues_real"].tolist(), out["spectral_radius"].tolist()
+    ([[3.0, 1.0]], [[-3.0, 1.0]], [3.0])
+    """
+    out = {}
+    if singular_values:
+        out["singular_values"] = svdvals(jac)
+    if eigenvalues:
+        ev = torch.linalg.eigvals(jac)
+        order = torch.argsort(ev.abs(), dim=-1, descending=True)
+        ev = torch.gather(ev, -1, order)
+        out["eigenvalues_real"] = ev.real
+        out["eigenvalues_imag"] = ev.imag
+        out["spectral_radius"] = ev[..., 0].abs()
+    return out
+
+
+def _raise_first_bad(ok: Tensor, t0: int, what: str) -> None:
+    bad = torch.nonzero(~ok)
+    if len(bad):
+        raise NonFiniteError(f"{what} at step t={t0 + int(bad[0, 0]) + 1}")
+
+
+# ----------------------------------------------------------------------------- spectra
+def spectra_tensors(problem: Problem, options, *, generator=None, on_steps: OnSteps | None = None) -> dict:
+    """Every variable that ``options`` (a :class:`rnnjac._options.SpectraOptions`) asks for, as tensors.
+
+    Checks ``options`` against ``problem`` first (:meth:`SpectraOptions.check`); runs without gradient. Keys are
+    those of :data:`rnnjac.datasets.VARIABLES` (``(B, T, ...)`` per step, ``(B, k)`` exponents); ``generator``
+    seeds the initial tangent basis (``options.seed`` is not read here); ``on_steps(n)`` reports progress
+    after every step of the sequential tangent loop, or every chunk when there is none.
+
+    Examples
+    --------
+    >>> from rnnjac._checks import prepare
+    >>> from rnnjac._options import SpectraOptions
+    >>> problem = prepare(torch.nn.GRU(2, 4, batch_first=True), torch.randn(3, 20, 2))
+    >>> out = spectra_tensors(problem, SpectraOptions(k=2), generator=torch.Generator().manual_seed(0))
+    >>> out["singular_values"].shape, out["lyapunov_exponents"].shape
+    (torch.Size([3, 20, 4]), torch.Size([3, 2]))
+    """
+    options.check(problem)
+    with torch.no_grad():
+        run = _SpectraPass(problem, options, generator, on_steps)
+        for chunk in linearization_stream(problem, run.chunk):
+            run.consume(chunk)
+        return run.finish()
+
+
+class _SpectraPass:
+    """The state of one :func:`spectra_tensors` pass: output buffers, the QR accumulator, the end-to-end product."""
+
+    def __init__(self, problem: Problem, options, generator, on_steps: OnSteps | None):
+        dyn, xs = problem.dyn, problem.xs
+        self.problem, self.options, self.on_steps = problem, options, on_steps
+        self.b, self.steps, self.d = problem.batch, problem.steps, dyn.size(problem.state)
+        k = self.d if options.k is None else options.k
+        self.per_step = options.singular_values or options.eigenvalues
+        self.sequential = options.lyapunov or options.end_to_end  # a sequential per-step loop reports each step
+        # J Q with the shared weights wins for narrow tangent blocks; for wide ones (k > D/16, and the
+        # end-to-end product) materialising J_t and one bmm is faster (analyses/benchmark_spectra.py)
+        self.structured = (not options.end_to_end) and dyn.factored(problem.method) and k * 16 <= self.d
+        self.materialise = self.per_step or (self.sequential and not self.structured)
+        self.chunk = self._chunk_length()
+        self.out: dict[str, Tensor] = {}
+        self.lyap: LyapunovQR | None = None
+        self.e2e: EndToEnd | None = None
+        self._allocate(k, generator, xs.dtype, xs.device)
+
+    def _chunk_length(self) -> int:
+        b, d, steps, time_chunk = self.b, self.d, self.steps, self.options.time_chunk
+        n_chunk = time_chunk or (time_chunk_for(b, d, steps, 2**24) if self.materialise else min(steps, 256))
+        if self.on_steps is not None and not self.sequential and time_chunk is None:
+            n_chunk = min(n_chunk, max(1, math.ceil(steps / 100)))  # per-step spectra only: report every ~1%
+        return n_chunk
+
+    def _allocate(self, k: int, generator, dtype, device) -> None:
+        opts, out, b, steps, d = self.options, self.out, self.b, self.steps, self.d
+
+        def empty(*shape):
+            return torch.empty(*shape, dtype=dtype, device=device)
+
+        if opts.singular_values:
+            out["singular_values"] = empty(b, steps, d)
+        if opts.eigenvalues:
+            out["eigenvalues_real"], out["eigenvalues_imag"] = empty(b, steps, d), empty(b, steps, d)
+            out["spectral_radius"] = empty(b, steps)
+        if opts.keep_states:
+            out["states"] = empty(b, steps, d)
+            self.h_idx = self.problem.dyn.h_index(device)
+        if opts.lyapunov:
+            q0 = initial_basis(d, k, generator, dtype, device, b)
+            self.lyap = LyapunovQR(
+                q0,
+                steps,
+                warmup=opts.warmup,
+                tangent_warmup=opts.tangent_warmup,
+                reortho_every=opts.reortho_every,
+                local=opts.local_lyapunov,
+            )
+            if opts.local_lyapunov:
+                out["local_lyapunov"] = self.lyap.local  # replaced by the sorted values at the end
+        if opts.end_to_end:
+            self.e2e = EndToEnd(b, d, dtype, device)
+            out["end_to_end_log_singular_values"] = empty(b, steps, d)
+
+    def consume(self, chunk: Chunk) -> None:
+        """Fill the outputs for the chunk's steps (raises :class:`NonFiniteError` at the first bad step)."""
+        opts, out, state, b = self.options, self.out, self.problem.state, self.b
+        t0, n, ok = chunk.t0, chunk.states.shape[1] - 1, chunk.finite
+        if opts.keep_states:
+            new = chunk.states[:, 1:]
+            out["states"][:, t0 : t0 + n] = new if state == "full" else new.index_select(-1, self.h_idx)
+        jac = None
+        if self.materialise:
+            jac = chunk.lin.materialize(state)
+            # one reading pass: a NaN/Inf entry makes its matrix's sum non-finite
+            ok &= torch.isfinite(jac.sum((-2, -1))).reshape(b, n).all(0)
+            _raise_first_bad(ok, t0, "the state or Jacobian J_t is NaN/Inf")
+        if self.per_step:
+            assert jac is not None
+            values = step_spectra(jac, singular_values=opts.singular_values, eigenvalues=opts.eigenvalues)
+            for name, v in values.items():
+                out[name][:, t0 : t0 + n] = v.reshape(b, n, *v.shape[1:])
+        if self.sequential:
+            self._tangents(chunk.lin, jac, t0, n, ok)
+        _raise_first_bad(ok, t0, "the state or tangent J_t Q is NaN/Inf")
+        if self.on_steps is not None and not self.sequential:
+            self.on_steps(n)
+
+    def _tangents(self, lin: Linearization, jac: Tensor | None, t0: int, n: int, ok: Tensor) -> None:
+        state, lyap, e2e = self.problem.state, self.lyap, self.e2e
+        step_lins = lin.unbind(n) if self.structured else None
+        jac_steps = jac.reshape(self.b, n, self.d, self.d) if jac is not None else None
+        for j in range(n):
+            t = t0 + j + 1
+            if step_lins is not None:
+                apply = lambda v, lin_t=step_lins[j]: lin_t.apply(v, state)  # noqa: E731
+            else:
+                assert jac_steps is not None
+                apply = lambda v, jt=jac_steps[:, j]: torch.bmm(jt, v)  # noqa: E731
+            if lyap is not None:
+                finite = lyap.step(t, apply)
+                if finite is not None:
+                    ok[j] &= finite
+            if e2e is not None:
+                e2e.update(apply(e2e.q))
+                self.out["end_to_end_log_singular_values"][:, t - 1] = e2e.log_singular_values()
+            if self.on_steps is not None:
+                self.on_steps(1)
+
+    def finish(self) -> dict[str, Tensor]:
+        out = self.out
+        if self.lyap is not None:
+            result = self.lyap.result()
+            out["lyapunov_exponents"] = result.exponents
+            if result.local is not None:
+                out["local_lyapunov"] = result.local
+            out["kaplan_yorke_dimension"] = kaplan_yorke(result.exponents)
+            out["ks_entropy"] = result.exponents.clamp(min=0).sum(-1)
+        return out
