@@ -21,7 +21,7 @@ from _bench import machine, table, write
 from torch import nn
 
 import rnnjac
-from rnnjac.fixed_points import fixed_points
+from rnnjac._fixed_points import fixed_points
 from rnnjac.tasks import flipflop
 
 TOL = 1e-10

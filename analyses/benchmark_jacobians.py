@@ -19,7 +19,7 @@ import torch
 from _bench import machine, table, timeit, write
 
 import rnnjac
-from rnnjac.dynamics import as_dynamics
+from rnnjac._dynamics import as_dynamics
 
 
 def main(argv=None):

@@ -24,8 +24,8 @@ import torch
 from _bench import machine, table, timeit, write
 
 import rnnjac
+from rnnjac._dynamics import as_dynamics
 from rnnjac._linalg import qr_positive
-from rnnjac.dynamics import as_dynamics
 
 
 def gru(hidden, seed=0):

@@ -18,7 +18,7 @@ import torch
 from _bench import machine, table, write
 
 import rnnjac
-from rnnjac.pipeline import InputSpec, SpectraOptions
+from rnnjac._pipeline import InputSpec, SpectraOptions
 
 
 def main(argv=None):

@@ -24,7 +24,7 @@ from _bench import FIGURES, table, write  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 import rnnjac  # noqa: E402
-from rnnjac.fixed_points import fixed_points  # noqa: E402
+from rnnjac._fixed_points import fixed_points  # noqa: E402
 from rnnjac.tasks import flipflop  # noqa: E402
 
 CKPT = importlib.resources.files("rnnjac") / "data" / "flipflop_gru.safetensors"

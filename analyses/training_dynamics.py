@@ -27,7 +27,7 @@ from safetensors.torch import save_file  # noqa: E402
 from train_flipflop import accuracy, train  # noqa: E402
 
 import rnnjac  # noqa: E402
-from rnnjac.pipeline import InputSpec, SpectraOptions  # noqa: E402
+from rnnjac._pipeline import InputSpec, SpectraOptions  # noqa: E402
 from rnnjac.tasks import flipflop  # noqa: E402
 
 

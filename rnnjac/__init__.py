@@ -17,47 +17,45 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 
-#: public name -> the module that defines it (relative to this package)
+#: public name -> the private module that defines it (relative to this package)
 _EXPORTS: dict[str, str] = {
-    "analyze_checkpoints": ".sweeps",
+    "analyze_checkpoints": "._sweeps",
     "CheckpointError": ".errors",
-    "CustomCell": ".dynamics",
+    "CustomCell": "._custom_system",
     "NonFiniteError": ".errors",
     "RnnjacWarning": ".errors",
-    "finite_difference_jacobians": ".verify",
-    "fixed_points": ".fixed_points",
-    "iter_jacobians": ".jacobians",
-    "jacobians": ".jacobians",
-    "load_checkpoint": ".checkpoints",
-    "lyapunov_spectrum": ".spectra",
+    "SpectraOptions": "._options",
+    "SpectrumMonitor": ".monitor",
+    "finite_difference_jacobians": "._verify",
+    "fixed_points": "._fixed_points",
+    "iter_jacobians": "._jacobians",
+    "jacobians": "._jacobians",
+    "load_checkpoint": "._checkpoints",
+    "lyapunov_spectrum": "._spectra",
     "open_dataset": "._io",
     "save": "._io",
-    "spectra": ".spectra",
-    "trajectory": ".jacobians",
-    "verify": ".verify",
+    "spectra": "._spectra",
+    "trajectory": "._jacobians",
+    "verify": "._verify",
 }
-_SUBMODULES = ("errors", "plot", "regularizers", "tasks")
+#: public modules (``rnnjac.lightning`` needs the optional Lightning extra and is imported explicitly)
+_SUBMODULES = ("errors", "monitor", "plot", "regularizers", "tasks")
 
 __all__ = ["__version__", *_EXPORTS, *_SUBMODULES]
 
 if TYPE_CHECKING:  # static imports for type checkers and IDEs; at run time names load lazily
-    from . import errors, plot, regularizers, tasks
+    from . import errors, monitor, plot, regularizers, tasks
+    from ._checkpoints import load_checkpoint
+    from ._custom_system import CustomCell
+    from ._fixed_points import fixed_points
     from ._io import open_dataset, save
-    from .checkpoints import load_checkpoint
-    from .dynamics import CustomCell
+    from ._jacobians import iter_jacobians, jacobians, trajectory
+    from ._options import SpectraOptions
+    from ._spectra import lyapunov_spectrum, spectra
+    from ._sweeps import analyze_checkpoints
+    from ._verify import finite_difference_jacobians, verify
     from .errors import CheckpointError, NonFiniteError, RnnjacWarning
-    from .fixed_points import fixed_points
-    from .jacobians import iter_jacobians, jacobians, trajectory
-    from .spectra import lyapunov_spectrum, spectra
-    from .sweeps import analyze_checkpoints
-    from .verify import finite_difference_jacobians, verify
-
-
-# TEMPORARY until the modules named like functions become private (rename pass): bind them eagerly
-from .fixed_points import fixed_points  # noqa: E402
-from .jacobians import jacobians  # noqa: E402
-from .spectra import spectra  # noqa: E402
-from .verify import verify  # noqa: E402
+    from .monitor import SpectrumMonitor
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .dynamics import System, as_dynamics, as_tensor
+from ._dynamics import System, as_dynamics, as_tensor
 from .errors import NonFiniteError, RnnjacWarning  # noqa: F401  (RnnjacWarning: re-exported from here)
 
 STATES = ("full", "h")

@@ -3,7 +3,7 @@
 Tensors in, tensors out: :func:`fd_columns` (central differences of the step along given directions),
 :func:`reverse_mode_columns` (``J^T u`` by autograd of the step) and :func:`compare_jacobians`, which compares the
 Jacobians under test with them one bounded time chunk at a time and returns a :class:`Comparison`; the labelled
-layer (:mod:`rnnjac.verify`) builds the Dataset. The rule and the default step are in :mod:`rnnjac.verify`.
+layer (:mod:`rnnjac._verify`) builds the Dataset. The rule and the default step are in :mod:`rnnjac._verify`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from ._checks import NonFiniteError, Problem
-from .dynamics import grad_region, normal
-from .jacobians import time_chunk_for
+from ._dynamics import grad_region, normal
+from ._jacobians import time_chunk_for
 
 __all__ = ["Comparison", "compare_jacobians", "fd_columns", "reverse_mode_columns"]
 

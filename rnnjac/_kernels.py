@@ -1,7 +1,7 @@
 r"""The tensor core under the labelled layer: the model protocol and tensors in, tensors (or small named tuples) out.
 
 No xarray, no files, no progress bars: progress is a callback ``on_steps(n)`` (called after every ``n`` steps
-done) that the labelled layer passes in. :mod:`rnnjac.spectra`, :mod:`rnnjac.verify` and
+done) that the labelled layer passes in. :mod:`rnnjac._spectra`, :mod:`rnnjac._verify` and
 :mod:`rnnjac.regularizers` turn these results into Datasets or losses. Internal (not a public API).
 
 - :func:`initial_basis`, :class:`LyapunovQR`, :class:`LyapunovResult`: the one Lyapunov QR pass (Benettin et al.
@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from ._checks import NonFiniteError, Problem
+from ._dynamics import Linearization
+from ._jacobians import time_chunk_for
 from ._linalg import EndToEnd, collapse_floor, kaplan_yorke, qr_positive, qr_schedule, svdvals
-from .dynamics import Linearization
-from .jacobians import time_chunk_for
 
 __all__ = [
     "Chunk",
@@ -249,7 +249,7 @@ def spectra_tensors(problem: Problem, options, *, generator=None, on_steps: OnSt
     """Every variable that ``options`` (a :class:`rnnjac._options.SpectraOptions`) asks for, as tensors.
 
     Checks ``options`` against ``problem`` first (:meth:`SpectraOptions.check`); runs without gradient. Keys are
-    those of :data:`rnnjac.datasets.VARIABLES` (``(B, T, ...)`` per step, ``(B, k)`` exponents); ``generator``
+    those of :data:`rnnjac._datasets.VARIABLES` (``(B, T, ...)`` per step, ``(B, k)`` exponents); ``generator``
     seeds the initial tangent basis (``options.seed`` is not read here); ``on_steps(n)`` reports progress
     after every step of the sequential tangent loop, or every chunk when there is none.
 

@@ -285,7 +285,7 @@ def _printable(value) -> str:
 
 # ----------------------------------------------------------------------------- helpers
 def _input_spec(args):
-    from .pipeline import InputSpec, check_input_spec
+    from ._pipeline import InputSpec, check_input_spec
 
     return check_input_spec(
         InputSpec(
@@ -469,7 +469,7 @@ def _spectra_options(args):
 
 def cmd_analyze(args, argv) -> int:
     from . import _io
-    from .pipeline import analyze_checkpoint, check_device
+    from ._pipeline import analyze_checkpoint, check_device
 
     inputs = _input_spec(args)
     check_device(args.device)
@@ -484,7 +484,7 @@ def cmd_analyze(args, argv) -> int:
     exists = os.path.lexists(out)
     _io.check_output(out, overwrite=args.overwrite or bool(sweep and exists))
     if sweep:
-        from .sweeps import analyze_checkpoints
+        from ._sweeps import analyze_checkpoints
 
         ds = analyze_checkpoints(
             paths,
@@ -533,10 +533,10 @@ def cmd_verify(args, argv) -> int:
     import torch
 
     from . import _io
-    from .checkpoints import checkpoint_info, load_checkpoint, sha256
-    from .dynamics import as_dynamics
-    from .pipeline import DTYPES, check_device, make_h0, make_inputs
-    from .verify import verify
+    from ._checkpoints import checkpoint_info, load_checkpoint, sha256
+    from ._dynamics import as_dynamics
+    from ._pipeline import DTYPES, check_device, make_h0, make_inputs
+    from ._verify import verify
 
     spec = _input_spec(args)
     device = check_device(args.device)
@@ -587,7 +587,7 @@ def cmd_info(args, argv) -> int:
     if not os.path.lexists(path):
         raise FileNotFoundError(f"{path} does not exist")
     if path.suffix.lower() in (".nc", ".zarr"):
-        from .datasets import SUMMARY_ATTRS
+        from ._datasets import SUMMARY_ATTRS
 
         ds = _open_spectra(path)
         print(f"spectra file {_printable(path)}")
@@ -599,7 +599,7 @@ def cmd_info(args, argv) -> int:
             if k in ds.attrs:
                 print(f"{k}: {_printable(ds.attrs[k])}")
         return 0
-    from .checkpoints import inspect_checkpoint
+    from ._checkpoints import inspect_checkpoint
 
     info = inspect_checkpoint(path, prefix=args.prefix, unsafe=args.unsafe)
     print(f"checkpoint {_printable(path)}")
@@ -629,7 +629,7 @@ DEMO_OPTIONS = {
 def _demo_figures(model, x, options) -> list[str]:
     """The plots the demo's Dataset has, from a tiny run with the same options (nothing is written)."""
     from . import plot
-    from .spectra import spectra
+    from ._spectra import spectra
 
     steps = options.warmup + options.tangent_warmup + 2
     return plot.available(spectra(model, x[:1, :steps], options=options))
@@ -642,11 +642,11 @@ def cmd_demo(args, argv) -> int:
     import torch
 
     from . import _io
+    from ._checkpoints import checkpoint_info, load_checkpoint, sha256
     from ._options import SpectraOptions
-    from .checkpoints import checkpoint_info, load_checkpoint, sha256
-    from .spectra import spectra
+    from ._spectra import spectra
+    from ._verify import verify
     from .tasks import flipflop
-    from .verify import verify
 
     t_start = time.time()
     say = (lambda *a: None) if args.quiet else print

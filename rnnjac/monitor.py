@@ -188,7 +188,7 @@ class SpectrumMonitor:
     def _spectra(self, model: nn.Module) -> tuple[xr.Dataset, xr.DataArray | None]:
         """The spectra of one measurement, and the singular values ``(batch, time, sv_index)`` of the steps
         ``warmup + 1 .. warmup + sv_steps`` for the quantiles (None without quantiles)."""
-        from .spectra import spectra  # imported on first use: importing this module stays light
+        from ._spectra import spectra  # imported on first use: importing this module stays light
 
         module, x, h0, batch_first, attrs = resolve(
             model, _to_model(self.inputs, model), _to_model(self.h0, model), submodule=self.submodule

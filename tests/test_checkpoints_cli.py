@@ -79,7 +79,7 @@ def test_every_format_round_trips(tmp_path, name, fmt):
 def test_nonlinearity_cannot_be_inferred_and_is_recorded(tmp_path, capsys):
     # issue 11: an nn.RNN without a recorded nonlinearity is no longer assumed tanh; it must be given
     torch.save(nn.RNN(2, 3, nonlinearity="relu").state_dict(), tmp_path / "r.pt")
-    with pytest.raises(rnnjac.checkpoints.CheckpointError, match="nonlinearity='tanh' or nonlinearity='relu'"):
+    with pytest.raises(rnnjac._checkpoints.CheckpointError, match="nonlinearity='tanh' or nonlinearity='relu'"):
         rnnjac.load_checkpoint(tmp_path / "r.pt")
     m = rnnjac.load_checkpoint(tmp_path / "r.pt", nonlinearity="relu")
     assert m.nonlinearity == "relu" and m.rnnjac_info["nonlinearity_source"] == "given"
@@ -188,9 +188,9 @@ def test_analyze_writes_spectra_with_provenance(tmp_path, ckpt):
     ]
     assert main(argv) == 0
     ds = rnnjac.open_dataset(out)
-    rnnjac.datasets.validate(ds)
+    rnnjac._datasets.validate(ds)
     assert ds.sizes == {"batch": 3, "time": 30, "sv_index": 12, "le_index": 4, "eig_index": 12}
-    assert ds.attrs["checkpoint_sha256"] == rnnjac.checkpoints.sha256(ckpt)
+    assert ds.attrs["checkpoint_sha256"] == rnnjac._checkpoints.sha256(ckpt)
     assert ds.attrs["command"].startswith("rnnjac analyze") and ds.attrs["training_step"] == 7
     # same numbers as the Python API on the same inputs
     x = torch.randn(3, 30, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

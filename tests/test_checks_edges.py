@@ -20,7 +20,7 @@ from torch import nn
 
 import rnnjac
 from rnnjac import regularizers
-from rnnjac.checkpoints import CheckpointError, inspect_checkpoint
+from rnnjac._checkpoints import CheckpointError, inspect_checkpoint
 from rnnjac.cli import main
 from rnnjac.errors import NonFiniteError
 
@@ -28,8 +28,8 @@ from rnnjac.errors import NonFiniteError
 
 
 def test_errors_module_is_the_single_home_of_the_exceptions():
+    import rnnjac._checkpoints as ckpts
     import rnnjac._checks as checks
-    import rnnjac.checkpoints as ckpts
     import rnnjac.errors as errors
 
     assert checks.NonFiniteError is errors.NonFiniteError and checks.RnnjacWarning is errors.RnnjacWarning
@@ -128,7 +128,7 @@ def alarm():
 def test_fifo_is_refused_without_opening(tmp_path, alarm, suffix):
     fifo = tmp_path / f"x{suffix}"
     os.mkfifo(fifo)
-    for fn in (rnnjac.load_checkpoint, inspect_checkpoint, rnnjac.checkpoints.sha256):
+    for fn in (rnnjac.load_checkpoint, inspect_checkpoint, rnnjac._checkpoints.sha256):
         with pytest.raises(CheckpointError, match="FIFO .*regular file"):
             fn(fifo)
     assert main(["info", str(fifo)]) == 2

@@ -23,8 +23,8 @@ from torch import nn
 
 import rnnjac
 from rnnjac import cli
+from rnnjac._pipeline import InputSpec, check_device, check_input_spec
 from rnnjac.cli import build_parser, cli_message, main
-from rnnjac.pipeline import InputSpec, check_device, check_input_spec
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_demo_checks_every_output_before_any_work(tmp_path, capsys, monkeypatch)
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the outputs were checked")
 
-    monkeypatch.setattr(sys.modules["rnnjac.verify"], "verify", no_work)
+    monkeypatch.setattr(sys.modules["rnnjac._verify"], "verify", no_work)
     assert main(["demo", "-o", str(out), "-q"]) == 2
     assert "summary.png already exists" in _one_error(capsys)
     assert sorted(p.name for p in out.iterdir()) == ["summary.png"]
@@ -196,7 +196,7 @@ DRIVER = textwrap.dedent(
         time.sleep(1)
 
     if moment == "compute":
-        import rnnjac.pipeline as pipeline
+        import rnnjac._pipeline as pipeline
         real_spectra = pipeline.spectra
         def spectra(*a, **k):
             pause()
@@ -290,7 +290,7 @@ def test_sigterm_in_process_exits_143_and_restores_handlers(tmp_path, ckpt, caps
         time.sleep(5)
         raise AssertionError("SIGTERM was not turned into an exception")
 
-    monkeypatch.setattr(rnnjac.pipeline, "analyze_checkpoint", killed)
+    monkeypatch.setattr(rnnjac._pipeline, "analyze_checkpoint", killed)
     assert main(["analyze", str(ckpt), "-o", str(tmp_path / "s.nc"), "-q"]) == 143
     assert capsys.readouterr().err == "rnnjac: interrupted; nothing was written (existing files are unchanged)\n"
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
@@ -299,14 +299,14 @@ def test_sigterm_in_process_exits_143_and_restores_handlers(tmp_path, ckpt, caps
 
 def test_an_interrupt_with_its_own_message_is_passed_on(tmp_path, ckpt, capsys, monkeypatch):
     """A sweep says what it kept (``OUT.parts/``) and how to resume; the CLI prints that, in CLI terms."""
-    import rnnjac.sweeps
+    import rnnjac._sweeps
 
     def interrupted(*args, **kwargs):
         raise rnnjac._io.Interrupted(
             "interrupted: 1 of 2 checkpoints are finished and kept in w.nc.parts/; rerun the same command to resume"
         )
 
-    monkeypatch.setattr(rnnjac.sweeps, "analyze_checkpoints", interrupted)
+    monkeypatch.setattr(rnnjac._sweeps, "analyze_checkpoints", interrupted)
     assert main(["analyze", str(ckpt), str(ckpt), "-o", str(tmp_path / "w.nc"), "-q"]) == 130
     err = capsys.readouterr().err
     assert err == (
@@ -316,7 +316,7 @@ def test_an_interrupt_with_its_own_message_is_passed_on(tmp_path, ckpt, capsys, 
 
 
 def test_an_interrupt_held_back_until_the_end_is_still_reported(tmp_path, ckpt, capsys, monkeypatch):
-    real = rnnjac.pipeline.analyze_checkpoint
+    real = rnnjac._pipeline.analyze_checkpoint
 
     def swallowing(*args, **kwargs):
         try:
@@ -326,7 +326,7 @@ def test_an_interrupt_held_back_until_the_end_is_still_reported(tmp_path, ckpt, 
             pass  # what a C library may do with it
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rnnjac.pipeline, "analyze_checkpoint", swallowing)
+    monkeypatch.setattr(rnnjac._pipeline, "analyze_checkpoint", swallowing)
     out = tmp_path / "s.nc"
     assert _analyze(ckpt, out) == 130
     err = capsys.readouterr().err
@@ -477,7 +477,7 @@ def test_warnings_are_one_line_in_cli_terms_and_scoped(tmp_path, ckpt, capsys, m
         warnings.warn("a warning of another library", DeprecationWarning, stacklevel=1)
         raise ValueError("stop here")
 
-    monkeypatch.setattr(rnnjac.pipeline, "analyze_checkpoint", warn_and_fail)
+    monkeypatch.setattr(rnnjac._pipeline, "analyze_checkpoint", warn_and_fail)
     formatwarning, showwarning = warnings.formatwarning, warnings.showwarning
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -509,13 +509,13 @@ def test_input_spec_values_are_checked_by_field_name(field, value, message):
         check_input_spec(InputSpec(**{field: value}))
     assert str(err.value) == message
     with pytest.raises(ValueError):  # also where the inputs are made
-        rnnjac.pipeline.make_inputs(InputSpec(**{field: value}), 3)
+        rnnjac._pipeline.make_inputs(InputSpec(**{field: value}), 3)
 
 
 def test_input_spec_accepts_valid_values():
     spec = InputSpec(batch=np.int64(3), steps=1, input_std=0.5, h0="random", seed=-4)
     assert check_input_spec(spec) is spec
-    assert rnnjac.pipeline.make_inputs(spec, 2).shape == (3, 1, 2)
+    assert rnnjac._pipeline.make_inputs(spec, 2).shape == (3, 1, 2)
 
 
 def test_check_device(monkeypatch):

@@ -9,8 +9,8 @@ from scipy.optimize import brentq
 from torch import nn
 
 import rnnjac
+from rnnjac._fixed_points import fixed_points
 from rnnjac.errors import NonFiniteError, RnnjacWarning
-from rnnjac.fixed_points import fixed_points
 
 F64 = torch.float64
 
@@ -245,7 +245,7 @@ def test_dataset_round_trips_through_netcdf(tmp_path):
     ds = fixed_points(nn.GRU(2, 3, batch_first=True), initial_states=torch.randn(6, 3, generator=gen(17)))
     for name, var in ds.data_vars.items():
         assert var.attrs["long_name"] and "units" in var.attrs, name
-    from rnnjac import datasets
+    from rnnjac import _datasets as datasets
 
     datasets.validate(ds)
     path = rnnjac.save(ds, tmp_path / "fp.nc")

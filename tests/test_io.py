@@ -20,7 +20,7 @@ import xarray as xr
 
 import rnnjac
 from rnnjac import _io
-from rnnjac.datasets import build_dataset
+from rnnjac._datasets import build_dataset
 
 
 def _ds(value: float = 1.0, n: int = 3) -> xr.Dataset:

@@ -15,7 +15,7 @@ from problems import PROBLEMS, PROBLEMS_F32, SMALL, Problem, ids
 from torch import nn
 
 import rnnjac
-from rnnjac.dynamics import as_dynamics
+from rnnjac._dynamics import as_dynamics
 
 
 def module_step_reference(module: nn.Module, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

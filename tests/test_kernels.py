@@ -214,7 +214,7 @@ def linear_cell(w: torch.Tensor, wrong=None) -> rnnjac.CustomCell:
 
 def test_fd_columns_of_a_linear_map_are_its_matrix():
     w = torch.randn(4, 4, generator=gen(0), dtype=F64)
-    system = rnnjac.dynamics.as_dynamics(linear_cell(w), state_size=4)
+    system = rnnjac._dynamics.as_dynamics(linear_cell(w), state_size=4)
     s, x = torch.randn(3, 4, dtype=F64) * 10, torch.randn(3, 4, dtype=F64)
     cols = fd_columns(system, "full", s, x, torch.eye(4, dtype=F64).expand(3, 4, 4), 6e-6)
     torch.testing.assert_close(cols, w.expand(3, 4, 4), atol=1e-9, rtol=0)

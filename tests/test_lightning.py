@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 import rnnjac
-from rnnjac.datasets import validate
+from rnnjac._datasets import validate
 from rnnjac.lightning import SpectrumCallback
 
 

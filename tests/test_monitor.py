@@ -10,7 +10,7 @@ from torch import nn
 import rnnjac
 import rnnjac.cli
 from rnnjac import spectra
-from rnnjac.datasets import validate
+from rnnjac._datasets import validate
 from rnnjac.monitor import SpectrumMonitor
 
 

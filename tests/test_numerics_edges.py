@@ -16,7 +16,7 @@ import rnnjac
 from rnnjac import _linalg
 
 F64 = torch.float64
-spectra_module = sys.modules["rnnjac.spectra"]
+spectra_module = sys.modules["rnnjac._spectra"]
 
 
 def linear_cell(w: torch.Tensor) -> rnnjac.CustomCell:
@@ -218,13 +218,13 @@ def test_floor_leaves_regular_exponents_bit_identical(monkeypatch):
 # ----------------------------------------------------------------------------- bounded memory
 def test_iter_jacobians_runs_the_trajectory_chunk_by_chunk(monkeypatch):
     lengths = []
-    run = rnnjac.dynamics.Dynamics.run
+    run = rnnjac._dynamics.Dynamics.run
 
     def spy(self, s0, xs):
         lengths.append(xs.shape[1])
         return run(self, s0, xs)
 
-    monkeypatch.setattr(rnnjac.dynamics.Dynamics, "run", spy)
+    monkeypatch.setattr(rnnjac._dynamics.Dynamics, "run", spy)
     lstm = nn.LSTM(3, 4, batch_first=True).double()  # parameters require grad
     x = torch.randn(2, 50, 3, dtype=F64)
     with torch.no_grad():

@@ -12,9 +12,11 @@ from problems import Problem
 from torch import nn
 
 import rnnjac
-from rnnjac import _options, cli, pipeline, sweeps
+from rnnjac import _options, cli
+from rnnjac import _pipeline as pipeline
+from rnnjac import _sweeps as sweeps
 from rnnjac._checks import prepare
-from rnnjac.pipeline import InputSpec, SpectraOptions
+from rnnjac._pipeline import InputSpec, SpectraOptions
 
 F64 = torch.float64
 

@@ -102,7 +102,7 @@ def sweep_file(tmp_path_factory):
     import torch
     from torch import nn
 
-    from rnnjac.pipeline import InputSpec, SpectraOptions
+    from rnnjac._pipeline import InputSpec, SpectraOptions
 
     folder = tmp_path_factory.mktemp("sweep")
     paths = []

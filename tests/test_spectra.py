@@ -9,7 +9,7 @@ import xarray as xr
 from problems import Problem
 
 import rnnjac
-from rnnjac.datasets import validate
+from rnnjac._datasets import validate
 
 F64 = torch.float64
 

@@ -15,7 +15,7 @@ import xarray as xr
 from torch import nn
 
 import rnnjac
-from rnnjac.pipeline import InputSpec, SpectraOptions, analyze_checkpoint
+from rnnjac._pipeline import InputSpec, SpectraOptions, analyze_checkpoint
 
 INPUTS = InputSpec(batch=2, steps=25, seed=3)
 OPTIONS = SpectraOptions(k=3, warmup=2, eigenvalues=True, dtype="float64", seed=3)  # the CLI uses --seed for both
@@ -39,7 +39,7 @@ def _check_against_single(ds, paths):
         row = ds.sel(checkpoint=str(p))
         for name in ("lyapunov_exponents", "singular_values", "eigenvalues_real"):
             np.testing.assert_allclose(row[name].values, alone[name].values, rtol=1e-12, atol=1e-14)
-        assert row.checkpoint_sha256.item() == rnnjac.checkpoints.sha256(p)
+        assert row.checkpoint_sha256.item() == rnnjac._checkpoints.sha256(p)
 
 
 def test_sync_sweep_equals_single_analyses(tmp_path, checkpoints):
@@ -48,7 +48,7 @@ def test_sync_sweep_equals_single_analyses(tmp_path, checkpoints):
     _check_against_single(ds, checkpoints)
     back = rnnjac.open_dataset(out)
     _check_against_single(back, checkpoints)
-    rnnjac.datasets.validate(back)
+    rnnjac._datasets.validate(back)
     assert not (tmp_path / "sweep.nc.parts").exists()
 
 
@@ -65,7 +65,7 @@ def test_rerun_extends_without_recomputing(tmp_path, checkpoints, monkeypatch):
     out = tmp_path / "sweep.nc"
     rnnjac.analyze_checkpoints(checkpoints[:2], inputs=INPUTS, options=OPTIONS, out=out)
     calls = []
-    import rnnjac.sweeps as sweeps
+    import rnnjac._sweeps as sweeps
 
     real = sweeps.analyze_checkpoint
     monkeypatch.setattr(sweeps, "analyze_checkpoint", lambda p, *a, **k: calls.append(p) or real(p, *a, **k))
@@ -161,7 +161,7 @@ def _check_rows(ds, paths, inputs, options):
 @pytest.fixture
 def counted(monkeypatch):
     """The checkpoints analysed (in order); ``stop_after`` turns the next call into a Ctrl-C."""
-    import rnnjac.sweeps as sweeps
+    import rnnjac._sweeps as sweeps
 
     calls: list[str] = []
     real = sweeps.analyze_checkpoint

@@ -7,12 +7,12 @@ from problems import Problem
 from torch import nn
 
 import rnnjac
-from rnnjac.builtin_system import BuiltinSystem
-from rnnjac.cells import ARCHITECTURES, LayerParams
-from rnnjac.custom_system import CustomSystem
-from rnnjac.dynamics import Dynamics, as_dynamics
-from rnnjac.linearization import DenseLinearization, FactoredLinearization
-from rnnjac.system import System
+from rnnjac._builtin_system import BuiltinSystem
+from rnnjac._cells import ARCHITECTURES, LayerParams
+from rnnjac._custom_system import CustomSystem
+from rnnjac._dynamics import Dynamics, as_dynamics
+from rnnjac._linearization import DenseLinearization, FactoredLinearization
+from rnnjac._system import System
 
 F64 = torch.float64
 

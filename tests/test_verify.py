@@ -8,9 +8,9 @@ import torch
 from problems import PROBLEMS, Problem, ids
 
 import rnnjac
-from rnnjac.cells import ARCHITECTURES
-from rnnjac.datasets import validate
-from rnnjac.dynamics import as_dynamics
+from rnnjac._cells import ARCHITECTURES
+from rnnjac._datasets import validate
+from rnnjac._dynamics import as_dynamics
 
 
 @pytest.mark.parametrize("problem", PROBLEMS, ids=ids(PROBLEMS))

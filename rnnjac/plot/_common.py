@@ -64,7 +64,7 @@ _SPEC = {
 
 def _check(name: str, ds, checkpoint=None):
     """Check ``ds`` for the plot ``name`` before anything is drawn; returns ``(ds, sweep_dim or None)``."""
-    from ..datasets import VARIABLES
+    from .._datasets import VARIABLES
 
     needs, kind = _SPEC[name]
     for var in needs:

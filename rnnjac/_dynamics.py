@@ -1,30 +1,30 @@
 """Every supported model as one discrete-time system ``s_t = F(s_{t-1}, x_t)``: :func:`as_dynamics`.
 
-:class:`~rnnjac.system.System` is the single interface the rest of the package talks to (its module docstring
+:class:`~rnnjac._system.System` is the single interface the rest of the package talks to (its module docstring
 lists the protocol). It knows the layout of the flat state vector (layer-major, ``[h; c]`` inside an LSTM
 layer, ``[h]`` otherwise; README, "Conventions": "State vector"), turns the caller's ``h0`` into that state,
 holds references to the model's own weight tensors (so gradients flow to them), steps, runs and linearises the
 model (:mod:`rnnjac.linearization`). Two implementations own everything that differs between model kinds:
 
-- :class:`~rnnjac.builtin_system.BuiltinSystem`: ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (any ``num_layers``,
+- :class:`~rnnjac._builtin_system.BuiltinSystem`: ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (any ``num_layers``,
   ``bias``, ``batch_first``, ``proj_size``) and ``nn.RNNCell``/``GRUCell``/``LSTMCell``, built from a
-  :class:`~rnnjac.cells.CellArch` and the layers' weights; factored closed-form linearisation. Dropout
+  :class:`~rnnjac._cells.CellArch` and the layers' weights; factored closed-form linearisation. Dropout
   between layers is ignored (eval semantics); bidirectional modules are refused.
-- :class:`~rnnjac.custom_system.CustomSystem`: a :class:`CustomCell` or a bare callable ``step(s, x)``; dense
+- :class:`~rnnjac._custom_system.CustomSystem`: a :class:`CustomCell` or a bare callable ``step(s, x)``; dense
   linearisation from ``torch.func`` or the user's closed form, no h/c structure, never converted to another
   dtype/device.
 
-``Dynamics`` is kept as an alias of :class:`~rnnjac.system.System`.
+``Dynamics`` is kept as an alias of :class:`~rnnjac._system.System`.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from .builtin_system import BuiltinSystem, builtin_system
-from .custom_system import CustomCell, CustomSystem
-from .linearization import Linearization, grad_region, normal
-from .system import System, as_tensor
+from ._builtin_system import BuiltinSystem, builtin_system
+from ._custom_system import CustomCell, CustomSystem
+from ._linearization import Linearization, grad_region, normal
+from ._system import System, as_tensor
 
 __all__ = [
     "BuiltinSystem",
@@ -40,11 +40,11 @@ __all__ = [
 ]
 
 Dynamics = System
-"""The former name of :class:`~rnnjac.system.System`."""
+"""The former name of :class:`~rnnjac._system.System`."""
 
 
 def as_dynamics(model, *, state_size: int | None = None) -> System:
-    """Adapt a module, cell, :class:`CustomCell` or bare callable to a :class:`~rnnjac.system.System`.
+    """Adapt a module, cell, :class:`CustomCell` or bare callable to a :class:`~rnnjac._system.System`.
 
     ``state_size`` fixes ``D`` for a custom step. Raises ``ValueError`` for bidirectional modules and
     ``TypeError`` for anything unsupported.

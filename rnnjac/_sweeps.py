@@ -1,6 +1,6 @@
 """Sweeps over many checkpoints on Dask, resumable, into one Dataset with a ``checkpoint`` dim.
 
-Each checkpoint is one ``dask.delayed`` task that analyses it (:func:`rnnjac.pipeline.analyze_checkpoint`) and
+Each checkpoint is one ``dask.delayed`` task that analyses it (:func:`rnnjac._pipeline.analyze_checkpoint`) and
 writes its result atomically (:func:`rnnjac.save`) to ``<out>.parts/<key>.nc``; ``key`` hashes the checkpoint's
 path as given, its contents (SHA-256) and the configuration (inputs, options, load keywords). When every task is
 done the rows are concatenated along ``checkpoint`` (coordinates: ``checkpoint`` path, ``training_step`` from the
@@ -41,10 +41,10 @@ from pathlib import Path
 
 import xarray as xr
 
+from ._checkpoints import inspect_checkpoint, sha256
+from ._datasets import CHECKPOINT, concat_checkpoints, stack_checkpoints
 from ._io import Interrupted, check_output, open_dataset, remove_stale_temps, save
-from .checkpoints import inspect_checkpoint, sha256
-from .datasets import CHECKPOINT, concat_checkpoints, stack_checkpoints
-from .pipeline import InputSpec, SpectraOptions, analyze_checkpoint
+from ._pipeline import InputSpec, SpectraOptions, analyze_checkpoint
 
 __all__ = ["analyze_checkpoints"]
 

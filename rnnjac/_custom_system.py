@@ -1,4 +1,4 @@
-"""User-defined steps: :class:`CustomCell` and its :class:`~rnnjac.system.System`, :class:`CustomSystem`."""
+"""User-defined steps: :class:`CustomCell` and its :class:`~rnnjac._system.System`, :class:`CustomSystem`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .linearization import DenseLinearization, Linearization, StateLayout, grad_region
-from .system import System, as_tensor
+from ._linearization import DenseLinearization, Linearization, StateLayout, grad_region
+from ._system import System, as_tensor
 
 __all__ = ["CustomCell", "CustomSystem"]
 
@@ -72,7 +72,7 @@ class CustomSystem(System):
     """A :class:`CustomCell` (or a bare callable, wrapped in one): one flat state ``[h]`` of size ``D``.
 
     The step is opaque: it is never converted to another dtype/device, and its Jacobian is either the
-    user's closed form or ``torch.func``'s (:class:`~rnnjac.linearization.DenseLinearization`).
+    user's closed form or ``torch.func``'s (:class:`~rnnjac._linearization.DenseLinearization`).
 
     Examples
     --------

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._checkpoints import checkpoint_info, load_checkpoint, sha256
 from ._checks import NonFiniteError, check_choice, check_positive_int, first_nonfinite_step
 from ._options import SpectraOptions
-from .checkpoints import checkpoint_info, load_checkpoint, sha256
-from .spectra import spectra
+from ._spectra import spectra
 
 __all__ = [
     "InputSpec",
@@ -207,7 +207,7 @@ def analyze_checkpoint(
     ``device`` (default the CPU) and ``dtype`` (default the checkpoint's) also place the inputs, and its ``seed``
     seeds the tangent basis.
     """
-    from .dynamics import as_dynamics
+    from ._dynamics import as_dynamics
 
     check_input_spec(inputs)
     if not isinstance(options, SpectraOptions):

@@ -4,7 +4,7 @@
 
 - :class:`FactoredLinearization` (built-in cells, ``method="analytic"``): per-layer coefficients plus
   references to the layers' weights. ``apply`` computes ``J Q`` with shared GEMMs, ``materialize`` forms
-  ``J``, ``frobenius_sq`` uses the row-local Gram form where it exists (:mod:`rnnjac.cells`).
+  ``J``, ``frobenius_sq`` uses the row-local Gram form where it exists (:mod:`rnnjac._cells`).
 - :class:`DenseLinearization`: a materialised ``(N, D, D)``, from ``torch.func.vmap(torch.func.jacrev(step))``
   or a :class:`~rnnjac.CustomCell`'s own closed form.
 
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from .cells import EYE, CellArch, LayerParams
+from ._cells import EYE, CellArch, LayerParams
 
 __all__ = ["DenseLinearization", "FactoredLinearization", "Linearization", "StateLayout"]
 

@@ -58,7 +58,7 @@ def checkpoint_info(module: nn.Module) -> dict[str, Any]:
     >>> import torch, rnnjac, tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "m.pt")
     >>> torch.save({"state_dict": torch.nn.LSTM(2, 4).state_dict(), "epoch": 7}, path)
-    >>> rnnjac.checkpoints.checkpoint_info(rnnjac.load_checkpoint(path))["training_step"]
+    >>> rnnjac._checkpoints.checkpoint_info(rnnjac.load_checkpoint(path))["training_step"]
     7
     """
     info = module.__dict__.get("rnnjac_info")
@@ -75,7 +75,7 @@ def sha256(path) -> str:
     >>> import rnnjac, tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "empty.pt")
     >>> open(path, "wb").close()
-    >>> rnnjac.checkpoints.sha256(path)[:12]
+    >>> rnnjac._checkpoints.sha256(path)[:12]
     'e3b0c44298fc'
     """
     _check_regular_file(Path(path))
@@ -368,7 +368,7 @@ def inspect_checkpoint(path, *, prefix=None, unsafe=False, map_location="cpu") -
     >>> import torch, rnnjac, tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "r.pt")
     >>> torch.save(torch.nn.RNN(3, 8).state_dict(), path)
-    >>> info = rnnjac.checkpoints.inspect_checkpoint(path)
+    >>> info = rnnjac._checkpoints.inspect_checkpoint(path)
     >>> info["arch"], info["hidden_size"], info["nonlinearity"]
     ('rnn', 8, 'unknown')
     """

@@ -26,9 +26,9 @@ import xarray as xr
 from torch import Tensor
 
 from ._checks import RnnjacWarning, check_positive_int, prepare
+from ._datasets import build_dataset
 from ._fd import compare_jacobians, fd_columns
-from .datasets import build_dataset
-from .jacobians import run_states
+from ._jacobians import run_states
 
 __all__ = ["finite_difference_jacobians", "verify"]
 

@@ -3,7 +3,7 @@
 :class:`System` declares what the rest of the package may ask of a model, and implements what is common:
 
 - layout: ``state_size``, ``h_size``, ``size(state)``, ``unit_coords``, ``h_index``, ``split``/``join``/``with_h``
-  (a :class:`~rnnjac.linearization.StateLayout`), ``state_note(state)``;
+  (a :class:`~rnnjac._linearization.StateLayout`), ``state_note(state)``;
 - the caller's ``h0`` in any accepted format -> the flat ``(B, D)`` state: ``initial_state``;
 - parameters: ``named_tensors``, ``tensors``, ``dtype``, ``device``, ``to``, ``detached``, ``for_autograd``,
   ``describe``;
@@ -11,11 +11,11 @@
   ``validate``;
 - dynamics: ``step``, ``run``, ``sequence_states`` (differentiable states for the penalties),
   ``restricted_step`` (the step on the h coordinates, c held), ``linearize`` (a
-  :class:`~rnnjac.linearization.Linearization`), ``has_closed_form``, ``factored(method)``,
+  :class:`~rnnjac._linearization.Linearization`), ``has_closed_form``, ``factored(method)``,
   ``frobenius_closed_form(state)``, ``supports_h_state``, ``convertible``.
 
-The implementations are :class:`~rnnjac.builtin_system.BuiltinSystem` (torch's modules and cells) and
-:class:`~rnnjac.custom_system.CustomSystem` (:class:`~rnnjac.CustomCell`); :func:`rnnjac.dynamics.as_dynamics`
+The implementations are :class:`~rnnjac._builtin_system.BuiltinSystem` (torch's modules and cells) and
+:class:`~rnnjac._custom_system.CustomSystem` (:class:`~rnnjac.CustomCell`); :func:`rnnjac._dynamics.as_dynamics`
 picks one.
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .linearization import DenseLinearization, Linearization, StateLayout, grad_region, normal
+from ._linearization import DenseLinearization, Linearization, StateLayout, grad_region, normal
 
 __all__ = ["System", "as_tensor"]
 
@@ -45,12 +45,12 @@ class System(ABC):
     """One recurrent model seen as ``s_t = F(s_{t-1}, x_t)`` on a flat state of size ``D`` (the protocol).
 
     Use :func:`as_dynamics` to build one. Layout members delegate to ``self.layout`` (a
-    :class:`~rnnjac.linearization.StateLayout`); the rest is what each implementation owns.
+    :class:`~rnnjac._linearization.StateLayout`); the rest is what each implementation owns.
 
     Examples
     --------
     >>> import torch
-    >>> from rnnjac.dynamics import as_dynamics
+    >>> from rnnjac._dynamics import as_dynamics
     >>> system = as_dynamics(torch.nn.LSTM(2, 3, num_layers=2, batch_first=True))
     >>> system.state_size, system.h_size, system.unit_coords()["part"][:4]
     (12, 6, ['h', 'h', 'h', 'c'])

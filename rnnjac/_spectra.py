@@ -49,9 +49,9 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from ._checks import prepare
+from ._datasets import build_dataset
 from ._kernels import spectra_tensors
 from ._options import SpectraOptions
-from .datasets import build_dataset
 
 __all__ = ["spectra", "lyapunov_spectrum"]
 
@@ -135,7 +135,7 @@ def spectra(
     model, inputs, h0, state, method, batch_first
         As in :func:`rnnjac.jacobians`.
     options : SpectraOptions, optional
-        The whole analysis as one value (``rnnjac.pipeline.SpectraOptions``), instead of the keywords below:
+        The whole analysis as one value (``rnnjac._pipeline.SpectraOptions``), instead of the keywords below:
         then ``state`` ... ``time_chunk`` must keep their defaults, and ``options.seed`` seeds the tangent
         basis unless ``generator`` is given.
     singular_values, eigenvalues : bool
@@ -178,7 +178,7 @@ def spectra(
     ...                     generator=torch.Generator().manual_seed(0))
     >>> ds.lyapunov_exponents.shape, ds.singular_values.dims
     ((4, 3), ('batch', 'time', 'sv_index'))
-    >>> from rnnjac.pipeline import SpectraOptions
+    >>> from rnnjac._pipeline import SpectraOptions
     >>> ds = rnnjac.spectra(gru, torch.randn(4, 50, 3), options=SpectraOptions(k=3, seed=0))
     >>> SpectraOptions.from_json(ds.attrs["options_json"]).k
     3

@@ -31,7 +31,7 @@ import xarray as xr
 from torch import Tensor, nn
 
 from ._checks import NonFiniteError, RnnjacWarning, check_choice, check_positive_int, prepare
-from .datasets import build_dataset
+from ._datasets import build_dataset
 
 __all__ = ["fixed_points"]
 
@@ -133,7 +133,7 @@ def fixed_points(
     Examples
     --------
     >>> import torch
-    >>> from rnnjac.fixed_points import fixed_points
+    >>> from rnnjac._fixed_points import fixed_points
     >>> rnn = torch.nn.RNN(2, 4, batch_first=True)
     >>> with torch.no_grad():
     ...     _ = rnn.weight_hh_l0.mul_(0.1)  # a contraction: one fixed point

@@ -1,13 +1,13 @@
-"""torch's recurrent modules and cells as a :class:`~rnnjac.system.System`: a stack of built-in layers."""
+"""torch's recurrent modules and cells as a :class:`~rnnjac._system.System`: a stack of built-in layers."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from .cells import ARCHITECTURES, LayerParams
-from .linearization import FactoredLinearization, Linearization, StateLayout, frobenius_row_local, normal
-from .system import System, as_tensor
+from ._cells import ARCHITECTURES, LayerParams
+from ._linearization import FactoredLinearization, Linearization, StateLayout, frobenius_row_local, normal
+from ._system import System, as_tensor
 
 __all__ = ["BuiltinSystem", "builtin_system"]
 
@@ -17,12 +17,12 @@ _CELL_ARCH: dict[type[nn.RNNCellBase], str] = {nn.RNNCell: "rnn", nn.GRUCell: "g
 
 
 class BuiltinSystem(System):
-    """``nn.RNN``/``GRU``/``LSTM`` or one of their cells: a stack of :class:`~rnnjac.cells.CellArch` layers.
+    """``nn.RNN``/``GRU``/``LSTM`` or one of their cells: a stack of :class:`~rnnjac._cells.CellArch` layers.
 
     Parameters
     ----------
     arch : str
-        A key of :data:`rnnjac.cells.ARCHITECTURES`.
+        A key of :data:`rnnjac._cells.ARCHITECTURES`.
     layers : list of LayerParams
         References to the model's weights, bottom layer first.
     input_size, hidden_size, proj_size, batch_first
