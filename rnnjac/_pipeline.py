@@ -6,8 +6,10 @@ Shared by the command line (``rnnjac analyze``/``verify``) and by sweeps over ma
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,13 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._checkpoints import checkpoint_info, load_checkpoint, sha256
+from ._checkpoints import _training_step, checkpoint_info, load_checkpoint, sha256
 from ._checks import NonFiniteError, check_choice, check_positive_int, first_nonfinite_step
+from ._dynamics import as_dynamics
 from ._options import SpectraOptions
 from ._spectra import spectra
+from ._user_model import ModelSpec, load_model
 
 __all__ = [
     "InputSpec",
+    "ModelSpec",
     "SpectraOptions",
     "check_device",
     "check_input_spec",
@@ -130,8 +135,8 @@ def _pick(arrays: dict, key: str | None, path) -> np.ndarray:
     return next(iter(arrays.values()))
 
 
-def load_inputs(path, *, key: str | None = None, time_major: bool = False) -> torch.Tensor:
-    """Read ``(B, T, I)`` inputs (or ``(T, B, I)`` with ``time_major``) from .npy/.npz/.pt/.nc."""
+def load_array(path, *, key: str | None = None) -> np.ndarray:
+    """The array in a .npy/.npz/.pt/.nc file (``key``: which one when the file holds several)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"inputs file {path} does not exist")
@@ -155,12 +160,18 @@ def load_inputs(path, *, key: str | None = None, time_major: bool = False) -> to
             arr = _pick({k: v.values for k, v in ds.data_vars.items()}, key, path)
     else:
         raise ValueError(f"inputs must be .npy, .npz, .pt or .nc; got {path.name}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"inputs in {path} must be floating point; got {arr.dtype}")
+    return arr
+
+
+def load_inputs(path, *, key: str | None = None, time_major: bool = False) -> torch.Tensor:
+    """Read ``(B, T, I)`` inputs (or ``(T, B, I)`` with ``time_major``) from .npy/.npz/.pt/.nc."""
+    arr = load_array(path, key=key)
     if arr.ndim != 3:
         raise ValueError(
             f"inputs in {path} must be 3-D (B, T, I) (or (T, B, I) with time_major=True); got shape {arr.shape}"
         )
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"inputs in {path} must be floating point; got {arr.dtype}")
     x = torch.from_numpy(np.ascontiguousarray(arr))
     return x.transpose(0, 1).contiguous() if time_major else x
 
@@ -192,44 +203,165 @@ def make_h0(spec: InputSpec, dyn_state_size: int, batch: int, dtype) -> torch.Te
     return (0.5 * torch.randn(batch, dyn_state_size, generator=g, dtype=torch.float64)).to(dtype)
 
 
+def tensor_digest(x) -> str:
+    """SHA-256 of a tensor's (or a tuple of tensors') shape, dtype and bytes: what identifies given inputs."""
+    h = hashlib.sha256()
+    for t in x if isinstance(x, (tuple, list)) else (x,):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _as_tensor(name: str, value) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a tensor or array, a file path, or None (generated inputs); got {type(value).__name__}"
+        )
+    if not value.is_floating_point():
+        raise ValueError(f"{name} must be floating point; got {value.dtype}")
+    return value.detach().cpu().contiguous()
+
+
+def as_inputs(inputs):
+    """``inputs`` of an analysis as an :class:`InputSpec` (None: generated defaults; a path: that file) or a
+    checked ``(B, T, I)`` CPU tensor (a tensor or array), validated before any work."""
+    if inputs is None:
+        return InputSpec()
+    if isinstance(inputs, InputSpec):
+        return check_input_spec(inputs)
+    if isinstance(inputs, (str, os.PathLike)):
+        return check_input_spec(InputSpec(path=os.fspath(inputs)))
+    x = _as_tensor("inputs", inputs)
+    if x.dim() != 3:
+        raise ValueError(f"inputs must be 3-D (B, T, I), batch first; got shape {tuple(x.shape)}")
+    t_bad = first_nonfinite_step(x, 1)
+    if t_bad is not None:
+        raise NonFiniteError(f"inputs contain NaN/Inf, first at step t={t_bad + 1}")
+    return x
+
+
+def as_h0(h0):
+    """A given initial state (tensor, array or LSTM ``(h, c)`` tuple) as CPU tensors; None stays None."""
+    if h0 is None:
+        return None
+    if isinstance(h0, (tuple, list)):
+        return tuple(_as_tensor("h0", v) for v in h0)
+    return _as_tensor("h0", h0)
+
+
+def describe_inputs(inputs) -> tuple[str, str]:
+    """``(description, JSON)`` of an analysis' inputs for the provenance attrs."""
+    if isinstance(inputs, InputSpec):
+        return inputs.describe(), json.dumps(asdict(inputs), sort_keys=True)
+    digest = tensor_digest(inputs)
+    shape = tuple(inputs.shape)
+    text = f"tensor of shape {shape} ({str(inputs.dtype).replace('torch.', '')}), sha256 {digest[:16]}"
+    return text, json.dumps({"tensor_shape": list(shape), "tensor_sha256": digest}, sort_keys=True)
+
+
+def _to(h0, device, dtype):
+    if h0 is None:
+        return None
+    if isinstance(h0, tuple):
+        return tuple(v.to(device=device, dtype=dtype) for v in h0)
+    return h0.to(device=device, dtype=dtype)
+
+
 def analyze_checkpoint(
     path,
-    inputs: InputSpec,
+    inputs,
     options: SpectraOptions,
     *,
+    h0=None,
+    model: ModelSpec | None = None,
     load_kwargs: dict | None = None,
     progress: bool = False,
     command: str = "",
 ):
     """Load one checkpoint, build its inputs and return its spectra Dataset with provenance attrs.
 
-    ``options`` (a :class:`SpectraOptions`, passed whole to :func:`rnnjac.spectra`) says what to compute; its
-    ``device`` (default the CPU) and ``dtype`` (default the checkpoint's) also place the inputs, and its ``seed``
-    seeds the tangent basis.
+    ``inputs`` is an :class:`InputSpec` (a file or generated inputs) or a ``(B, T, I)`` tensor (see
+    :func:`as_inputs`); ``h0`` a given initial state (the module's format or flat ``(B, D)``). ``options`` (a
+    :class:`SpectraOptions`, passed whole to :func:`rnnjac.spectra`) says what to compute; its ``device`` (default
+    the CPU) and ``dtype`` (default the checkpoint's) also place the inputs, and its ``seed`` seeds the tangent
+    basis. ``model`` (a :class:`ModelSpec` with a class) loads the checkpoint into the user's model and analyses
+    its recurrent submodule on what the model feeds it.
     """
-    from ._dynamics import as_dynamics
-
-    check_input_spec(inputs)
+    inputs = as_inputs(inputs)
     if not isinstance(options, SpectraOptions):
         raise TypeError(f"options must be a SpectraOptions; got {type(options).__name__}")
     device = check_device(options.device or "cpu")
+    if model is not None and model.model is not None:
+        return _analyze_model(path, inputs, as_h0(h0), options, model, load_kwargs or {}, progress, command, device)
+    if model is not None and model.submodule is not None:
+        raise ValueError("submodule= names a submodule of model=; give model= as well")
     module = load_checkpoint(path, **(load_kwargs or {}))
     info = checkpoint_info(module)
     dtype = options.torch_dtype or next(module.parameters()).dtype
-    x = make_inputs(inputs, info["input_size"], dtype)
-    dyn = as_dynamics(module)
-    h0 = make_h0(inputs, dyn.state_size, x.shape[0], dtype)
-    if h0 is not None:
-        h0 = h0.to(device)
+    if isinstance(inputs, InputSpec):
+        x = make_inputs(inputs, info["input_size"], dtype)
+        if h0 is None:
+            h0 = make_h0(inputs, as_dynamics(module).state_size, x.shape[0], dtype)
+    else:
+        x = inputs.to(dtype)
+    described, inputs_json = describe_inputs(inputs)
     attrs = {
         "checkpoint": str(path),
         "checkpoint_sha256": sha256(path),
         "command": command,
-        "inputs": inputs.describe(),
+        "inputs": described,
         "nonlinearity": info["nonlinearity"],
         "nonlinearity_source": info["nonlinearity_source"],
         "checkpoint_prefix": info["prefix"],
         "training_step": -1 if info["training_step"] is None else int(info["training_step"]),
-        "inputs_json": json.dumps(asdict(inputs), sort_keys=True),
+        "inputs_json": inputs_json,
     }
+    h0 = _to(as_h0(h0), device, dtype)
     return spectra(module, x.to(device), h0, options=options, progress=progress, attrs=attrs)
+
+
+def _analyze_model(path, inputs, h0, options, model: ModelSpec, load_kwargs, progress, command, device):
+    """:func:`analyze_checkpoint` with the user's model class: the submodule on what the model feeds it."""
+    extra = sorted(k for k in ("arch", "nonlinearity", "prefix") if load_kwargs.get(k) is not None)
+    if extra:
+        raise ValueError(
+            f"{', '.join(extra)} describe a bare recurrent module; with model= the class says what the checkpoint "
+            f"holds: leave {extra[0]} out (submodule= names the recurrent core)"
+        )
+    whole = load_model(path, model.model, model.model_kwargs, unsafe=bool(load_kwargs.get("unsafe", False)))
+    params = next(iter(whole.parameters()), None)
+    dtype = options.torch_dtype or (params.dtype if params is not None else torch.float32)
+    whole = whole.to(device=device, dtype=dtype)
+    if isinstance(inputs, InputSpec):
+        if not inputs.path:
+            raise ValueError(
+                "model= runs the whole model on its own inputs, whose size rnnjac cannot know: give inputs= as a "
+                "tensor or a file path"
+            )
+        if inputs.h0 != "zeros":
+            raise ValueError("h0='random' applies to a recurrent module fed directly; with model= leave h0 out")
+        x = make_inputs(inputs, 0, dtype)
+    else:
+        x = inputs.to(dtype)
+    described, inputs_json = describe_inputs(inputs)
+    step = _training_step_of(path)
+    attrs = {
+        "checkpoint": str(path),
+        "checkpoint_sha256": sha256(path),
+        "command": command,
+        "inputs": described,
+        "inputs_json": inputs_json,
+        "model": model.model,
+        "model_kwargs": json.dumps(model.model_kwargs, sort_keys=True, default=str),
+        "training_step": -1 if step is None else int(step),
+    }
+    h0 = _to(h0, device, dtype)
+    return spectra(whole, x.to(device), h0, options=options, submodule=model.submodule, progress=progress, attrs=attrs)
+
+
+def _training_step_of(path):
+    """The training step a checkpoint's name says (``step_100.pt``), or None."""
+    return _training_step({}, Path(path))

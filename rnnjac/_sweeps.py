@@ -35,29 +35,66 @@ import logging
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import xarray as xr
 
 from ._checkpoints import inspect_checkpoint, sha256
 from ._datasets import CHECKPOINT, concat_checkpoints, stack_checkpoints
+from ._distributed import compute_distributed
 from ._io import Interrupted, check_output, open_dataset, remove_stale_temps, save
-from ._pipeline import InputSpec, SpectraOptions, analyze_checkpoint
+from ._pipeline import (
+    InputSpec,
+    ModelSpec,
+    SpectraOptions,
+    analyze_checkpoint,
+    as_h0,
+    as_inputs,
+    describe_inputs,
+    tensor_digest,
+)
 
 __all__ = ["analyze_checkpoints"]
 
 log = logging.getLogger(__name__)
 
+OPTION_FIELDS = frozenset(f.name for f in fields(SpectraOptions))
 
-def _config_key(inputs: InputSpec, options: SpectraOptions, load_kwargs: dict) -> str:
-    """The sweep's configuration: inputs, the options' own JSON (:meth:`SpectraOptions.to_json`), load keywords."""
-    return json.dumps(
-        {"inputs": asdict(inputs), "options": json.loads(options.to_json()), "load": load_kwargs},
-        sort_keys=True,
-        default=str,
-    )
+
+def _config_key(inputs, options: SpectraOptions, load_kwargs: dict, h0=None, model: ModelSpec | None = None) -> str:
+    """The sweep's configuration: inputs (an :class:`InputSpec`'s fields, or a given tensor's shape and SHA-256),
+    the options' own JSON (:meth:`SpectraOptions.to_json`), load keywords; a given ``h0`` and ``model`` when set."""
+    key = {"inputs": json.loads(describe_inputs(inputs)[1]), "options": json.loads(options.to_json())}
+    key["load"] = load_kwargs
+    if h0 is not None:
+        key["h0_sha256"] = tensor_digest(h0)
+    if model is not None:
+        key["model"] = asdict(model)
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def _resolve_options(options, keywords: dict) -> SpectraOptions:
+    """The one :class:`SpectraOptions` of a sweep: ``options=`` or the keywords of :func:`rnnjac.spectra`."""
+    generator = keywords.pop("generator", None)
+    unknown = sorted(set(keywords) - OPTION_FIELDS)
+    if unknown:
+        raise TypeError(
+            f"analyze_checkpoints() got unexpected keyword argument(s) {', '.join(unknown)}; the analysis keywords "
+            f"are {', '.join(sorted(OPTION_FIELDS))} and generator"
+        )
+    if options is not None:
+        if not isinstance(options, SpectraOptions):
+            raise TypeError(f"options must be a SpectraOptions (or None); got {type(options).__name__}")
+        if keywords or generator is not None:
+            given = ", ".join(f"{k}=" for k in [*keywords, *(["generator"] if generator is not None else [])])
+            raise TypeError(f"pass the analysis either as options= or as keywords, not both; got options= and {given}")
+        return options
+    if generator is not None:
+        if "seed" in keywords:
+            raise TypeError("pass either seed= or generator=, not both")
+        keywords["seed"] = int(generator.initial_seed())
+    return SpectraOptions(**keywords)
 
 
 def _part_name(path: str, digest: str, config: str) -> str:
@@ -75,7 +112,7 @@ def _named(err: Exception, path: str) -> Exception:
     return named if str(named) == msg else RuntimeError(msg)
 
 
-def _run_one(path: str, part: str, inputs, options, load_kwargs, command, in_worker: bool) -> str:
+def _run_one(path: str, part: str, inputs, options, load_kwargs, command, in_worker: bool, h0=None, model=None) -> str:
     """Analyse one checkpoint and write its part atomically (unless it is there); returns the part's path."""
     import torch
 
@@ -84,14 +121,16 @@ def _run_one(path: str, part: str, inputs, options, load_kwargs, command, in_wor
     if Path(part).exists():
         return part
     try:
-        ds = analyze_checkpoint(path, inputs, options, load_kwargs=load_kwargs, command=command)
+        extra = {} if h0 is None and model is None else {"h0": h0, "model": model}
+        ds = analyze_checkpoint(path, inputs, options, load_kwargs=load_kwargs, command=command, **extra)
     except Exception as err:
         raise _named(err, path) from err
     save(ds, part)
     return part
 
 
-def _check_compatible(paths, load_kwargs) -> None:
+def _check_compatible(paths, load_kwargs, inputs) -> None:
+    """One architecture and size for every checkpoint, and given inputs of their input size (before any work)."""
     shapes = {}
     for p in paths:
         info = inspect_checkpoint(p, prefix=load_kwargs.get("prefix"), unsafe=load_kwargs.get("unsafe", False))
@@ -103,42 +142,75 @@ def _check_compatible(paths, load_kwargs) -> None:
             "a sweep needs checkpoints of one architecture and size; found "
             + "; ".join(f"{k} in {v}" for k, v in groups.items())
         )
+    if not isinstance(inputs, InputSpec) and inputs.shape[-1] != kinds[0][1]:
+        raise ValueError(
+            f"inputs have {inputs.shape[-1]} features (last dim of shape {tuple(inputs.shape)}); the checkpoints' "
+            f"input_size is {kinds[0][1]}"
+        )
 
 
 def analyze_checkpoints(
     paths,
+    inputs=None,
     *,
-    inputs: InputSpec | None = None,
-    options: SpectraOptions | None = None,
+    h0=None,
     out=None,
     overwrite: bool = False,
+    options: SpectraOptions | None = None,
     load_kwargs: dict | None = None,
     client=None,
     scheduler: str | None = None,
     workers: int | None = None,
-    command: str = "",
     progress: bool = False,
+    command: str = "",
+    model: ModelSpec | None = None,
+    **spectra_options,
 ) -> xr.Dataset:
     """Analyse several checkpoints (of one architecture) into one Dataset with a ``checkpoint`` dim.
+
+    Mirrors :func:`rnnjac.spectra`: each checkpoint is loaded (:func:`rnnjac.load_checkpoint`) and analysed on
+    the same inputs with the same keywords.
 
     Parameters
     ----------
     paths : sequence of str or Path
         Checkpoint files.
-    inputs, options : InputSpec, SpectraOptions
-        What to feed each model and what to compute (defaults: 8 Gaussian trials of 200 steps;
-        singular values and all Lyapunov exponents).
+    inputs : Tensor, array, str, Path or None
+        ``(B, T, I)`` inputs (batch first) as a tensor or numpy array, a file (``.npy``, ``.npz``, ``.pt``,
+        ``.nc`` holding one such array), or None: 8 Gaussian trials of 200 steps (seed 0). The older
+        ``InputSpec`` form is accepted too.
+    h0 : Tensor, optional
+        The initial state (the module's format, or flat ``(B, D)``); zeros by default.
     out : str or Path, optional
         ``.nc`` or ``.zarr``. With ``out`` the sweep is resumable (see module docstring).
     overwrite : bool
         Replace an existing ``out`` of another configuration, or drop its rows of checkpoints that are not in
         ``paths`` (or whose file changed). An ``out`` of the same configuration is extended without it. Only an
         output that rnnjac wrote is ever replaced.
+    options : SpectraOptions, optional
+        The whole analysis as one value, instead of the keywords.
     load_kwargs : dict, optional
         Passed to :func:`rnnjac.load_checkpoint` (``prefix``, ``arch``, ``nonlinearity``, ``unsafe``).
     client, scheduler, workers
         Dask execution: an existing ``distributed.Client``, a scheduler address, or a local cluster
         of ``workers`` processes; synchronous when none is given.
+    progress : bool
+        Dask's progress bar (distributed runs).
+    command : str
+        Recorded in the output's attrs.
+    **spectra_options
+        The analysis keywords of :func:`rnnjac.spectra` (``k``, ``warmup``, ``tangent_warmup``, ``reortho_every``,
+        ``eigenvalues``, ``end_to_end``, ``local_lyapunov``, ``keep_states``, ``singular_values``, ``lyapunov``,
+        ``state``, ``method``, ``dtype``, ``device``, ``time_chunk``, ``seed``, ``generator``), validated together
+        before any work, as by ``spectra``.
+
+    Notes
+    -----
+    Seeds: every checkpoint's initial tangent basis is drawn from a fresh ``torch.Generator().manual_seed(seed)``
+    (``seed=0`` by default; ``generator=g`` means ``seed=g.initial_seed()``), so each row equals
+    ``rnnjac.spectra(rnnjac.load_checkpoint(p), inputs, generator=torch.Generator().manual_seed(seed), ...)``,
+    whatever the order or the worker it ran on. Given tensors are identified by a SHA-256 of their bytes in the
+    sweep's configuration (a rerun with other inputs never mixes rows).
 
     Returns
     -------
@@ -154,13 +226,15 @@ def analyze_checkpoints(
 
     Examples
     --------
-    >>> ds = rnnjac.analyze_checkpoints(sorted(glob.glob("runs/step_*.pt")), out="sweep.zarr")  # doctest: +SKIP
+    >>> x = torch.randn(4, 300, 3)  # doctest: +SKIP
+    >>> ds = rnnjac.analyze_checkpoints(sorted(glob.glob("runs/step_*.pt")), x, k=3, out="sweep.zarr")  # doctest: +SKIP
     >>> ds.lyapunov_exponents.sel(le_index=0).plot(x="training_step")  # doctest: +SKIP
     """
-    inputs = inputs or InputSpec()
-    options = SpectraOptions() if options is None else options
-    if not isinstance(options, SpectraOptions):
-        raise TypeError(f"options must be a SpectraOptions (or None); got {type(options).__name__}")
+    inputs = as_inputs(inputs)
+    h0 = as_h0(h0)
+    options = _resolve_options(options, spectra_options)
+    if model is not None and not isinstance(model, ModelSpec):
+        raise TypeError(f"model must be a ModelSpec (or None); got {type(model).__name__}")
     load_kwargs = dict(load_kwargs or {})
     paths = [str(p) for p in paths]
     if not paths:
@@ -172,11 +246,12 @@ def analyze_checkpoints(
             raise ValueError(f"checkpoint {p} is not a regular file")
     if len(set(paths)) != len(paths):
         raise ValueError("the same checkpoint path is listed twice")
-    _check_compatible(paths, load_kwargs)
-    config = _config_key(inputs, options, load_kwargs)
+    if model is None or model.model is None:
+        _check_compatible(paths, load_kwargs, inputs)
+    config = _config_key(inputs, options, load_kwargs, h0, model)
     digests = {p: sha256(p) for p in paths}
     run = dict(inputs=inputs, options=options, load_kwargs=load_kwargs, command=command, client=client)
-    run.update(scheduler=scheduler, workers=workers, progress=progress)
+    run.update(scheduler=scheduler, workers=workers, progress=progress, h0=h0, model=model)
     if out is None:
         parts = Path(tempfile.mkdtemp(prefix="rnnjac-sweep-"))
         try:
@@ -258,12 +333,12 @@ def _compute(todo, parts: Path, names: dict, run: dict) -> list[str]:
 
     use_distributed = any(run[k] is not None for k in ("client", "scheduler", "workers"))
     folder = parts.resolve()
-    args = (run["inputs"], run["options"], run["load_kwargs"], run["command"], use_distributed)
+    args = (run["inputs"], run["options"], run["load_kwargs"], run["command"], use_distributed, run["h0"], run["model"])
     tasks = [dask.delayed(_run_one, pure=False)(p, str(folder / names[p]), *args) for p in todo]
     if not tasks:
         return []
     if use_distributed:
-        return list(_compute_distributed(tasks, run["client"], run["scheduler"], run["workers"], run["progress"]))
+        return list(compute_distributed(tasks, run["client"], run["scheduler"], run["workers"], run["progress"]))
     return list(dask.compute(*tasks, scheduler="synchronous"))
 
 
@@ -298,51 +373,3 @@ def _drop_parts(parts: Path, names) -> None:
     _rmdir_if_empty(parts)
     if parts.exists():
         log.info("sweep: kept %d parts of other configurations in %s", len(list(parts.glob("*.nc"))), parts)
-
-
-@contextmanager
-def _quiet_distributed():
-    """Silence distributed's loggers in this process while the cluster we started runs."""
-    loggers = [logging.getLogger(n) for n in ("distributed", "tornado", "bokeh")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-def _compute_distributed(tasks, client, scheduler, workers, progress):
-    from dask.distributed import Client
-
-    if client is not None:
-        return _gather(client, tasks, progress)
-    if scheduler is not None:
-        with Client(scheduler) as own_client:
-            return _gather(own_client, tasks, progress)
-    from dask.distributed import LocalCluster
-
-    with _quiet_distributed():
-        cluster = LocalCluster(
-            n_workers=int(workers or 1),
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.CRITICAL,
-        )
-        try:
-            with Client(cluster) as own_client:
-                return _gather(own_client, tasks, progress)
-        finally:
-            cluster.close()
-
-
-def _gather(client, tasks, progress):
-    futures = client.compute(tasks)
-    if progress:
-        from dask.distributed import progress as dask_progress
-
-        dask_progress(futures)
-    return client.gather(futures)

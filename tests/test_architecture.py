@@ -19,7 +19,7 @@ LAYERS = [
     ("checks and options", {"_checks", "_options"}),
     ("tensor core", {"_kernels", "_fd", "_input_output"}),
     ("labelled layer", {"_jacobians", "_spectra", "_verify", "_fixed_points", "regularizers"}),
-    ("applications", {"_checkpoints", "_pipeline", "_sweeps", "monitor", "lightning", "plot", "cli"}),
+    ("applications", {"_checkpoints", "_user_model", "_pipeline", "_sweeps", "_distributed", "monitor", "lightning", "plot", "cli"}),
 ]
 LAYER = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}
 

@@ -544,7 +544,7 @@ def _help(capsys, command: str) -> str:
     return " ".join(capsys.readouterr().out.split())
 
 
-@pytest.mark.parametrize("command", ["analyze", "verify", "plot", "info", "demo"])
+@pytest.mark.parametrize("command", ["analyze", "verify", "plot", "info", "demo", "fixed-points"])
 def test_every_option_has_help_with_its_real_default(command):
     parser = _subparsers()[command]
     assert parser.description
@@ -561,6 +561,7 @@ def test_every_option_has_help_with_its_real_default(command):
         else:
             assert said.group(1) == str(action.default), (command, action.option_strings)
     positional = {"analyze": ["c.pt", "-o", "s.nc"], "verify": ["c.pt"], "plot": ["s.nc"], "info": ["c.pt"]}
+    positional["fixed-points"] = ["c.pt"]
     real = parser.parse_args(positional.get(command, []))
     for action in parser._actions:  # noqa: SLF001
         if action.dest not in ("help", "checkpoints", "checkpoint", "spectra", "path", "out"):

@@ -1,7 +1,7 @@
 """Module and function sizes: each module under ~400 lines, each function under ~80 lines of code.
 
-Measured over the whole ``rnnjac`` package; asserted for ``rnnjac/plot/`` (the other modules' offenders
-are printed, run with ``-s`` to see them, until the assertion is extended to them).
+Measured over the whole ``rnnjac`` package; asserted for ``rnnjac/plot/`` and ``rnnjac/cli/`` (the other modules'
+offenders are printed, run with ``-s`` to see them, until the assertion is extended to them).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import rnnjac
 PACKAGE = Path(rnnjac.__file__).parent
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 80
-ASSERTED = ("plot",)  # folders of the package whose sizes are asserted, not only reported
+ASSERTED = ("plot", "cli")  # folders of the package whose sizes are asserted, not only reported
 
 
 def function_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:

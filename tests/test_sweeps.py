@@ -322,3 +322,53 @@ def test_failing_checkpoint_on_workers_is_named_without_logs(tmp_path, checkpoin
     assert str(info.value).startswith(f"checkpoint {bad}: ") and "\n" not in str(info.value)
     err = capfd.readouterr().err
     assert "distributed" not in err and "Traceback" not in err, err
+
+
+# ----------------------------------------------------------------------------- one API for one job
+def test_a_tensor_and_keywords_as_for_spectra(tmp_path, checkpoints):
+    """``analyze_checkpoints(paths, x, k=3)`` is ``lyapunov_spectrum(load_checkpoint(p), x, k=3)`` per checkpoint,
+    with the tangent basis seeded as documented (a fresh generator seeded with ``seed``, default 0)."""
+    x = torch.randn(3, 40, 2, generator=torch.Generator().manual_seed(9))
+    ds = rnnjac.analyze_checkpoints(checkpoints, x, k=3)
+    for p in checkpoints:
+        ref = rnnjac.lyapunov_spectrum(rnnjac.load_checkpoint(p), x, k=3, generator=torch.Generator().manual_seed(0))
+        np.testing.assert_array_equal(
+            ds.lyapunov_exponents.sel(checkpoint=str(p)).values, ref.lyapunov_exponents.values
+        )
+    # an array, a file path and generator= give the same rows; keywords are validated as by spectra, before any work
+    np.save(tmp_path / "x.npy", x.numpy())
+    by_file = rnnjac.analyze_checkpoints(checkpoints[:1], str(tmp_path / "x.npy"), k=3, warmup=0)
+    by_array = rnnjac.analyze_checkpoints(checkpoints[:1], x.numpy(), k=3, generator=torch.Generator().manual_seed(0))
+    p = str(checkpoints[0])
+    for other in (by_file, by_array):
+        np.testing.assert_array_equal(
+            other.lyapunov_exponents.sel(checkpoint=p), ds.lyapunov_exponents.sel(checkpoint=p)
+        )
+    with pytest.raises(ValueError, match="reortho_every must be an integer >= 1; got 0"):
+        rnnjac.analyze_checkpoints([tmp_path / "never-read.pt"], x, reortho_every=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*batch_size"):
+        rnnjac.analyze_checkpoints(checkpoints, x, batch_size=3)
+    with pytest.raises(TypeError, match="either as options= or as keywords"):
+        rnnjac.analyze_checkpoints(checkpoints, x, options=SpectraOptions(), k=3)
+    with pytest.raises(ValueError, match="inputs have 4 features.*input_size is 2"):
+        rnnjac.analyze_checkpoints(checkpoints, torch.randn(1, 5, 4))
+    with pytest.raises(ValueError, match="3-D"):
+        rnnjac.analyze_checkpoints(checkpoints, torch.randn(5, 2))
+
+
+def test_the_configuration_key_hashes_the_tensor_bytes(tmp_path, checkpoints):
+    import rnnjac._sweeps as sweeps
+
+    x = torch.randn(2, 10, 2)
+    y = x.clone()
+    y[1, 9, 1] += 1e-6
+    opts = SpectraOptions(k=2)
+    assert sweeps._config_key(x, opts, {}) == sweeps._config_key(x.clone(), opts, {})
+    assert sweeps._config_key(x, opts, {}) != sweeps._config_key(y, opts, {})
+    assert sweeps._config_key(x, opts, {}) != sweeps._config_key(x, opts, {}, h0=torch.zeros(2, 10))
+    # a rerun on other tensor inputs is another configuration: refused, never mixed
+    out = tmp_path / "t.nc"
+    rnnjac.analyze_checkpoints(checkpoints[:2], x, k=2, out=out)
+    with pytest.raises(FileExistsError, match="another configuration"):
+        rnnjac.analyze_checkpoints(checkpoints[:2], y, k=2, out=out)
+    assert "tensor of shape (2, 10, 2)" in rnnjac.open_dataset(out).attrs["inputs"]
