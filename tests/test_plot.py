@@ -433,3 +433,21 @@ def test_cli_plot_on_a_fixed_point_file(fp, tmp_path):
     summary = plt.imread(out / "fp_summary.png")
     assert summary.shape[1] > 1.5 * summary.shape[0]  # the two plots side by side
     plt.close("all")
+
+
+def test_fixed_points_of_a_one_unit_model_are_drawn_on_a_line():
+    """A one-unit state has one principal component: the points lie on the x axis at their own values."""
+    import torch
+
+    w = 1.7
+    cell = rnnjac.CustomCell(
+        lambda s, x: torch.tanh(w * s + x), lambda s, x: torch.diag_embed(w * (1 - torch.tanh(w * s + x) ** 2))
+    )
+    starts = torch.linspace(-2, 2, 21, dtype=torch.float64).unsqueeze(1)
+    ds = rnnjac.fixed_points(cell, torch.zeros(1, dtype=torch.float64), starts)
+    assert "fixed_points" in rnnjac.plot.available(ds)
+    ax = rnnjac.plot.fixed_points(ds)
+    drawn = np.concatenate([c.get_offsets()[:, 0] for c in ax.collections])
+    centred = np.sort(ds.fixed_point_states.values[:, 0] - ds.fixed_point_states.values[:, 0].mean())
+    np.testing.assert_allclose(np.sort(np.abs(drawn)), np.sort(np.abs(centred)), atol=1e-9)
+    plt.close(ax.figure)

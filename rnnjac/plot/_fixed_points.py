@@ -89,9 +89,13 @@ def fixed_points(ds, trajectories=None, *, ax=None, dims=(0, 1), condition=None,
     ds = _fixed_point_data("fixed_points", ds, condition)
     pts = ds["fixed_point_states"].values
     d = pts.shape[-1]
+    lines = _trajectory_array(trajectories, d)
+    if d == 1:  # a one-unit state: drawn on a line (a zero second coordinate)
+        pts = np.concatenate([pts, np.zeros_like(pts)], -1)
+        lines = None if lines is None else np.concatenate([lines, np.zeros_like(lines)], -1)
+        d = 2
     if len(dims) != 2 or any(not isinstance(i, (int, np.integer)) or not 0 <= i < d for i in dims):
         raise ValueError(f"dims must be two principal components in 0..{d - 1}; got {dims!r}")
-    lines = _trajectory_array(trajectories, d)
     fit = lines.reshape(-1, d) if lines is not None else pts
     if fit.shape[0] == 0:
         raise ValueError("nothing to draw: the dataset has no fixed or slow point and no trajectories were given")
