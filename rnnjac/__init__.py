@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "spectra": "._spectra",
     "trajectory": "._jacobians",
     "verify": "._verify",
+    "verify_lyapunov": "._lyapunov_check",
 }
 #: public modules (``rnnjac.lightning`` needs the optional Lightning extra and is imported explicitly)
 _SUBMODULES = ("errors", "monitor", "plot", "regularizers", "tasks")
@@ -50,6 +51,7 @@ if TYPE_CHECKING:  # static imports for type checkers and IDEs; at run time name
     from ._fixed_points import fixed_points
     from ._io import open_dataset, save
     from ._jacobians import iter_jacobians, jacobians, trajectory
+    from ._lyapunov_check import verify_lyapunov
     from ._options import SpectraOptions
     from ._spectra import lyapunov_spectrum, spectra
     from ._sweeps import analyze_checkpoints
