@@ -7,7 +7,8 @@ batch-first inputs ``(B, T, I)`` and a flat initial state ``(B, D)``, or raises 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -15,6 +16,8 @@ from torch import Tensor
 
 from ._dynamics import System, as_dynamics, as_tensor
 from .errors import NonFiniteError, RnnjacWarning  # noqa: F401  (RnnjacWarning: re-exported from here)
+
+log = logging.getLogger("rnnjac")
 
 STATES = ("full", "h")
 METHODS = ("auto", "analytic", "autograd")
@@ -30,6 +33,8 @@ class Problem:
     unbatched: bool
     method: str
     state: str
+    attrs: dict = field(default_factory=dict)
+    """Extra attributes for the result: ``{"submodule": name}`` when a submodule of a larger model was analysed."""
 
     @property
     def batch(self) -> int:
@@ -103,6 +108,39 @@ def check_states_finite(states: Tensor, offset: int = 0) -> None:
         )
 
 
+def recurrent_core(model, inputs, h0=None, *, submodule=None, batch_first=None):
+    """What a public function analyses: ``(model, inputs, h0, batch_first, attrs)``.
+
+    The one place where ``submodule=`` is handled (see :func:`rnnjac.spectra`): a recurrent module, cell,
+    ``CustomCell`` or step function with ``submodule=None`` passes through unchanged (``attrs`` empty); any
+    other ``nn.Module`` (or any model with ``submodule=``) is run whole on ``inputs`` once and its recurrent
+    submodule comes back with exactly what it received (:func:`rnnjac._submodule.resolve`), batch-first, and
+    ``attrs={"submodule": dotted name}``. An ``nn.Module`` that holds no recurrent submodule passes through too
+    (and is refused by :func:`rnnjac._dynamics.as_dynamics` with a ``TypeError`` that says what is accepted).
+    """
+    from ._submodule import recurrent_submodules, resolve
+
+    if submodule is None and isinstance(model, torch.nn.Module) and not recurrent_submodules(model):
+        return model, inputs, h0, batch_first, {}
+    return resolve(model, inputs, h0, submodule=submodule, batch_first=batch_first)
+
+
+def recurrent_module(model, submodule=None):
+    """``(module, attrs)`` for functions without an input sequence (:func:`rnnjac.fixed_points`): the recurrent
+    submodule named by ``submodule`` (or the only one) of a larger ``nn.Module``, with no forward pass."""
+    from ._submodule import RECURRENT, _find, _label, recurrent_submodules
+
+    if submodule is None and (not isinstance(model, torch.nn.Module) or isinstance(model, RECURRENT)):
+        return model, {}
+    if submodule is None and not recurrent_submodules(model):
+        return model, {}  # refused later with the TypeError that says what is accepted
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"submodule= needs the model as an nn.Module; got {type(model).__name__}")
+    name, module = _find(model, submodule)
+    log.info("analysing submodule %s (%r)", _label(name), module)
+    return module, {"submodule": name}
+
+
 def prepare(
     model,
     inputs,
@@ -113,10 +151,15 @@ def prepare(
     batch_first: bool | None = None,
     dtype: torch.dtype | None = None,
     device=None,
+    submodule=None,
 ) -> Problem:
-    """Validate and normalise the public arguments (see module docstring)."""
+    """Validate and normalise the public arguments (see module docstring); ``submodule``: see
+    :func:`recurrent_core`."""
     check_choice("state", state, STATES)
     check_choice("method", method, METHODS)
+    model, inputs, h0, batch_first, attrs = recurrent_core(
+        model, inputs, h0, submodule=submodule, batch_first=batch_first
+    )
     xs = as_tensor("inputs", inputs)
     if not xs.is_floating_point():
         raise TypeError(f"inputs must be a floating-point tensor; got dtype {xs.dtype}")
@@ -163,4 +206,4 @@ def prepare(
             "method='analytic' needs a closed form; this CustomCell has no jacobian=... (use "
             "method='autograd' or 'auto')"
         )
-    return Problem(dyn=dyn, xs=xs, s0=s0, unbatched=unbatched, method=method, state=state)
+    return Problem(dyn=dyn, xs=xs, s0=s0, unbatched=unbatched, method=method, state=state, attrs=attrs)

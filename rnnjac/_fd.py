@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._checks import NonFiniteError, Problem
 from ._dynamics import grad_region, normal
-from ._jacobians import time_chunk_for
+from ._kernels import time_chunk_for
 
 __all__ = ["Comparison", "compare_jacobians", "fd_columns", "reverse_mode_columns"]
 

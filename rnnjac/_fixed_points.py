@@ -30,7 +30,7 @@ import torch
 import xarray as xr
 from torch import Tensor, nn
 
-from ._checks import NonFiniteError, RnnjacWarning, check_choice, check_positive_int, prepare
+from ._checks import NonFiniteError, RnnjacWarning, check_choice, check_positive_int, prepare, recurrent_module
 from ._datasets import build_dataset
 
 __all__ = ["fixed_points"]
@@ -71,6 +71,7 @@ def fixed_points(
     device=None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    submodule=None,
 ) -> xr.Dataset:
     """Fixed points and slow points of ``F(s) = step(s, x*)``, with the eigenvalues of ``J`` there.
 
@@ -118,6 +119,12 @@ def fixed_points(
         Seeds the draw of initial states and the noise.
     progress : bool
         A tqdm bar on stderr.
+    submodule : str or nn.Module, optional
+        The recurrent core of a larger ``nn.Module`` (by dotted name or as the module; default: its only
+        ``nn.RNN``/``GRU``/``LSTM`` or cell, as in :func:`rnnjac.spectra`). Fixed points are those of the core,
+        so ``inputs`` is the constant input *the core* receives (e.g. ``model.encoder(x_star)``; None: zeros),
+        and ``initial_states`` are core states (e.g. ``rnnjac.trajectory(model, x, submodule=...)``); the
+        model's other layers are not run. The result records the name in ``attrs["submodule"]``.
 
     Returns
     -------
@@ -142,6 +149,7 @@ def fixed_points(
     (1, 1, True)
     """
     opts = _check_options(method, tol, max_iter, unique_tol, outlier_distance, noise, lr, generator)
+    model, core = recurrent_module(model, submodule)
     with torch.inference_mode(False), torch.no_grad():
         problem, x_cond, s0, source = _setup(
             model, inputs, initial_states, n_initial, noise, state, dtype, device, generator
@@ -177,6 +185,7 @@ def fixed_points(
         "n_conditions": c,
         "seed": "" if generator is None else generator.initial_seed(),
         **counts,
+        **core,
     }
     if points["states"].shape[0] == 0 or counts["n_fixed_points"] == 0:
         _warn_nothing(counts, method, tol, max_iter, n, c, outlier_distance)

@@ -13,20 +13,14 @@ import torch
 from torch import Tensor
 
 from ._checks import Problem, check_positive_int, check_states_finite, prepare
+from ._kernels import DEFAULT_MAX_CHUNK_ELEMENTS, linearization_stream, run_states, time_chunk_for  # noqa: F401
 
 __all__ = ["trajectory", "jacobians", "iter_jacobians"]
 
-DEFAULT_MAX_CHUNK_ELEMENTS = 2**26  # about 256 MB of float32 Jacobians per chunk
 
-
-def run_states(problem: Problem) -> Tensor:
-    """Full states ``(B, T+1, D)``, checked for NaN/Inf."""
-    states = problem.dyn.run(problem.s0, problem.xs)
-    check_states_finite(states)
-    return states
-
-
-def trajectory(model, inputs, h0=None, *, state: str = "full", batch_first: bool | None = None) -> Tensor:
+def trajectory(
+    model, inputs, h0=None, *, state: str = "full", batch_first: bool | None = None, submodule=None
+) -> Tensor:
     """States ``s_0..s_T`` of a batch of trajectories.
 
     Parameters
@@ -42,6 +36,8 @@ def trajectory(model, inputs, h0=None, *, state: str = "full", batch_first: bool
         ``"full"``: layer-major ``[h; c]`` per LSTM layer; ``"h"``: the h parts only.
     batch_first : bool, optional
         Overrides the module's own flag for the layout of ``inputs``.
+    submodule : str or nn.Module, optional
+        The recurrent core of a larger model, fed what the model feeds it (see :func:`rnnjac.spectra`).
 
     Returns
     -------
@@ -55,16 +51,11 @@ def trajectory(model, inputs, h0=None, *, state: str = "full", batch_first: bool
     >>> rnnjac.trajectory(lstm, torch.randn(5, 7, 3)).shape
     torch.Size([5, 8, 16])
     """
-    problem = prepare(model, inputs, h0, state=state, batch_first=batch_first)
+    problem = prepare(model, inputs, h0, state=state, batch_first=batch_first, submodule=submodule)
     states = run_states(problem)
     if problem.state == "h":
         states = states.index_select(-1, problem.dyn.h_index(states.device))
     return states[0] if problem.unbatched else states
-
-
-def time_chunk_for(batch: int, size: int, steps: int, max_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> int:
-    """How many steps of ``(B, D, D)`` Jacobians fit in ``max_elements``."""
-    return max(1, min(steps, max_elements // max(1, batch * size * size)))
 
 
 def _chunk_jacobians(problem: Problem, states: Tensor, t0: int, t1: int, chunk_size=None) -> Tensor:
@@ -87,12 +78,14 @@ def iter_jacobians(
     chunk_size: int | None = None,
     time_chunk: int | None = None,
     differentiable: bool = False,
+    submodule=None,
 ) -> Iterator[tuple[int, Tensor]]:
     """Yield ``(t_start, J_chunk)`` over chunks of time, so long sequences stay in bounded memory.
 
     ``J_chunk`` has shape ``(B, n, D, D)`` and holds ``J_t`` for ``t = t_start + 1 .. t_start + n``
     (``t_start`` is the 0-based offset into the time axis of :func:`jacobians`' output). Arguments
-    are those of :func:`jacobians`; ``time_chunk`` fixes ``n`` (default: about 256 MB per chunk).
+    are those of :func:`jacobians` (``submodule``: see :func:`rnnjac.spectra`); ``time_chunk`` fixes ``n``
+    (default: about 256 MB per chunk).
     The arguments are checked before the first chunk; the trajectory is run chunk by chunk as the
     chunks are taken, so a NaN/Inf state is reported when its chunk is reached.
 
@@ -110,25 +103,27 @@ def iter_jacobians(
     """
     check_positive_int("time_chunk", time_chunk, allow_none=True)
     check_positive_int("chunk_size", chunk_size, allow_none=True)
-    problem = prepare(model, inputs, h0, state=state, method=method, batch_first=batch_first)
     if not isinstance(differentiable, bool):
         raise TypeError(f"differentiable must be True or False; got {differentiable!r}")
+    problem = prepare(model, inputs, h0, state=state, method=method, batch_first=batch_first, submodule=submodule)
     return _iter(problem, chunk_size, time_chunk, differentiable=differentiable and torch.is_grad_enabled())
 
 
 def _iter(problem: Problem, chunk_size, time_chunk, *, differentiable: bool):
+    """The chunks of :func:`iter_jacobians`, from :func:`rnnjac._kernels.linearization_stream`: each chunk is run
+    and linearised in ``differentiable`` grad mode, and its states are checked before its Jacobians are formed."""
     steps, b = problem.steps, problem.batch
     n = time_chunk or time_chunk_for(b, problem.dyn.size(problem.state), steps)
-    s = problem.s0
-    for t0 in range(0, steps, n):
-        t1 = min(steps, t0 + n)
+    stream = linearization_stream(problem, n, chunk_size=chunk_size)
+    while True:
         with torch.set_grad_enabled(differentiable):
-            states = problem.dyn.run(s, problem.xs[:, t0:t1])
-            check_states_finite(states, offset=t0)
-            sub = Problem(problem.dyn, problem.xs[:, t0:t1], s, problem.unbatched, problem.method, problem.state)
-            j = _chunk_jacobians(sub, states, 0, t1 - t0, chunk_size)
-        s = states[:, -1]
-        del states
+            chunk = next(stream, None)
+            if chunk is None:
+                return
+            check_states_finite(chunk.states, offset=chunk.t0)
+            j = chunk.lin.materialize(problem.state)
+        t0, j = chunk.t0, j.reshape(b, chunk.states.shape[1] - 1, j.shape[-2], j.shape[-1])
+        del chunk
         yield t0, (j[0] if problem.unbatched else j)
 
 
@@ -141,12 +136,13 @@ def jacobians(
     method: str = "auto",
     batch_first: bool | None = None,
     chunk_size: int | None = None,
+    submodule=None,
 ) -> Tensor:
     """Per-step hidden-to-hidden Jacobians ``J_t = ds_t/ds_{t-1}`` for ``t = 1..T``.
 
     Parameters
     ----------
-    model, inputs, h0, state, batch_first
+    model, inputs, h0, state, batch_first, submodule
         As in :func:`trajectory`.
     method : {"auto", "analytic", "autograd"}
         ``"analytic"``: closed forms (built-in cells, or a ``CustomCell``'s own ``jacobian``);
@@ -170,7 +166,7 @@ def jacobians(
     torch.Size([2, 4, 5, 5])
     """
     check_positive_int("chunk_size", chunk_size, allow_none=True)
-    problem = prepare(model, inputs, h0, state=state, method=method, batch_first=batch_first)
+    problem = prepare(model, inputs, h0, state=state, method=method, batch_first=batch_first, submodule=submodule)
     states = run_states(problem)
     j = _chunk_jacobians(problem, states, 0, problem.steps, chunk_size)
     return j[0] if problem.unbatched else j

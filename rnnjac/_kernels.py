@@ -7,6 +7,8 @@ done) that the labelled layer passes in. :mod:`rnnjac._spectra`, :mod:`rnnjac._v
 - :func:`initial_basis`, :class:`LyapunovQR`, :class:`LyapunovResult`: the one Lyapunov QR pass (Benettin et al.
   1980), ``Q_t R_t = qr(J_t Q_{t-1})`` on the schedule of :func:`rnnjac._linalg.qr_schedule`, in place and fast
   (the spectra) or differentiable (the Lyapunov penalty);
+- :func:`run_states`, :func:`time_chunk_for`: the whole trajectory (checked finite), and how many steps of
+  ``(B, D, D)`` Jacobians fit in a memory bound;
 - :func:`linearization_stream` (:class:`Chunk`): the trajectory run and linearised one time chunk at a time;
 - :func:`step_spectra`: per-step singular values and eigenvalues of materialised ``J_t``;
 - :func:`spectra_tensors`: every spectra variable of one :class:`rnnjac._options.SpectraOptions` as tensors;
@@ -25,9 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._checks import NonFiniteError, Problem
+from ._checks import NonFiniteError, Problem, check_states_finite
 from ._dynamics import Linearization
-from ._jacobians import time_chunk_for
 from ._linalg import EndToEnd, collapse_floor, kaplan_yorke, qr_positive, qr_schedule, svdvals
 
 __all__ = [
@@ -36,12 +37,34 @@ __all__ = [
     "LyapunovResult",
     "initial_basis",
     "linearization_stream",
+    "run_states",
     "spectra_tensors",
     "step_spectra",
+    "time_chunk_for",
 ]
 
 OnSteps = Callable[[int], None]
 Apply = Callable[[Tensor], Tensor]
+
+DEFAULT_MAX_CHUNK_ELEMENTS = 2**26  # about 256 MB of float32 Jacobians per chunk
+
+
+def run_states(problem: Problem) -> Tensor:
+    """Full states ``(B, T+1, D)`` of the whole trajectory, checked for NaN/Inf."""
+    states = problem.dyn.run(problem.s0, problem.xs)
+    check_states_finite(states)
+    return states
+
+
+def time_chunk_for(batch: int, size: int, steps: int, max_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> int:
+    """How many steps of ``(B, D, D)`` Jacobians fit in ``max_elements``.
+
+    Examples
+    --------
+    >>> time_chunk_for(batch=4, size=128, steps=1000, max_elements=2**20)
+    16
+    """
+    return max(1, min(steps, max_elements // max(1, batch * size * size)))
 
 
 # ----------------------------------------------------------------------------- Lyapunov exponents
@@ -198,10 +221,12 @@ class Chunk(NamedTuple):
     """``(n,)`` bool: every state of the step is finite."""
 
 
-def linearization_stream(problem: Problem, time_chunk: int) -> Iterator[Chunk]:
+def linearization_stream(problem: Problem, time_chunk: int, *, chunk_size: int | None = None) -> Iterator[Chunk]:
     """Run the trajectory ``time_chunk`` steps at a time and linearise each chunk in one batched call.
 
     Memory is that of one chunk; states are not checked here (``Chunk.finite`` says where they are finite).
+    Runs in the caller's grad mode at each ``next()`` (so a differentiable stream keeps the graph of every step
+    so far); ``chunk_size`` goes to ``torch.func.jacrev`` (autograd method).
     """
     dyn, xs, b = problem.dyn, problem.xs, problem.batch
     s = problem.s0
@@ -211,7 +236,8 @@ def linearization_stream(problem: Problem, time_chunk: int) -> Iterator[Chunk]:
         chunk = dyn.run(s, xs[:, t0:t1])
         finite = torch.isfinite(chunk[:, 1:]).flatten(2).all(-1).all(0)
         s = chunk[:, -1]
-        lin = dyn.linearize(chunk[:, :-1].reshape(b * n, -1), xs[:, t0:t1].reshape(b * n, -1), problem.method)
+        s_prev, x = chunk[:, :-1].reshape(b * n, -1), xs[:, t0:t1].reshape(b * n, -1)
+        lin = dyn.linearize(s_prev, x, problem.method, chunk_size=chunk_size)
         yield Chunk(t0, chunk, lin, finite)
 
 

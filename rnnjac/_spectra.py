@@ -127,6 +127,7 @@ def spectra(
     progress: bool = False,
     time_chunk: int | None = None,
     attrs: dict | None = None,
+    submodule=None,
 ) -> xr.Dataset:
     """Spectra of the step Jacobians of a batch of trajectories, as a labelled Dataset.
 
@@ -135,7 +136,7 @@ def spectra(
     model, inputs, h0, state, method, batch_first
         As in :func:`rnnjac.jacobians`.
     options : SpectraOptions, optional
-        The whole analysis as one value (``rnnjac._pipeline.SpectraOptions``), instead of the keywords below:
+        The whole analysis as one value (:class:`rnnjac.SpectraOptions`), instead of the keywords below:
         then ``state`` ... ``time_chunk`` must keep their defaults, and ``options.seed`` seeds the tangent
         basis unless ``generator`` is given.
     singular_values, eigenvalues : bool
@@ -163,6 +164,18 @@ def spectra(
         Steps linearised at once (default: bounded by ~64 MB of Jacobians).
     attrs : dict, optional
         Extra global attributes (e.g. the checkpoint path).
+    submodule : str or nn.Module, optional
+        The recurrent core of a larger model. When ``model`` is any ``nn.Module`` other than an
+        ``nn.RNN``/``GRU``/``LSTM`` or cell (or ``submodule`` is given), the *whole* model runs once on
+        ``inputs`` (in ``eval()`` mode, without gradients) and a forward pre-hook records what the recurrent
+        submodule receives: its input sequence and initial state, in its own layout. That submodule is then
+        analysed on exactly those inputs (``h0``, when given, replaces the captured state; ``batch_first``
+        must stay None). ``submodule`` names it (``"core.gru"``) or is the module object; by default the model's
+        only recurrent submodule is used (and logged), and several are an error that lists them. The result
+        records the dotted name in ``attrs["submodule"]``. The same keyword, with the same meaning, is on
+        :func:`~rnnjac.trajectory`, :func:`~rnnjac.jacobians`, :func:`~rnnjac.iter_jacobians`,
+        :func:`~rnnjac.lyapunov_spectrum`, :func:`~rnnjac.verify`, :func:`~rnnjac.finite_difference_jacobians`,
+        :func:`~rnnjac.fixed_points` and the penalties of :mod:`rnnjac.regularizers`.
 
     Returns
     -------
@@ -178,10 +191,16 @@ def spectra(
     ...                     generator=torch.Generator().manual_seed(0))
     >>> ds.lyapunov_exponents.shape, ds.singular_values.dims
     ((4, 3), ('batch', 'time', 'sv_index'))
-    >>> from rnnjac._pipeline import SpectraOptions
-    >>> ds = rnnjac.spectra(gru, torch.randn(4, 50, 3), options=SpectraOptions(k=3, seed=0))
-    >>> SpectraOptions.from_json(ds.attrs["options_json"]).k
+    >>> ds = rnnjac.spectra(gru, torch.randn(4, 50, 3), options=rnnjac.SpectraOptions(k=3, seed=0))
+    >>> rnnjac.SpectraOptions.from_json(ds.attrs["options_json"]).k
     3
+
+    The recurrent core of a larger model, on what the model feeds it:
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.GRU(3, 8, batch_first=True))
+    >>> ds = rnnjac.spectra(model, torch.randn(4, 50, 5), k=3)  # the same as spectra(model[1], model[0](x), k=3)
+    >>> ds.attrs["submodule"]
+    '1'
     """
     keywords = dict(
         state=state,
@@ -210,6 +229,7 @@ def spectra(
         batch_first=batch_first,
         dtype=options.torch_dtype,
         device=options.device,
+        submodule=submodule,
     )
     options.check(problem)
     with progress_bar(problem.steps, progress) as bar:
@@ -224,6 +244,7 @@ def spectra(
         "k": options.k or problem.dyn.size(problem.state),
         "lyapunov_units": "nats/step",
         "options_json": options.to_json(),
+        **problem.attrs,
     }
     extra.update(attrs or {})
     return build_dataset(
@@ -257,12 +278,14 @@ def lyapunov_spectrum(
     device=None,
     progress: bool = False,
     attrs: dict | None = None,
+    submodule=None,
 ) -> xr.Dataset:
     """Lyapunov exponents alone (memory constant in T), with Kaplan-Yorke dimension and entropy.
 
-    Same options as :func:`spectra`; with ``options=`` its outputs are set to the exponents alone
-    (``local_lyapunov`` as given). ``ks_entropy`` is the sum of the positive exponents (Pesin's
-    bound on the Kolmogorov-Sinai entropy), ``kaplan_yorke_dimension`` the Lyapunov dimension.
+    Same options as :func:`spectra` (``submodule``: the recurrent core of a larger model, see there); with
+    ``options=`` its outputs are set to the exponents alone (``local_lyapunov`` as given). ``ks_entropy`` is
+    the sum of the positive exponents (Pesin's bound on the Kolmogorov-Sinai entropy), ``kaplan_yorke_dimension``
+    the Lyapunov dimension.
 
     Examples
     --------
@@ -299,5 +322,6 @@ def lyapunov_spectrum(
         generator=generator,
         progress=progress,
         attrs=attrs,
+        submodule=submodule,
         **keywords,
     )

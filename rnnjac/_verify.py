@@ -28,7 +28,7 @@ from torch import Tensor
 from ._checks import RnnjacWarning, check_positive_int, prepare
 from ._datasets import build_dataset
 from ._fd import compare_jacobians, fd_columns
-from ._jacobians import run_states
+from ._kernels import run_states
 
 __all__ = ["finite_difference_jacobians", "verify"]
 
@@ -54,13 +54,20 @@ def _reference_dynamics(problem):
 
 
 def finite_difference_jacobians(
-    model, inputs, h0=None, *, state: str = "full", eps: float | None = None, batch_first: bool | None = None
+    model,
+    inputs,
+    h0=None,
+    *,
+    state: str = "full",
+    eps: float | None = None,
+    batch_first: bool | None = None,
+    submodule=None,
 ) -> Tensor:
     """Central finite-difference Jacobians of the one-step map, in float64.
 
     Parameters
     ----------
-    model, inputs, h0, state, batch_first
+    model, inputs, h0, state, batch_first, submodule
         As in :func:`rnnjac.jacobians`.
     eps : float, optional
         Relative step: ``h_j = eps * max(1, |s_j|)`` (default ``6.06e-6``).
@@ -80,7 +87,7 @@ def finite_difference_jacobians(
     True
     """
     eps = _check_eps(eps)
-    problem = prepare(model, inputs, h0, state=state, batch_first=batch_first)
+    problem = prepare(model, inputs, h0, state=state, batch_first=batch_first, submodule=submodule)
     states = run_states(problem)
     ref, dtype = _reference_dynamics(problem)
     b, t = problem.batch, problem.steps
@@ -111,12 +118,13 @@ def verify(
     generator: torch.Generator | None = None,
     batch_first: bool | None = None,
     dtype: torch.dtype | None = None,
+    submodule=None,
 ) -> xr.Dataset:
     """Check the Jacobians of ``method`` against float64 finite differences.
 
     Parameters
     ----------
-    model, inputs, h0, state, method, batch_first
+    model, inputs, h0, state, method, batch_first, submodule
         As in :func:`rnnjac.jacobians`; whatever ``method`` resolves to is what gets checked (the
         closed forms, the autograd path, or a ``CustomCell``'s own ``jacobian``).
     eps : float, optional
@@ -139,7 +147,8 @@ def verify(
     xarray.Dataset
         ``fd_max_abs_error`` and ``fd_max_rel_error`` over ``(batch, time)``; attrs ``passed`` (0/1),
         ``rtol``, ``atol``, ``eps``, ``mode`` and, for the worst entry, ``worst_batch``, ``worst_time``,
-        ``worst_row``, ``worst_col`` and ``worst_block`` (which layer/part rows and columns).
+        ``worst_row``, ``worst_col`` and ``worst_block`` (which layer/part rows and columns), and ``submodule``
+        when a submodule of a larger model was checked.
 
     Examples
     --------
@@ -154,7 +163,9 @@ def verify(
     for name, tol in (("rtol", rtol), ("atol", atol)):
         if not isinstance(tol, (int, float)) or tol < 0:
             raise ValueError(f"{name} must be a non-negative number; got {tol!r}")
-    problem = prepare(model, inputs, h0, state=state, method=method, batch_first=batch_first, dtype=dtype)
+    problem = prepare(
+        model, inputs, h0, state=state, method=method, batch_first=batch_first, dtype=dtype, submodule=submodule
+    )
     dyn = problem.dyn
     if problem.xs.dtype != torch.float64:
         rtol, atol = max(rtol, FLOAT32_RTOL), max(atol, FLOAT32_ATOL)
@@ -192,6 +203,7 @@ def verify(
         "worst_col": int(wc),
         "worst_block": block,
         "worst_tolerance_ratio": float(result.worst_ratio),
+        **problem.attrs,
     }
     return build_dataset(
         {"fd_max_abs_error": result.abs_error, "fd_max_rel_error": result.rel_error},

@@ -16,9 +16,18 @@ random-projection estimate ``D ||u^T J||^2`` with ``u`` uniform on the unit sphe
 ``n_proj`` draws (Hoffman, Roberts & Yaida 2019, "Robust learning with Jacobian regularization"):
 ``E[u u^T] = I / D`` gives ``E[D ||u^T J||^2] = ||J||_F^2``.
 
+``input_output_penalty`` (:mod:`rnnjac._input_output`): the end-to-end ``mean_b ||dy_b/dx_b||_F^2`` of any
+differentiable callable ``inputs -> outputs`` (an RNN with its readout, a CNN...), exact or by random projections.
+
 ``lyapunov_penalty``: ``mean_{b, i<=k} (lambda_i - target)^2`` with the exponents computed by QR
 re-orthonormalisation *through which gradients flow* ("gradient flossing", Engelken 2023), divided by
 the counted steps.
+
+The recurrent core of a larger model (``submodule=``, as in :func:`rnnjac.spectra`): the whole model runs once
+on ``inputs`` without gradients and the core is penalised on what it received. Those captured inputs are
+detached, so the penalty regularises the recurrent core on the encoder's *current* outputs, and its gradient
+reaches the core's parameters only, never the layers in front of it (penalise the core directly on
+``encoder(x)`` to let gradients flow into the encoder as well).
 
 Inner derivatives (``J^T u``) use ``torch.func.vjp``/``torch.autograd.grad``, never ``.backward()``,
 so no parameter's ``.grad`` changes until the caller backpropagates the total loss. The trajectory is
@@ -43,9 +52,10 @@ from ._checks import (
     check_states_finite,
     prepare,
 )
+from ._input_output import input_output_penalty
 from ._kernels import LyapunovQR, initial_basis
 
-__all__ = ["jacobian_penalty", "lyapunov_penalty", "JacobianPenalty"]
+__all__ = ["jacobian_penalty", "lyapunov_penalty", "input_output_penalty", "JacobianPenalty"]
 
 KINDS = ("frobenius", "spectral", "end_to_end")
 ESTIMATORS = ("exact", "projection")
@@ -58,8 +68,21 @@ def _warn_no_grad(dyn, inputs) -> None:
         warnings.warn(
             "none of the model's parameters (nor the inputs) require grad: the penalty will have no gradient",
             RnnjacWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
+
+
+def _prepare(model, inputs, h0, state, batch_first, outputs, submodule):
+    """The checked problem of a penalty (the recurrent core of a larger model with ``submodule``), with a warning
+    when nothing in it requires grad."""
+    problem = prepare(model, inputs, h0, state=state, batch_first=batch_first, submodule=submodule)
+    if problem.attrs and outputs is not None:
+        raise ValueError(
+            "outputs= is the output sequence of the recurrent module's own forward; with a whole model (submodule "
+            f"{problem.attrs['submodule']!r}) the core is re-run on its captured inputs: leave outputs=None"
+        )
+    _warn_no_grad(problem.dyn, problem.xs)
+    return problem
 
 
 def _states(problem, outputs=None) -> Tensor:
@@ -156,6 +179,7 @@ def jacobian_penalty(
     generator: torch.Generator | None = None,
     batch_first: bool | None = None,
     outputs: Tensor | None = None,
+    submodule=None,
 ) -> Tensor:
     """A differentiable penalty on the step (or end-to-end) Jacobians; see the module docstring.
 
@@ -178,6 +202,9 @@ def jacobian_penalty(
         penalty then reuses that forward instead of recomputing the trajectory, which makes the
         regularised training step much cheaper; gradients flow through it exactly as the task loss's
         do (on CUDA that forward is cuDNN's, so use it in train mode there).
+    submodule : str or nn.Module, optional
+        The recurrent core of a larger model (see :func:`rnnjac.spectra`); its captured inputs are detached
+        (module docstring). Not with ``outputs``.
 
     Returns
     -------
@@ -198,8 +225,7 @@ def jacobian_penalty(
     check_positive_int("n_proj", n_proj)
     check_positive_int("n_iter", n_iter)
     check_positive_int("time_stride", time_stride)
-    problem = prepare(model, inputs, h0, state=state, batch_first=batch_first)
-    _warn_no_grad(problem.dyn, inputs)
+    problem = _prepare(model, inputs, h0, state, batch_first, outputs, submodule)
     states = _states(problem, outputs)
     if kind == "end_to_end":
         vals = _end_to_end(problem, states, estimator, n_proj, generator)
@@ -225,12 +251,14 @@ def lyapunov_penalty(
     generator: torch.Generator | None = None,
     batch_first: bool | None = None,
     outputs: Tensor | None = None,
+    submodule=None,
 ) -> Tensor:
     """Mean over the batch and the top ``k`` exponents of ``(lambda_i - target)^2``, differentiable.
 
     The exponents are computed as in :func:`rnnjac.lyapunov_spectrum` (same transients and
     ``reortho_every``) with gradients flowing through every ``J_t Q`` and QR ("gradient flossing",
-    Engelken 2023); they are divided by the number of counted steps.
+    Engelken 2023); they are divided by the number of counted steps. ``submodule``: as in
+    :func:`jacobian_penalty`.
 
     Examples
     --------
@@ -239,12 +267,11 @@ def lyapunov_penalty(
     >>> pen = rnnjac.regularizers.lyapunov_penalty(rnn, torch.randn(4, 30, 2), k=3, warmup=5)
     >>> pen.backward()
     """
-    problem = prepare(model, inputs, h0, state=state, batch_first=batch_first)
-    check_lyapunov_options(problem, k, warmup, tangent_warmup, reortho_every, k_required=True)
-    d = problem.dyn.size(problem.state)
     if not isinstance(target, (int, float)) or not math.isfinite(target):
         raise ValueError(f"target must be a finite number; got {target!r}")
-    _warn_no_grad(problem.dyn, inputs)
+    problem = _prepare(model, inputs, h0, state, batch_first, outputs, submodule)
+    check_lyapunov_options(problem, k, warmup, tangent_warmup, reortho_every, k_required=True)
+    d = problem.dyn.size(problem.state)
     states = _states(problem, outputs)
     steps, b, state = problem.steps, problem.batch, problem.state
     per_step = _linearize(problem, states, torch.arange(warmup, steps)).unbind(steps - warmup)
@@ -270,8 +297,11 @@ class JacobianPenalty(nn.Module):
     """A penalty term for training loops: ``weight * penalty(model, inputs, h0)``.
 
     ``kind`` is one of ``"frobenius"``, ``"spectral"``, ``"end_to_end"`` (see
-    :func:`jacobian_penalty`) or ``"lyapunov"`` (see :func:`lyapunov_penalty`); the remaining keyword
-    arguments are passed on.
+    :func:`jacobian_penalty`), ``"lyapunov"`` (see :func:`lyapunov_penalty`) or ``"input_output"`` (see
+    :func:`input_output_penalty`: ``model`` is then any differentiable callable ``inputs -> outputs``, e.g. the
+    whole network with its readout, and ``h0``/``outputs`` are not taken); the remaining keyword arguments are
+    passed on (``submodule="gru"`` penalises the recurrent core of the model passed to :meth:`forward`, with
+    the captured inputs detached; see the module docstring).
 
     Examples
     --------
@@ -280,14 +310,28 @@ class JacobianPenalty(nn.Module):
     >>> penalty = rnnjac.regularizers.JacobianPenalty("spectral", weight=0.1, n_iter=3)
     >>> x = torch.randn(4, 10, 3)
     >>> loss = lstm(x)[0].pow(2).mean() + penalty(lstm, x)
+
+    The end-to-end input-to-output Jacobian of a network with its readout:
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    >>> io = rnnjac.regularizers.JacobianPenalty("input_output", weight=1e-2, n_proj=2)
+    >>> loss = net(x).pow(2).mean() + io(net, x)  # 1e-2 * mean_b ||d net(x)_b / d x_b||_F^2, estimated
+    >>> loss.backward()
     """
 
     def __init__(self, kind: str = "frobenius", weight: float = 1.0, **options):
         super().__init__()
-        check_choice("kind", kind, (*KINDS, "lyapunov"))
+        check_choice("kind", kind, (*KINDS, "lyapunov", "input_output"))
         self.kind, self.weight, self.options = kind, float(weight), options
 
     def forward(self, model, inputs, h0=None, outputs=None) -> Tensor:
+        if self.kind == "input_output":
+            if h0 is not None or outputs is not None:
+                raise ValueError(
+                    "kind='input_output' penalises model(inputs) end to end: pass the whole callable as model "
+                    "and leave h0=None, outputs=None (put the initial state inside the callable)"
+                )
+            return self.weight * input_output_penalty(model, inputs, **self.options)
         if self.kind == "lyapunov":
             return self.weight * lyapunov_penalty(model, inputs, h0, outputs=outputs, **self.options)
         return self.weight * jacobian_penalty(model, inputs, h0, kind=self.kind, outputs=outputs, **self.options)
