@@ -1,19 +1,19 @@
 """Benchmark: the same public operations before and after the refactor of issue 12, side by side.
 
-Each operation runs in fresh subprocesses, one per package tree: the pre-refactor package (commit
-``0d2db62``, extracted to ``--before``) and the current working tree (``--after``, default this
-repository). Every worker imports ``rnnjac`` from its own tree (checked: every loaded ``rnnjac``
-module must live under it), pins one thread (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``),
-warms each operation up once and times it several times. Three variants run in alternating order
-over several rounds: "old", "new" and "old-again" (the old tree a second time), so the table shows
-what run-to-run noise looks like on this (shared) machine next to the new/old ratio.
+Three long-lived worker processes, each importing ``rnnjac`` from its own tree: "old" (the
+pre-refactor package, commit ``0d2db62``, extracted to ``--before``), "new" (``--after``, default this
+repository's working tree) and "old-again" (the old tree a second time, so the table shows what
+run-to-run noise looks like on this shared machine next to the new/old ratio). Every worker pins one
+thread (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``) and checks that every ``rnnjac`` module it
+loaded lives under its tree. Per operation: one warm-up call in each worker, then 7-21 rounds of one
+timed call per worker in rotating order (so load from other processes hits all three alike); medians.
 
 Only public names that exist in both trees are used (``rnnjac.jacobians``, ``rnnjac.spectra``,
 ``rnnjac.lyapunov_spectrum``, ``rnnjac.verify``, ``rnnjac.regularizers.*``, ``rnnjac.CustomCell``).
-Each worker also returns a checksum of each result, so the table says whether old and new agree.
+Each call also returns checksums of its result, so the table says whether old and new agree.
 
     git archive 0d2db62 | tar -x -C /tmp/rnnjac_before        # once, from the repository root
-    python analyses/benchmark_refactor.py --before /tmp/rnnjac_before   # writes figures/benchmark_refactor.md
+    python analyses/benchmark_refactor.py                      # writes figures/benchmark_refactor.md
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -275,29 +276,37 @@ def measure(workers: dict[str, Worker], case: str, budget_s: float) -> dict[str,
     return out
 
 
-def max_rel_diff(a: dict, b: dict) -> float | None:
-    keys = sorted(set(a) & set(b))
-    if not keys:
-        return None
-    diffs = []
-    for k in keys:
+def max_rel_diff(a: dict, b: dict) -> tuple[float, str] | None:
+    """Largest relative difference over the checksums both results have, and its key."""
+    worst = None
+    for k in sorted(set(a) & set(b)):
         x, y = a[k], b[k]
-        if x == y:  # also equal infinities
-            diffs.append(0.0)
-        else:
-            diffs.append(abs(x - y) / max(abs(x), abs(y), 1e-300))
-    return max(diffs)
+        d = 0.0 if x == y else abs(x - y) / max(abs(x), abs(y), 1e-300)
+        if worst is None or d > worst[0]:
+            worst = (d, k)
+    return worst
 
 
 def fmt_ratio(num: float | None, den: float | None) -> str:
     return "error" if num is None or den is None else f"{num / den:.3f}"
 
 
-def verdict(new_old: float, again_old: float, spread: float) -> str:
-    noise = max(0.05, 2 * abs(again_old - 1), spread)
-    if new_old > 1 + noise:
+def ratio_ci(new: list[float], old: list[float], n_boot: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of median(new) / median(old), resampling each list."""
+    rng = random.Random(0)
+    ratios = sorted(
+        statistics.median(rng.choices(new, k=len(new))) / statistics.median(rng.choices(old, k=len(old)))
+        for _ in range(n_boot)
+    )
+    return ratios[int(0.025 * n_boot)], ratios[int(0.975 * n_boot) - 1]
+
+
+def verdict(new_old: float, again_old: float, ci: tuple[float, float]) -> str:
+    """Slower/faster only when the ratio is beyond 5% and twice the old-again distance, and its 95% CI excludes 1."""
+    noise = max(0.05, 2 * abs(again_old - 1))
+    if new_old > 1 + noise and ci[0] > 1:
         return f"slower (+{(new_old - 1) * 100:.0f}%)"
-    if new_old < 1 - noise:
+    if new_old < 1 - noise and ci[1] < 1:
         return f"faster ({(new_old - 1) * 100:.0f}%)"
     return "within noise"
 
@@ -306,14 +315,18 @@ def summarise(results: dict[str, dict[str, dict]]) -> tuple[list[list], list[str
     rows, notes = [], []
     for c, res in results.items():
         med = {v: statistics.median(r["times"]) if r["times"] and not r["error"] else None for v, r in res.items()}
-        old = sorted(res["old"]["times"])
-        spread = None
-        if len(old) >= 4 and med["old"]:
-            q = statistics.quantiles(old, n=4)
-            spread = (q[2] - q[0]) / med["old"]
+        ok = None not in (med["old"], med["new"], med["old-again"])
+        ci = ratio_ci(res["new"]["times"], res["old"]["times"]) if ok else None
         checks = {v: r["check"] for v, r in res.items()}
         diff = max_rel_diff(checks["old"], checks["new"]) if checks["old"] and checks["new"] else None
-        ok = None not in (med["old"], med["new"], med["old-again"], spread)
+        if diff and diff[0] > 1e-6:
+            notes.append(
+                f"- {LABELS[c]}: results differ, largest in `{diff[1]}` (old {checks['old'][diff[1]]:.6g}, "
+                f"new {checks['new'][diff[1]]:.6g})"
+            )
+        only = sorted(set(checks["old"] or {}) ^ set(checks["new"] or {}))
+        if checks["old"] and checks["new"] and only:
+            notes.append(f"- {LABELS[c]}: outputs present in one tree only: {', '.join(only)}")
         rows.append(
             [
                 LABELS[c],
@@ -321,16 +334,16 @@ def summarise(results: dict[str, dict[str, dict]]) -> tuple[list[list], list[str
                 "error" if med["new"] is None else f"{med['new'] * 1e3:.1f}",
                 fmt_ratio(med["new"], med["old"]),
                 fmt_ratio(med["old-again"], med["old"]),
-                "-" if spread is None else f"{spread * 100:.1f}%",
-                "-" if diff is None else f"{diff:.1e}",
-                verdict(med["new"] / med["old"], med["old-again"] / med["old"], spread) if ok else "error",
+                "-" if ci is None else f"{ci[0]:.3f}-{ci[1]:.3f}",
+                "-" if diff is None else f"{diff[0]:.1e}",
+                verdict(med["new"] / med["old"], med["old-again"] / med["old"], ci) if ok else "error",
             ]
         )
         notes += [f"- {LABELS[c]}, {v}: {r['error']}" for v, r in res.items() if r["error"]]
     return rows, notes
 
 
-def header(after: Path) -> str:
+def header(after: Path, old_label: str) -> str:
     cpu = platform.machine()
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -346,7 +359,7 @@ def header(after: Path) -> str:
         f"Machine: {cpu}, {os.cpu_count()} cores (shared); 1 thread per worker (OMP_NUM_THREADS=1, "
         f"torch.set_num_threads(1)); torch {torch.__version__}; Python {platform.python_version()}; "
         f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}\n\n"
-        f"old = commit {OLD_COMMIT} (before the refactor); new = working tree at {head or '?'}"
+        f"old = commit {old_label} (before the refactor); new = working tree at {head or '?'}"
         f"{' with uncommitted changes in rnnjac/' if dirty.strip() else ''}. "
         "One long-lived process per variant (old, new, old-again); per operation one warm-up call in each, then "
         "7-21 rounds of one timed call per variant in rotating order; times are medians of the timed calls."
@@ -379,6 +392,7 @@ def run_all(trees: dict[str, Path], cases: list[str], budget_s: float, log_dir: 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--before", type=Path, default=Path("/tmp/rnnjac_before"), help=f"tree of commit {OLD_COMMIT}")
+    ap.add_argument("--old-label", default=OLD_COMMIT, help="what the old tree is, for the header")
     ap.add_argument("--after", type=Path, default=ROOT, help="tree of the refactored package")
     ap.add_argument("--budget", type=float, default=5.0, help="target seconds of timed calls per operation, variant")
     ap.add_argument("--cases", nargs="*", default=list(LABELS), choices=list(LABELS))
@@ -396,23 +410,24 @@ def main(argv=None):
         "new [ms]",
         "new/old",
         "old-again/old",
-        "old IQR/median",
+        "new/old 95% CI",
         "result rel. diff",
         "reading",
     ]
     text = table(rows, headers)
     print(text)
     body = (
-        f"# Refactor benchmark: the same public operations before ({OLD_COMMIT}) and after\n\n"
-        f"{header(args.after)}\n\n{text}\n\n"
+        f"# Refactor benchmark: the same public operations before ({args.old_label}) and after\n\n"
+        f"{header(args.after, args.old_label)}\n\n{text}\n\n"
         '"old-again/old" is the old tree measured a second time in its own process: its distance from 1 is the '
-        'run-to-run noise. "reading" calls an operation slower or faster only beyond '
-        'max(5%, 2 |old-again/old - 1|, old IQR/median). "result rel. diff": largest relative difference between '
+        'run-to-run noise; "new/old 95% CI" is a bootstrap interval of the ratio of medians. "reading" calls an '
+        "operation slower (faster) only when new/old is beyond max(5%, 2 |old-again/old - 1|) and its interval "
+        'excludes 1. "result rel. diff": largest relative difference between '
         "old and new of the per-output sums of finite |values| and counts of non-finite values (0 = identical).\n\n"
         f"Total wall time {time.perf_counter() - t_start:.0f} s.\n"
     )
     if notes:
-        body += "\nErrors:\n\n" + "\n".join(notes) + "\n"
+        body += "\nNotes (errors, result differences):\n\n" + "\n".join(notes) + "\n"
     body += (
         f"\nReproduce: `git archive {OLD_COMMIT} | tar -x -C /tmp/rnnjac_before && "
         "python analyses/benchmark_refactor.py`\n"
