@@ -21,6 +21,7 @@ from ._version import __version__
 _EXPORTS: dict[str, str] = {
     "analyze_checkpoints": "._sweeps",
     "CheckpointError": ".errors",
+    "ConvergenceWarning": ".errors",
     "CustomCell": "._custom_system",
     "NonFiniteError": ".errors",
     "RnnjacWarning": ".errors",
@@ -56,7 +57,7 @@ if TYPE_CHECKING:  # static imports for type checkers and IDEs; at run time name
     from ._spectra import lyapunov_spectrum, spectra
     from ._sweeps import analyze_checkpoints
     from ._verify import finite_difference_jacobians, verify
-    from .errors import CheckpointError, NonFiniteError, RnnjacWarning
+    from .errors import CheckpointError, ConvergenceWarning, NonFiniteError, RnnjacWarning
     from .monitor import SpectrumMonitor
 
 

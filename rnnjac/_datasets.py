@@ -3,7 +3,8 @@
 Schema (the README's "Conventions" section):
 
 - dims ``batch``, ``time`` (t = 1..T, units "step"), ``sv_index``, ``eig_index``, ``le_index``,
-  ``unit`` (with coords ``layer``, ``part``, ``neuron``), ``checkpoint`` for sweeps;
+  ``unit`` (with coords ``layer``, ``part``, ``neuron``), ``bound`` (coords ``lower``, ``upper``: confidence
+  intervals), ``checkpoint`` for sweeps;
 - variables listed in :data:`VARIABLES`, each with ``long_name`` and ``units``;
 - global attributes: strings and numbers only (flags 0/1, configurations as JSON strings).
 """
@@ -30,7 +31,10 @@ BATCH, TIME, SV, EIG, LE, UNIT, CHECKPOINT = "batch", "time", "sv_index", "eig_i
 #: fixed points (:func:`rnnjac.fixed_points`): points found, the searches' initial states, input conditions,
 #: leading eigenmodes
 FIXED_POINT, INITIAL_STATE, CONDITION, MODE = "fixed_point", "initial_state", "condition", "mode"
-DIMS = (CHECKPOINT, BATCH, TIME, SV, EIG, LE, UNIT, CONDITION, INITIAL_STATE, FIXED_POINT, MODE)
+#: confidence intervals: coords ``lower``, ``upper``
+BOUND = "bound"
+BOUNDS = ("lower", "upper")
+DIMS = (CHECKPOINT, BATCH, TIME, SV, EIG, LE, UNIT, CONDITION, INITIAL_STATE, FIXED_POINT, MODE, BOUND)
 
 #: name -> (dims, long_name, units)
 VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
@@ -42,6 +46,28 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "local_lyapunov": ((BATCH, TIME, LE), "local Lyapunov exponents log R_ii at step t", "nats/step"),
     "kaplan_yorke_dimension": ((BATCH,), "Kaplan-Yorke (Lyapunov) dimension", "1"),
     "ks_entropy": ((BATCH,), "sum of positive Lyapunov exponents (Pesin entropy bound)", "nats/step"),
+    # uncertainty and convergence of the exponents over the batch (rnnjac._uncertainty; attrs ci, uncertainty_method)
+    "lyapunov_exponents_mean": ((LE,), "Lyapunov exponents, mean over the batch", "nats/step"),
+    "lyapunov_exponents_stderr": ((LE,), "standard error of lyapunov_exponents_mean", "nats/step"),
+    "lyapunov_exponents_bounds": (
+        (BOUND, LE),
+        "confidence interval of lyapunov_exponents_mean (level: attr ci)",
+        "nats/step",
+    ),
+    "lyapunov_stderr_source": (
+        (LE,),
+        "source of the standard error: 0 between trajectories, 1 time blocks, 2 both pooled",
+        "1",
+    ),
+    "lyapunov_block_length": ((LE,), "QRs per time block of the batch-means error (0: fewer than two blocks)", "1"),
+    "lyapunov_converged": ((LE,), "1: the running estimate settled (drift over the last half within 3 errors)", "1"),
+    "lyapunov_more_steps": ((LE,), "counted steps likely still needed to converge (0: converged)", "step"),
+    "kaplan_yorke_dimension_mean": ((), "Kaplan-Yorke dimension of the mean spectrum", "1"),
+    "kaplan_yorke_dimension_stderr": ((), "bootstrap standard error of kaplan_yorke_dimension_mean", "1"),
+    "kaplan_yorke_dimension_bounds": ((BOUND,), "bootstrap confidence interval of kaplan_yorke_dimension_mean", "1"),
+    "ks_entropy_mean": ((), "sum of the positive mean Lyapunov exponents", "nats/step"),
+    "ks_entropy_stderr": ((), "bootstrap standard error of ks_entropy_mean", "nats/step"),
+    "ks_entropy_bounds": ((BOUND,), "bootstrap confidence interval of ks_entropy_mean", "nats/step"),
     "end_to_end_log_singular_values": (
         (BATCH, TIME, SV),
         "natural log of the singular values of ds_t/ds_0",
@@ -89,6 +115,7 @@ SUMMARY_ATTRS = (
     "tangent_warmup",
     "reortho_every",
     "seed",
+    "ci",
     "created_at",
     "rnnjac_version",
 )
@@ -166,6 +193,8 @@ def build_dataset(
     for d in (SV, EIG, LE, CONDITION, INITIAL_STATE, FIXED_POINT, MODE):
         if d in used:
             coords[d] = np.arange(sizes[d])
+    if BOUND in used:
+        coords[BOUND] = np.asarray(BOUNDS)
     if UNIT in used and dyn is not None:
         uc = dyn.unit_coords(state)
         coords["layer"] = (UNIT, np.asarray(uc["layer"], dtype=np.int64))

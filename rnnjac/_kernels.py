@@ -11,6 +11,7 @@ done) that the labelled layer passes in. :mod:`rnnjac._spectra`, :mod:`rnnjac._v
   ``(B, D, D)`` Jacobians fit in a memory bound;
 - :func:`linearization_stream` (:class:`Chunk`): the trajectory run and linearised one time chunk at a time;
 - :func:`step_spectra`: per-step singular values and eigenvalues of materialised ``J_t``;
+- :func:`uncertainty_tensors`: the errors, intervals and convergence of the exponents (:mod:`rnnjac._uncertainty`);
 - :func:`spectra_tensors`: every spectra variable of one :class:`rnnjac._options.SpectraOptions` as tensors;
 - the finite-difference check of :func:`rnnjac.verify` is the kernel :func:`rnnjac._fd.compare_jacobians`.
 
@@ -30,6 +31,7 @@ from torch import Tensor
 from ._checks import NonFiniteError, Problem, check_states_finite
 from ._dynamics import Linearization
 from ._linalg import EndToEnd, collapse_floor, kaplan_yorke, qr_positive, qr_schedule, svdvals
+from ._uncertainty import BlockAccumulator, BlockStats, convergence, lyapunov_uncertainty
 
 __all__ = [
     "Chunk",
@@ -41,6 +43,7 @@ __all__ = [
     "spectra_tensors",
     "step_spectra",
     "time_chunk_for",
+    "uncertainty_tensors",
 ]
 
 OnSteps = Callable[[int], None]
@@ -94,6 +97,9 @@ class LyapunovResult(NamedTuple):
     """``T - warmup - tangent_warmup``, the divisor of the exponents."""
     counted_qrs: int
     """How many QRs were counted."""
+    blocks: BlockStats | None = None
+    """The streamed block sums of ``log R_ii`` (:class:`rnnjac._uncertainty.BlockStats`, in the order of
+    ``exponents``); None unless asked for (``blocks=True``, in-place mode)."""
 
 
 class LyapunovQR:
@@ -107,6 +113,10 @@ class LyapunovQR:
     :func:`rnnjac._linalg.collapse_floor` makes an exponent ``-inf`` when its growth was at or below the floor at
     every counted QR, and an exact zero growth at one QR counts as the floor. :meth:`step` returns, at each QR, a
     0-dim bool tensor "diag(R) is finite" (no host sync).
+
+    ``blocks=True`` (in-place mode) also streams ``log R_ii`` into block sums for the errors of
+    :mod:`rnnjac._uncertainty` (memory independent of T: :data:`rnnjac._uncertainty.MAX_BLOCKS` float64 numbers
+    per sample and exponent).
 
     ``differentiable=True`` (the Lyapunov penalty): out-of-place, so gradients flow through every ``J_t Q`` and QR;
     plain logs (a zero growth is ``-inf`` and has no gradient). :meth:`step` returns, at each counted QR, a 0-dim
@@ -132,6 +142,7 @@ class LyapunovQR:
         reortho_every: int = 1,
         local: bool = False,
         differentiable: bool = False,
+        blocks: bool = False,
     ):
         b, _, k = q0.shape
         self.q, self.differentiable, self._steps = q0, differentiable, steps
@@ -144,6 +155,7 @@ class LyapunovQR:
         self._local: list[tuple[int, Tensor]] | None = [] if local and differentiable else None
         if local and not differentiable:
             self.local = torch.full((b, steps, k), float("nan"), dtype=q0.dtype, device=q0.device)
+        self.blocks = BlockAccumulator(b, k, q0.device) if blocks and not differentiable else None
 
     def step(self, t: int, apply: Apply) -> Tensor | None:
         """Step ``t`` (1-based): ``Q <- apply(Q)`` (``apply(Q) = J_t Q``), then the QR if one is due."""
@@ -172,6 +184,8 @@ class LyapunovQR:
             self.log_sum += log_r
             if self.local is not None:
                 self.local[:, t - 1] = log_r / cover
+            if self.blocks is not None:
+                self.blocks.add(log_r, cover)
         return finite
 
     def _qr_graph(self, t: int, q: Tensor, cover: int) -> Tensor | None:
@@ -205,7 +219,8 @@ class LyapunovQR:
         local = self._local_values()
         if local is not None:
             local = torch.gather(local, -1, order.unsqueeze(1).expand(-1, local.shape[1], -1))
-        return LyapunovResult(torch.gather(lam, -1, order), local, counted, self.counted_qrs)
+        blocks = None if self.blocks is None else self.blocks.result().sorted(order.cpu())
+        return LyapunovResult(torch.gather(lam, -1, order), local, counted, self.counted_qrs, blocks)
 
 
 # ----------------------------------------------------------------------------- the stream of linearisations
@@ -346,6 +361,7 @@ class _SpectraPass:
                 tangent_warmup=opts.tangent_warmup,
                 reortho_every=opts.reortho_every,
                 local=opts.local_lyapunov,
+                blocks=opts.ci is not None,
             )
             if opts.local_lyapunov:
                 out["local_lyapunov"] = self.lyap.local  # replaced by the sorted values at the end
@@ -407,4 +423,25 @@ class _SpectraPass:
                 out["local_lyapunov"] = result.local
             out["kaplan_yorke_dimension"] = kaplan_yorke(result.exponents)
             out["ks_entropy"] = result.exponents.clamp(min=0).sum(-1)
+            if result.blocks is not None:
+                seed = 0 if self.options.seed is None else self.options.seed
+                out.update(uncertainty_tensors(result.exponents, result.blocks, self.options.ci, seed))
         return out
+
+
+def uncertainty_tensors(exponents: Tensor, blocks: BlockStats, ci: float, seed: int) -> dict[str, Tensor]:
+    """The uncertainty and convergence variables of :data:`rnnjac._datasets.VARIABLES` (float64, int64 and int8
+    tensors on the CPU) from the exponents ``(B, k)`` and their streamed block sums."""
+    u = lyapunov_uncertainty(exponents, blocks, ci=ci, seed=seed)
+    conv = convergence(blocks, exponents.detach().cpu())
+    out = {"lyapunov_block_length": u.block_length, "lyapunov_stderr_source": u.method}
+    for prefix, est in (
+        ("lyapunov_exponents", u.exponents),
+        ("kaplan_yorke_dimension", u.kaplan_yorke),
+        ("ks_entropy", u.entropy),
+    ):
+        out[f"{prefix}_mean"], out[f"{prefix}_stderr"] = est.mean, est.stderr
+        out[f"{prefix}_bounds"] = torch.stack([est.lower, est.upper])
+    out["lyapunov_converged"] = conv.converged.to(torch.int8)
+    out["lyapunov_more_steps"] = conv.more_steps
+    return out

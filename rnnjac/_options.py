@@ -36,6 +36,15 @@ def _dtype_name(dtype) -> str | None:
     return str(value).replace("torch.", "")
 
 
+def _confidence_level(ci) -> float | None:
+    """``None``, or ``ci`` as a float strictly between 0 and 1."""
+    if ci is None:
+        return None
+    if isinstance(ci, bool) or not isinstance(ci, (int, float, np.integer, np.floating)) or not 0 < ci < 1:
+        raise ValueError(f"ci must be a confidence level strictly between 0 and 1 (e.g. 0.95) or None; got {ci!r}")
+    return float(ci)
+
+
 def _device_name(device) -> str | None:
     """``None``, or the device as a string (``"cpu"``, ``"cuda:1"``); its availability is checked on use."""
     if device is None:
@@ -77,6 +86,9 @@ class SpectraOptions:
         Analyse on this device; stored as its name.
     time_chunk : int, optional
         Steps linearised at once (default: bounded memory).
+    ci : float or None
+        Confidence level of the exponents' intervals, in (0, 1) (default 0.95); None: no uncertainty or
+        convergence variables (with ``lyapunov``).
 
     Examples
     --------
@@ -107,6 +119,7 @@ class SpectraOptions:
     dtype: str | None = None
     device: str | None = None
     time_chunk: int | None = None
+    ci: float | None = 0.95
 
     def __post_init__(self) -> None:
         for name in _FLAGS:
@@ -129,6 +142,7 @@ class SpectraOptions:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, int(value))  # numpy integers -> int (JSON)
+        object.__setattr__(self, "ci", _confidence_level(self.ci))
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         object.__setattr__(self, "device", _device_name(self.device))
 

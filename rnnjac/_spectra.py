@@ -42,6 +42,7 @@ one :class:`rnnjac._options.SpectraOptions`, stored whole in the ``options_json`
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import fields, replace
 
 import torch
@@ -52,6 +53,7 @@ from ._checks import prepare
 from ._datasets import build_dataset
 from ._kernels import spectra_tensors
 from ._options import SpectraOptions
+from .errors import ConvergenceWarning
 
 __all__ = ["spectra", "lyapunov_spectrum"]
 
@@ -72,6 +74,7 @@ _CONFIG_KEYS = (
     "end_to_end",
     "keep_states",
     "local_lyapunov",
+    "ci",
 )
 _DEFAULTS = {f.name: f.default for f in fields(SpectraOptions)}
 
@@ -102,6 +105,35 @@ def _resolve_options(options, generator, keywords: dict) -> tuple[SpectraOptions
     return options, options.generator()
 
 
+UNCERTAINTY_METHOD = (
+    "exponents: mean over the batch, standard error from the spread over trajectories and batch means over time "
+    "blocks (pooled unless they differ), Student-t interval; Kaplan-Yorke dimension and entropy: seeded bootstrap"
+)
+
+
+def _uncertainty_attrs(values: dict, options: SpectraOptions) -> dict:
+    """The ``ci``/``bootstrap_seed``/``uncertainty_method`` attrs, and the convergence warning (once per call)."""
+    if "lyapunov_converged" not in values:
+        return {}
+    converged, more = values["lyapunov_converged"].bool(), values["lyapunov_more_steps"]
+    if not bool(converged.all()):
+        bad = torch.nonzero(~converged).flatten().tolist()
+        names = ", ".join(f"lambda_{i + 1}" for i in bad[:8]) + (" ..." if len(bad) > 8 else "")
+        warnings.warn(
+            f"{len(bad)} of {converged.numel()} Lyapunov exponents have not converged ({names}): their running "
+            f"estimate still drifts by more than 3 standard errors over the last half of the run; about "
+            f"{int(more.max())} more counted steps are likely needed (longer inputs, or a longer warmup= or "
+            "tangent_warmup=; per exponent: the variables lyapunov_converged and lyapunov_more_steps)",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    return {
+        "ci": options.ci,
+        "bootstrap_seed": 0 if options.seed is None else options.seed,
+        "uncertainty_method": UNCERTAINTY_METHOD,
+    }
+
+
 def spectra(
     model,
     inputs,
@@ -126,6 +158,7 @@ def spectra(
     device=None,
     progress: bool = False,
     time_chunk: int | None = None,
+    ci: float | None = 0.95,
     attrs: dict | None = None,
     submodule=None,
 ) -> xr.Dataset:
@@ -154,6 +187,12 @@ def spectra(
         Store the states ``s_1..s_T``.
     local_lyapunov : bool
         Store the per-step ``log R_ii``.
+    ci : float or None
+        With ``lyapunov``: confidence level of the intervals of the batch-mean exponents, Kaplan-Yorke dimension
+        and entropy (``*_mean``, ``*_stderr``, ``*_bounds`` on dim ``bound``), and the convergence diagnostics
+        ``lyapunov_converged``/``lyapunov_more_steps``; a :class:`rnnjac.ConvergenceWarning` names the exponents
+        that have not settled. Errors combine the spread over trajectories with batch means over time blocks
+        (memory independent of T); see the README's "Conventions" section. None: none of these.
     generator : torch.Generator, optional
         Seeds the initial tangent basis.
     dtype, device : optional
@@ -218,6 +257,7 @@ def spectra(
         dtype=dtype,
         device=device,
         time_chunk=time_chunk,
+        ci=ci,
     )
     options, generator = _resolve_options(options, generator, keywords)
     problem = prepare(
@@ -245,6 +285,7 @@ def spectra(
         "lyapunov_units": "nats/step",
         "options_json": options.to_json(),
         **problem.attrs,
+        **_uncertainty_attrs(values, options),
     }
     extra.update(attrs or {})
     return build_dataset(
@@ -277,12 +318,14 @@ def lyapunov_spectrum(
     dtype: torch.dtype | None = None,
     device=None,
     progress: bool = False,
+    ci: float | None = 0.95,
     attrs: dict | None = None,
     submodule=None,
 ) -> xr.Dataset:
     """Lyapunov exponents alone (memory constant in T), with Kaplan-Yorke dimension and entropy.
 
-    Same options as :func:`spectra` (``submodule``: the recurrent core of a larger model, see there); with
+    Same options as :func:`spectra` (``ci``: the intervals and convergence diagnostics, on by default;
+    ``submodule``: the recurrent core of a larger model, see there); with
     ``options=`` its outputs are set to the exponents alone (``local_lyapunov`` as given). ``ks_entropy`` is
     the sum of the positive exponents (Pesin's bound on the Kolmogorov-Sinai entropy), ``kaplan_yorke_dimension``
     the Lyapunov dimension.
@@ -305,6 +348,7 @@ def lyapunov_spectrum(
         method=method,
         dtype=dtype,
         device=device,
+        ci=ci,
     )
     if options is not None:
         options, generator = _resolve_options(options, generator, keywords)

@@ -1,8 +1,9 @@
 r"""Uncertainty and convergence of Lyapunov exponents estimated from finite trajectories (tensor kernels).
 
 Inputs are what the Lyapunov QR pass returns (:class:`rnnjac._kernels.LyapunovResult`): the per-sample exponents
-``(B, k)`` and the local exponents ``(B, T, k)``, ``log R_ii / m`` at each counted QR step (a QR every ``m`` steps
-covers ``m`` steps) and NaN elsewhere (warm-up, tangent warm-up, steps between QRs).
+``(B, k)`` and either the local exponents ``(B, T, k)``, ``log R_ii / m`` at each counted QR step (a QR every ``m``
+steps covers ``m`` steps) and NaN elsewhere (warm-up, tangent warm-up, steps between QRs), or their streamed
+summary :class:`BlockStats` (what the spectra use: memory independent of T, see below).
 
 **How the error is estimated.** The estimate of exponent i is the mean over the samples of their exponents. Two
 estimates of its variance are formed:
@@ -33,6 +34,16 @@ exponents (Sokal's automatic window on the autocorrelation function pooled over 
 underestimate the variance by about ``tau / L``; the cap keeps a (wide, few degrees of freedom) estimate for
 short runs.
 
+**Streaming (memory).** The local exponents are not kept: :class:`BlockAccumulator` sums ``log R_ii`` over base
+blocks of ``base`` consecutive QRs and keeps at most :data:`MAX_BLOCKS` of them per sample and exponent; when
+that many are full, neighbouring pairs are merged and ``base`` doubles. Memory is therefore ``B k MAX_BLOCKS``
+float64 numbers (4 KiB per sample and exponent) whatever T, and up to ``MAX_BLOCKS - 1`` counted QRs
+(``base = 1``) the result is the same as from the full local exponents. With ``base > 1`` the block length is a
+multiple of ``base`` and ``tau`` is estimated from the base-block series: ``tau = tau_B * base * var_B / var_1``
+with ``tau_B`` the autocorrelation time of the base-block means (in blocks), ``var_B`` their variance and
+``var_1`` the variance of single local exponents (from a streamed sum of squares). This is exact for
+``base = 1`` and tends to ``tau`` both for ``base << tau`` and ``base >> tau``.
+
 **Kaplan-Yorke dimension and entropy** are functions of the whole mean spectrum (the point estimate is the
 function of the mean exponents). Their errors come from a seeded bootstrap of the same two kinds: (a) resampling
 the samples' exponent vectors, (b) resampling the pooled, centred block means (one block length for all
@@ -61,7 +72,15 @@ BLOCK_TAUS = 10.0
 #: level of the F-test that decides whether the samples differ beyond their time noise (then (a) alone is used)
 POOL_LEVEL = 0.05
 
-__all__ = ["Uncertainty", "Convergence", "lyapunov_uncertainty", "convergence"]
+__all__ = [
+    "BlockAccumulator",
+    "BlockStats",
+    "Convergence",
+    "Uncertainty",
+    "blocks_from_local",
+    "convergence",
+    "lyapunov_uncertainty",
+]
 
 
 class Estimate(NamedTuple):
@@ -117,14 +136,133 @@ def _weights(index: Tensor) -> Tensor:
     return torch.cat([gaps[:1], gaps])
 
 
-def block_means(values: Tensor, weights: Tensor, length: int) -> Tensor:
-    """Weighted means ``(B, M, k)`` of blocks of ``length`` consecutive QRs (the remainder joins the last block)."""
-    n = values.shape[1]
-    m = n // length
-    ids = torch.clamp(torch.arange(n) // length, max=m - 1)
-    wv = torch.zeros(values.shape[0], m, values.shape[2], dtype=torch.float64)
-    wv.index_add_(1, ids, values * weights[:, None])
-    return wv / torch.zeros(m, dtype=torch.float64).index_add_(0, ids, weights)[:, None]
+class BlockStats(NamedTuple):
+    """The streamed summary of the local exponents (module docstring, "Streaming"); float64, on the CPU."""
+
+    sums: Tensor
+    """``(B, M, k)``: per block, the sum over its QRs of ``log R_ii`` (local exponent times steps covered)."""
+    steps: Tensor
+    """``(M,)``: steps covered by each block."""
+    sumsq: Tensor
+    """``(B, k)``: the sum over all counted QRs of ``steps * local^2`` (the variance of single local exponents)."""
+    base: int
+    """QRs per block (the last block may hold fewer)."""
+    qrs: int
+    """Counted QRs per sample, n."""
+    var1: Tensor | None = None
+    """``(k,)``: the variance of single local exponents when set (a slice keeps that of the whole run)."""
+
+    def single_variance(self) -> Tensor:
+        """``(k,)``: the step-weighted variance of single local exponents within a sample, pooled over samples."""
+        if self.var1 is not None:
+            return self.var1
+        w = self.steps.sum()
+        return ((self.sumsq - self.sums.sum(1).square() / w) / w).mean(0)
+
+    def slice(self, start: int) -> BlockStats:
+        """The blocks from ``start`` on (the single-exponent variance stays that of the whole run)."""
+        n = self.qrs - start * self.base
+        return BlockStats(self.sums[:, start:], self.steps[start:], self.sumsq, self.base, n, self.single_variance())
+
+    def sorted(self, order: Tensor) -> BlockStats:
+        """Exponents reordered per sample by ``order (B, k)``."""
+        sums = torch.gather(self.sums, -1, order.unsqueeze(1).expand(-1, self.sums.shape[1], -1))
+        return self._replace(sums=sums, sumsq=torch.gather(self.sumsq, -1, order), var1=None)
+
+
+#: at most this many blocks are kept per sample and exponent (then neighbouring pairs merge)
+MAX_BLOCKS = 512
+
+
+def _base_for(n: int, max_blocks: int = MAX_BLOCKS) -> int:
+    """The block size :class:`BlockAccumulator` ends with after ``n`` QRs: the least power of two leaving fewer
+    than ``max_blocks`` blocks."""
+    base = 1
+    while -(-n // base) >= max_blocks:
+        base *= 2
+    return base
+
+
+class BlockAccumulator:
+    """Streams ``log R_ii`` into :class:`BlockStats` (memory ``B k MAX_BLOCKS`` float64, independent of T).
+
+    Call :meth:`add` at every counted QR (no host synchronisation), then :meth:`result`.
+
+    Examples
+    --------
+    >>> acc = BlockAccumulator(1, 1, max_blocks=4)
+    >>> for _ in range(10):
+    ...     acc.add(torch.ones(1, 1), 1)
+    >>> r = acc.result()
+    >>> r.base, r.steps.tolist(), r.sums[0, :, 0].tolist()
+    (4, [4.0, 4.0, 2.0], [4.0, 4.0, 2.0])
+    """
+
+    def __init__(self, batch: int, k: int, device=None, *, max_blocks: int = MAX_BLOCKS):
+        self.max_blocks, self.base, self.m = max_blocks, 1, 0
+        self.sums = torch.zeros(batch, max_blocks, k, dtype=torch.float64, device=device)
+        self.steps: list[float] = []
+        self.cur = torch.zeros(batch, k, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros(batch, k, dtype=torch.float64, device=device)
+        self.cur_n, self.cur_steps, self.qrs = 0, 0.0, 0
+
+    def add(self, log_r: Tensor, cover: float) -> None:
+        """One counted QR: ``log_r (B, k)`` (the log growths over ``cover`` steps)."""
+        log_r = log_r.to(torch.float64)
+        self.cur += log_r
+        self.sumsq += log_r.square() / cover
+        self.cur_n, self.cur_steps, self.qrs = self.cur_n + 1, self.cur_steps + cover, self.qrs + 1
+        if self.cur_n == self.base:
+            self._push()
+
+    def _push(self) -> None:
+        self.sums[:, self.m] = self.cur
+        self.steps.append(self.cur_steps)
+        self.m += 1
+        self.cur.zero_()
+        self.cur_n, self.cur_steps = 0, 0.0
+        if self.m == self.max_blocks:  # merge neighbouring pairs, double the block size
+            half = self.max_blocks // 2
+            self.sums[:, :half] = self.sums[:, 0::2] + self.sums[:, 1::2]
+            self.sums[:, half:] = 0
+            self.steps = [self.steps[2 * i] + self.steps[2 * i + 1] for i in range(half)]
+            self.m, self.base = half, 2 * self.base
+
+    def result(self) -> BlockStats:
+        """The summary so far (the unfinished block, if any, joins as a last, shorter block)."""
+        if self.cur_n:
+            self._push()
+        steps = torch.tensor(self.steps, dtype=torch.float64)
+        return BlockStats(self.sums[:, : self.m].cpu(), steps, self.sumsq.cpu(), self.base, self.qrs)
+
+
+def blocks_from_local(local: Tensor, max_blocks: int = MAX_BLOCKS) -> BlockStats:
+    """The :class:`BlockStats` that streaming the local exponents ``(B, T, k)`` would give (each counted QR
+    weighted by the gap to the previous one)."""
+    values, index = counted_values(local.detach().cpu())
+    weights = _weights(index)
+    b, n, k = values.shape
+    base = _base_for(n, max_blocks)
+    m = -(-n // base)
+    ids = torch.arange(n) // base
+    sums = torch.zeros(b, m, k, dtype=torch.float64).index_add_(1, ids, values * weights[:, None])
+    steps = torch.zeros(m, dtype=torch.float64).index_add_(0, ids, weights)
+    sumsq = (values.square() * weights[:, None]).sum(1)
+    return BlockStats(sums, steps, sumsq, base, n)
+
+
+def _as_blocks(local) -> BlockStats:
+    return local if isinstance(local, BlockStats) else blocks_from_local(local)
+
+
+def _grouped_means(stats: BlockStats, length: int) -> Tensor:
+    """Means ``(B, M', k)`` of groups of ``length`` consecutive blocks (the remainder joins the last group)."""
+    m = stats.steps.numel()
+    groups = m // length
+    ids = torch.clamp(torch.arange(m) // length, max=groups - 1)
+    sums = torch.zeros(stats.sums.shape[0], groups, stats.sums.shape[2], dtype=torch.float64)
+    sums.index_add_(1, ids, stats.sums)
+    return sums / torch.zeros(groups, dtype=torch.float64).index_add_(0, ids, stats.steps)[:, None]
 
 
 def autocorrelation_time(values: Tensor, window: float = 5.0) -> Tensor:
@@ -146,24 +284,42 @@ def autocorrelation_time(values: Tensor, window: float = 5.0) -> Tensor:
     return out.clamp(min=1.0)
 
 
-def choose_block_length(values: Tensor) -> Tensor:
-    """Per exponent ``(k,)``: the block length of (b) (module docstring), 0 when fewer than two blocks fit."""
-    n = values.shape[1]
-    tau = autocorrelation_time(values)
+def _stream_tau(stats: BlockStats) -> Tensor:
+    """``tau (k,)`` in QRs from the base-block series (module docstring, "Streaming")."""
+    full = stats.sums[:, : stats.qrs // stats.base] if stats.base > 1 else stats.sums
+    means = full / stats.steps[: full.shape[1], None]
+    tau = autocorrelation_time(means)
+    if stats.base == 1:
+        return tau
+    b, m, _ = means.shape
+    var_b = ((means - means.mean(1, keepdim=True)) ** 2).sum((0, 1)) / (b * max(m - 1, 1))
+    factor = stats.base * var_b / stats.single_variance().clamp(min=1e-300)
+    return (tau * factor).clamp(min=1.0)
+
+
+def choose_block_length(stats: BlockStats) -> Tensor:
+    """Per exponent ``(k,)``: the block length of (b) in QRs (module docstring), a multiple of ``stats.base``;
+    0 when fewer than two blocks fit."""
+    n, m, k = stats.qrs, stats.steps.numel(), stats.sums.shape[2]
+    if m < 2:
+        return torch.zeros(k, dtype=torch.int64)
+    tau = _stream_tau(stats)
     length = torch.clamp(torch.ceil(BLOCK_TAUS * tau), min=max(1, math.isqrt(n)), max=n // 2)
-    return torch.where(torch.isfinite(tau), length, torch.full_like(length, n // 2)).to(torch.int64)
+    length = torch.where(torch.isfinite(tau), length, torch.full_like(length, n // 2))
+    blocks = torch.clamp(torch.ceil(length / stats.base), min=1, max=m // 2)
+    return (blocks * stats.base).to(torch.int64)
 
 
-def _time_variance(values: Tensor, weights: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+def _time_variance(stats: BlockStats, lengths: Tensor) -> tuple[Tensor, Tensor]:
     """``V_b (k,)`` and its degrees of freedom ``(k,)`` (NaN / 0 where no block length fits)."""
-    b, _, k = values.shape
+    b, _, k = stats.sums.shape
     var = torch.full((k,), float("nan"), dtype=torch.float64)
     dof = torch.zeros(k, dtype=torch.float64)
     for length in lengths.unique().tolist():
         if length == 0:
             continue
         sel = lengths == length
-        blocks = block_means(values[..., sel], weights, length)
+        blocks = _grouped_means(stats._replace(sums=stats.sums[..., sel]), length // stats.base)
         m = blocks.shape[1]
         within = ((blocks - blocks.mean(1, keepdim=True)) ** 2).sum((0, 1)) / (b * (m - 1))
         var[sel], dof[sel] = within / (b * m), float(b * (m - 1))
@@ -203,7 +359,7 @@ def _collapsed(exps: Tensor, est: Estimate) -> Estimate:
     )
 
 
-def _replicates(exps, values, weights, length, n_boot, generator) -> list[Tensor]:
+def _replicates(exps, stats: BlockStats, length: int, n_boot: int, generator) -> list[Tensor]:
     """Bootstrap replicates ``(n_boot, k)`` of the mean spectrum: (a) over samples, (b) over pooled centred blocks."""
     out, b = [], exps.shape[0]
     mean = exps.mean(0)
@@ -211,7 +367,7 @@ def _replicates(exps, values, weights, length, n_boot, generator) -> list[Tensor
     if b >= 2:
         pools.append((exps - mean, 1.0))
     if length > 0:
-        blocks = block_means(values, weights, length)
+        blocks = _grouped_means(stats, length // stats.base)
         m = blocks.shape[1]
         pools.append(((blocks - blocks.mean(1, keepdim=True)).reshape(-1, exps.shape[1]), math.sqrt(m / (m - 1))))
     for resid, scale in pools:
@@ -243,7 +399,7 @@ def _entropy(spectrum: Tensor) -> Tensor:
 
 
 def lyapunov_uncertainty(
-    exponents: Tensor, local: Tensor, *, ci: float = 0.95, n_boot: int = 1000, seed: int = 0
+    exponents: Tensor, local: Tensor | BlockStats, *, ci: float = 0.95, n_boot: int = 1000, seed: int = 0
 ) -> Uncertainty:
     """Standard errors and confidence intervals of the mean Lyapunov spectrum, its dimension and entropy.
 
@@ -251,8 +407,9 @@ def lyapunov_uncertainty(
     ----------
     exponents : Tensor
         ``(B, k)``: the per-sample exponents (descending).
-    local : Tensor
-        ``(B, T, k)``: the local exponents in the same order (NaN where no counted QR happened).
+    local : Tensor or BlockStats
+        ``(B, T, k)``: the local exponents in the same order (NaN where no counted QR happened), or their
+        streamed summary (:class:`BlockStats`, e.g. from :class:`BlockAccumulator`).
     ci : float
         Confidence level of the intervals, in (0, 1).
     n_boot : int
@@ -275,24 +432,24 @@ def lyapunov_uncertainty(
     """
     if not 0 < ci < 1:
         raise ValueError(f"ci must be a confidence level in (0, 1); got {ci!r}")
-    if exponents.dim() != 2 or local.dim() != 3 or local.shape[::2] != exponents.shape:
+    shape = local.sums.shape if isinstance(local, BlockStats) else local.shape
+    if exponents.dim() != 2 or len(shape) != 3 or shape[::2] != exponents.shape:
         raise ValueError(
             f"exponents must be (B, k) and local (B, T, k) with the same B and k; got {tuple(exponents.shape)} "
-            f"and {tuple(local.shape)}"
+            f"and {tuple(shape)}"
         )
     exps = exponents.detach().to("cpu", torch.float64)
-    values, index = counted_values(local.detach().cpu())
-    weights = _weights(index)
+    stats = _as_blocks(local)
     b, k = exps.shape
     finite = torch.where(torch.isneginf(exps), torch.zeros_like(exps), exps)
     var_a = finite.var(0) / b if b >= 2 else torch.full((k,), float("nan"), dtype=torch.float64)
     dof_a = torch.full((k,), float(b - 1), dtype=torch.float64)
-    lengths = choose_block_length(values) if values.shape[1] >= 2 else torch.zeros(k, dtype=torch.int64)
-    var_b, dof_b = _time_variance(values, weights, lengths)
+    lengths = choose_block_length(stats)
+    var_b, dof_b = _time_variance(stats, lengths)
     var, dof, use_b = _combine(var_a, dof_a, var_b, dof_b)
     est = _collapsed(exps, _interval(exps.mean(0), var, dof, ci))
     gen = torch.Generator().manual_seed(seed)
-    reps = _replicates(finite, values, weights, int(lengths.max()), n_boot, gen)
+    reps = _replicates(finite, stats, int(lengths.max()), n_boot, gen)
     dead = torch.isneginf(est.mean)
     reps = [torch.where(dead, est.mean, r) for r in reps]
     point = est.mean
@@ -307,7 +464,7 @@ def lyapunov_uncertainty(
 
 
 def convergence(
-    local: Tensor, exponents: Tensor | None = None, *, fraction: float = 0.5, threshold: float = 3.0
+    local: Tensor | BlockStats, exponents: Tensor | None = None, *, fraction: float = 0.5, threshold: float = 3.0
 ) -> Convergence:
     """Whether each exponent's running estimate has settled, and roughly how many more steps it needs.
 
@@ -322,8 +479,9 @@ def convergence(
 
     Parameters
     ----------
-    local : Tensor
-        ``(B, T, k)`` local exponents (NaN where no counted QR happened).
+    local : Tensor or BlockStats
+        ``(B, T, k)`` local exponents (NaN where no counted QR happened), or their :class:`BlockStats` (the
+        running estimate is then followed at block ends, and the last ``fraction`` starts at one).
     exponents : Tensor, optional
         ``(B, k)`` per-sample exponents (default: the step-weighted average of ``local``).
     fraction, threshold : float
@@ -340,20 +498,19 @@ def convergence(
     """
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1); got {fraction!r}")
-    values, index = counted_values(local.detach().cpu())
-    weights = _weights(index)
+    stats = _as_blocks(local)
+    covered = torch.cumsum(stats.steps, 0)
     if exponents is None:
-        exponents = (values * weights[:, None]).sum(1) / weights.sum()
-    covered = torch.cumsum(weights, 0)
-    running = (torch.cumsum(values * weights[:, None], 1) / covered[:, None]).mean(0)
-    n = float(covered[-1])
+        exponents = stats.sums.sum(1) / covered[-1]
+    running = (torch.cumsum(stats.sums, 1) / covered[:, None]).mean(0)
+    n = float(covered[-1]) if covered.numel() else 0.0
     j = int(torch.searchsorted(covered, (1 - fraction) * n, right=True)) - 1
-    if j < 0:
-        nan = torch.full((values.shape[2],), float("nan"), dtype=torch.float64)
+    if j < 0 or j + 1 >= covered.numel():
+        nan = torch.full((stats.sums.shape[2],), float("nan"), dtype=torch.float64)
         return Convergence(torch.zeros_like(nan, dtype=torch.bool), nan, nan, torch.full_like(nan, n).long())
     n_start = float(covered[j])
-    tail = values[:, j + 1 :]
-    tail_mean = (tail * weights[j + 1 :, None]).sum(1) / weights[j + 1 :].sum()
+    tail = stats.slice(j + 1)
+    tail_mean = tail.sums.sum(1) / tail.steps.sum()
     se = lyapunov_uncertainty(tail_mean, tail, n_boot=2).exponents.stderr * math.sqrt(1 - n_start / n)
     drift = running[-1] - running[j]
     dead = torch.isneginf(exponents.detach().cpu()).all(0)

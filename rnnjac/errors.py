@@ -7,7 +7,7 @@ such as ``nonlinearity=`` or ``unsafe=True``). They subclass the built-in ``Valu
 
 from __future__ import annotations
 
-__all__ = ["RnnjacWarning", "NonFiniteError", "CheckpointError"]
+__all__ = ["RnnjacWarning", "ConvergenceWarning", "NonFiniteError", "CheckpointError"]
 
 
 class RnnjacWarning(UserWarning):
@@ -21,6 +21,21 @@ class RnnjacWarning(UserWarning):
     >>> import warnings, rnnjac
     >>> with warnings.catch_warnings():
     ...     warnings.simplefilter("error", rnnjac.errors.RnnjacWarning)  # turn them into errors
+    """
+
+
+class ConvergenceWarning(RnnjacWarning):
+    """Some Lyapunov exponents had not settled by the end of the run (a longer run, or more warm-up, helps).
+
+    Warned once per :func:`rnnjac.spectra` / :func:`rnnjac.lyapunov_spectrum` call; the message names the
+    exponents and about how many more counted steps they are likely to need (the Dataset's
+    ``lyapunov_converged`` and ``lyapunov_more_steps``).
+
+    Examples
+    --------
+    >>> import warnings, rnnjac
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore", rnnjac.ConvergenceWarning)  # silence them (e.g. for quick looks)
     """
 
 

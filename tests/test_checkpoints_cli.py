@@ -189,7 +189,7 @@ def test_analyze_writes_spectra_with_provenance(tmp_path, ckpt):
     assert main(argv) == 0
     ds = rnnjac.open_dataset(out)
     rnnjac._datasets.validate(ds)
-    assert ds.sizes == {"batch": 3, "time": 30, "sv_index": 12, "le_index": 4, "eig_index": 12}
+    assert ds.sizes == {"batch": 3, "time": 30, "sv_index": 12, "le_index": 4, "eig_index": 12, "bound": 2}
     assert ds.attrs["checkpoint_sha256"] == rnnjac._checkpoints.sha256(ckpt)
     assert ds.attrs["command"].startswith("rnnjac analyze") and ds.attrs["training_step"] == 7
     # same numbers as the Python API on the same inputs

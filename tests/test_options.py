@@ -121,7 +121,10 @@ def test_lyapunov_spectrum_with_options_computes_the_exponents_alone():
     m, x = Problem("gru").module(), Problem("gru").inputs(steps=20)
     opts = SpectraOptions(k=2, warmup=3, eigenvalues=True, end_to_end=True, seed=2)
     ds = rnnjac.lyapunov_spectrum(m, x, options=opts)
-    assert set(ds.data_vars) == {"lyapunov_exponents", "kaplan_yorke_dimension", "ks_entropy"}
+    per_sample = {"lyapunov_exponents", "kaplan_yorke_dimension", "ks_entropy"}
+    assert all("time" not in ds[v].dims for v in ds.data_vars)  # no per-step variables
+    assert per_sample <= set(ds.data_vars) and "lyapunov_exponents_bounds" in ds  # uncertainty on by default
+    assert set(rnnjac.lyapunov_spectrum(m, x, options=dataclasses.replace(opts, ci=None)).data_vars) == per_sample
     ref = rnnjac.lyapunov_spectrum(m, x, k=2, warmup=3, generator=torch.Generator().manual_seed(2))
     np.testing.assert_array_equal(ds.lyapunov_exponents.values, ref.lyapunov_exponents.values)
 

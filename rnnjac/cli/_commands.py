@@ -145,9 +145,39 @@ def cmd_analyze(args, argv) -> int:
     _write(_io.save, ds, out, overwrite=args.overwrite, written=args.written)
     print(f"wrote {out}: {', '.join(ds.data_vars)}")
     if "lyapunov_exponents" in ds:
-        top = ds.lyapunov_exponents.median("batch").values[:3]
-        print("top Lyapunov exponents (median over batch, nats/step): " + ", ".join(f"{v:+.4f}" for v in top))
+        print(exponent_summary(ds))
     return 0
+
+
+def _symbols() -> tuple[str, str]:
+    """``("λ", "±")`` where stdout can encode them, else ``("lambda", "+/-")`` (e.g. a cp1252 file redirect)."""
+    try:
+        "λ±".encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return "lambda", "+/-"
+    return "λ", "±"
+
+
+def exponent_summary(ds, n: int = 3, digits: int = 4) -> str:
+    """The top ``n`` exponents as ``λ1 = -0.0652 ± 0.0031, ...``: the mean over the batch ± the half-width of its
+    confidence interval (``ds.attrs["ci"]``) when the Dataset has ``lyapunov_exponents_bounds``, else the median
+    over the batch alone."""
+    lam, pm = _symbols()
+    if "lyapunov_exponents_bounds" not in ds:
+        top = ds.lyapunov_exponents.median("batch").values[:n]
+        return "top Lyapunov exponents (median over batch, nats/step): " + ", ".join(f"{v:+.{digits}f}" for v in top)
+    mean = ds.lyapunov_exponents_mean.values[:n]
+    b = ds.lyapunov_exponents_bounds
+    half = (b.sel(bound="upper") - b.sel(bound="lower")).values[:n] / 2
+    pairs = enumerate(zip(mean, half, strict=True))
+    parts = [f"{lam}{i + 1} = {m:+.{digits}f} {pm} {h:.{digits}f}" for i, (m, h) in pairs]
+    ci = float(ds.attrs.get("ci", 0.95))
+    text = ", ".join(parts) + f" nats/step (mean over batch {pm} half-width of the {100 * ci:g}% interval)"
+    if "lyapunov_converged" in ds and not bool(ds.lyapunov_converged.all()):
+        text += (
+            f"; not converged: {', '.join(f'{lam}{i + 1}' for i in (ds.lyapunov_converged.values == 0).nonzero()[0])}"
+        )
+    return text
 
 
 def _verify_report(ds, quiet: bool) -> None:

@@ -110,7 +110,10 @@ def singular_value_heatmap(ds, *, ax=None, batch=None, cmap="viridis", checkpoin
 def lyapunov_spectrum(ds, *, ax=None, checkpoint=None, **kwargs):
     """Lyapunov exponents by index: median with the min–max spread over the batch, zero line, D_KY.
 
-    On a sweep, one line per checkpoint (median over the batch) coloured by training step; ``checkpoint=``
+    When the Dataset has the intervals (``lyapunov_exponents_bounds``, the default of :func:`rnnjac.spectra`), the
+    line is the mean over the batch with error bars spanning its confidence interval (level ``ds.attrs["ci"]``),
+    and exponents that have not converged (``lyapunov_converged == 0``) get an open marker. On a sweep, one line
+    per checkpoint (median over the batch) coloured by training step; ``checkpoint=``
     (a position or a path) draws one checkpoint alone.
 
     Examples
@@ -131,12 +134,19 @@ def lyapunov_spectrum(ds, *, ax=None, checkpoint=None, **kwargs):
     vals = le.values
     idx = np.arange(1, vals.shape[-1] + 1)
     ax = _axes(ax)
-    med = np.median(vals, 0)
-    line = _curve(ax, idx, med, marker="o", ms=3, label=kwargs.pop("label", "median over batch"), **kwargs)
+    if "lyapunov_exponents_bounds" in ds:
+        line = _interval_bars(ax, ds, idx, kwargs)
+    else:
+        med = np.median(vals, 0)
+        line = _curve(ax, idx, med, marker="o", ms=3, label=kwargs.pop("label", "median over batch"), **kwargs)
     if vals.shape[0] > 1:
-        ax.fill_between(idx, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.25, label="min–max over batch")
+        ax.fill_between(idx, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2, label="min–max over batch")
     ax.axhline(0.0, color="k", lw=0.8)
-    if "kaplan_yorke_dimension" in ds:
+    if "kaplan_yorke_dimension_bounds" in ds:
+        b = ds["kaplan_yorke_dimension_bounds"]
+        half = float(b.sel(bound="upper") - b.sel(bound="lower")) / 2
+        ax.plot([], [], " ", label=f"Kaplan–Yorke dim. {float(ds['kaplan_yorke_dimension_mean']):.2f} ± {half:.2f}")
+    elif "kaplan_yorke_dimension" in ds:
         dky = float(np.median(ds["kaplan_yorke_dimension"].values))
         ax.plot([], [], " ", label=f"Kaplan–Yorke dim. {dky:.2f}")
     ax.set_xlabel("exponent index i")
@@ -145,6 +155,35 @@ def lyapunov_spectrum(ds, *, ax=None, checkpoint=None, **kwargs):
     ax.set_title(_title(ds, "Lyapunov spectrum"))
     ax.legend(fontsize="small")
     return ax
+
+
+def _interval_bars(ax, ds, idx, kwargs):
+    """The mean exponents with error bars over their confidence interval; open markers where not converged."""
+    mean = ds["lyapunov_exponents_mean"].values
+    b = ds["lyapunov_exponents_bounds"]
+    lower, upper = b.sel(bound="lower").values, b.sel(bound="upper").values
+    with np.errstate(invalid="ignore"):
+        yerr = np.vstack([mean - lower, upper - mean])
+    yerr = np.where(np.isfinite(yerr) & np.isfinite(mean), yerr, 0.0)  # -inf or no error: no bar
+    ci = float(ds.attrs.get("ci", 0.95))
+    line = _curve(ax, idx, mean, marker="o", ms=3, label=kwargs.pop("label", "mean over batch"), **kwargs)
+    finite = np.isfinite(mean)
+    color = line.get_color()
+    ax.errorbar(
+        idx[finite],
+        mean[finite],
+        yerr=yerr[:, finite],
+        fmt="none",
+        ecolor=color,
+        capsize=3,
+        lw=1.2,
+        label=f"{100 * ci:g}% confidence interval",
+    )
+    if "lyapunov_converged" in ds:
+        bad = (ds["lyapunov_converged"].values == 0) & finite
+        if bad.any():
+            ax.plot(idx[bad], mean[bad], ls="none", marker="o", ms=7, mfc="white", mec=color, label="not converged")
+    return line
 
 
 def lyapunov_convergence(ds, *, ax=None, indices=None, checkpoint=None, **kwargs):
