@@ -229,6 +229,7 @@ def verify_lyapunov(
         dtype=dtype,
         device=device,
         submodule=submodule,
+        ci=None,  # the errors are computed below from the local exponents
     )
     qr = torch.from_numpy(ds.lyapunov_exponents.values).to(torch.float64)
     a = lyapunov_uncertainty(lam[:, None], local, ci=ci, n_boot=2).exponents

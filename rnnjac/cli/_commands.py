@@ -92,6 +92,7 @@ def _spectra_options(args):
         device=args.device,
         dtype=args.dtype,
         seed=args.seed,
+        ci=args.ci,
     )
 
 

@@ -18,6 +18,7 @@ FLAGS = {
     "warmup": "--warmup",
     "tangent_warmup": "--tangent-warmup",
     "reortho_every": "--reortho-every",
+    "ci": "--ci",
     "eigenvalues": "--eigenvalues",
     "end_to_end": "--end-to-end",
     "local_lyapunov": "--local-lyapunov",

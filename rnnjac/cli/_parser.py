@@ -112,6 +112,13 @@ def _add_analyze(sub) -> None:
     a.add_argument("--warmup", type=int, default=0, help="steps of state evolution before tangents (default 0)")
     a.add_argument("--tangent-warmup", type=int, default=0, help="tangent steps not counted (default 0)")
     a.add_argument("--reortho-every", type=int, default=1, help="steps between QR re-orthonormalisations (default 1)")
+    a.add_argument(
+        "--ci",
+        type=_confidence,
+        default=0.95,
+        metavar="LEVEL",
+        help="confidence level of the exponents' intervals, or 'none' to skip them (default 0.95)",
+    )
     a.add_argument("--eigenvalues", action="store_true", help="also per-step eigenvalues and spectral radius")
     a.add_argument("--end-to-end", action="store_true", help="also singular values of ds_t/ds_0")
     a.add_argument(
@@ -200,6 +207,16 @@ def _add_fixed_points(sub) -> None:
     _add_threads(f)
     _add_common(f, quiet="print only the counts line, not the table")
     f.set_defaults(func=cmd_fixed_points)
+
+
+def _confidence(text: str):
+    """``--ci``: a number (checked by SpectraOptions, so the error names the flag) or ``none``."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a level such as 0.95, or 'none'; got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
