@@ -66,19 +66,6 @@ def _interrupted(err: BaseException | None, received: list, written: list) -> in
     return 128 + int(first)
 
 
-def _error_line(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.errno is not None and err.strerror and len(err.args) >= 2:
-        where = err.filename2 or err.filename
-        text = f"{where}: {err.strerror}" if where else err.strerror
-    else:
-        text = str(err)
-    msg = cli_message(" ".join(text.split())) or type(err).__name__
-    known = (ValueError, TypeError, OSError, ImportError, LookupError)
-    if not isinstance(err, known):
-        msg = f"{type(err).__name__}: {msg} (rerun with --debug for the traceback)"
-    return msg
-
-
 @contextmanager
 def _scoped_output(verbose: bool):
     """During one command: rnnjac's log lines and warnings as one line each on stderr, in CLI terms.
