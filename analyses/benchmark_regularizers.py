@@ -1,80 +1,158 @@
-"""Benchmark: one training step with each penalty against the unregularised step (issue 7).
+"""Benchmark: one training step with each penalty against the unregularised step (issues 7 and 14).
 
-GRU and LSTM, H=128, B=64, T=100, input 16, a linear readout and MSE, Adam; the penalty is added to
-the loss with weight 1e-3 and the whole step (forward, penalty, backward, optimiser) is timed.
-Target: the exact Frobenius penalty costs <= 1.5x the unregularised step. ``outputs=`` reuses the step's own
-forward (the task loss's) instead of recomputing the trajectory.
+GRU and LSTM, 1 and 2 layers, H=128 and 256, B=64, T=100, input 16, a linear readout and MSE, Adam; the penalty
+is added with weight 1e-3 and the whole step (forward, loss, penalty, backward, optimiser step) is timed. Every
+regularised step shares its forward with the task loss (``forward_with_states``, ``states=``). The steps of
+one configuration are measured alternating (one of each in turn, ``--repeat`` rounds, medians), on one CPU
+thread (``torch.set_num_threads(1)``) unless ``--threads``. With ``--old DIR`` (a copy of a previous
+``rnnjac`` package, e.g. ``git archive HEAD rnnjac | tar -x -C /tmp/old``) the old code is timed in the same
+rounds (``outputs=`` for one layer; it had no shared forward for stacked models, so 2-layer rows are skipped).
+Where a target is missed, the top operators of one profiled step say where the time goes.
 
-    python analyses/benchmark_regularizers.py   # writes figures/benchmark_regularizers.md
+Targets (issue 14): exact Frobenius <= 1.5x (GRU), <= 2.0x (LSTM); spectral (3 power iterations) <= 2.5x;
+Lyapunov (k=8) <= 4x.
+
+    python analyses/benchmark_regularizers.py --old /tmp/old/rnnjac   # writes figures/benchmark_regularizers.md
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import statistics
+import sys
+import time
 
 import torch
-from _bench import machine, table, timeit, write
+from _bench import machine, table, write
 from torch import nn
 
-from rnnjac.regularizers import jacobian_penalty, lyapunov_penalty
+from rnnjac.regularizers import forward_with_states
 
-# each penalty gets (rnn, x, out): ``out`` is the step's own forward, reused through ``outputs=``
+# name -> (target, penalty(regularizers module, rnn, x, states or outputs))
 PENALTIES = {
-    "none": None,
-    "frobenius, exact (own trajectory)": lambda rnn, x, out: jacobian_penalty(rnn, x),
-    "frobenius, exact, outputs= (shared forward)": lambda rnn, x, out: jacobian_penalty(rnn, x, outputs=out),
-    "frobenius, exact, shared, time_stride=4": lambda rnn, x, out: jacobian_penalty(rnn, x, outputs=out, time_stride=4),
-    "frobenius, projection (n_proj=1), shared": lambda rnn, x, out: jacobian_penalty(
-        rnn, x, estimator="projection", outputs=out
+    "frobenius, exact": ({"gru": 1.5, "lstm": 2.0}, lambda r, m, x, s: r.jacobian_penalty(m, x, **s)),
+    "frobenius, projection (n_proj=1)": (
+        None,
+        lambda r, m, x, s: r.jacobian_penalty(m, x, estimator="projection", **s),
     ),
-    "spectral (n_iter=3), shared": lambda rnn, x, out: jacobian_penalty(rnn, x, kind="spectral", n_iter=3, outputs=out),
-    "end-to-end, projection (n_proj=1), shared": lambda rnn, x, out: jacobian_penalty(
-        rnn, x, kind="end_to_end", estimator="projection", outputs=out
-    ),
-    "lyapunov (k=8, 10 warm-up steps), shared": lambda rnn, x, out: lyapunov_penalty(
-        rnn, x, k=8, warmup=10, outputs=out
-    ),
+    "spectral (n_iter=3)": (2.5, lambda r, m, x, s: r.jacobian_penalty(m, x, kind="spectral", n_iter=3, **s)),
+    "lyapunov (k=8, warmup=10)": (4.0, lambda r, m, x, s: r.lyapunov_penalty(m, x, k=8, warmup=10, **s)),
 }
+
+
+def _load_old(path: str):
+    spec = importlib.util.spec_from_file_location(
+        "rnnjac_old", f"{path}/__init__.py", submodule_search_locations=[path]
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["rnnjac_old"] = mod
+    spec.loader.exec_module(mod)
+    import rnnjac_old.regularizers as old  # noqa: PLC0415
+
+    return old
+
+
+def _steps(cell, hidden, layers, args, old):
+    """``{label: (target, step function)}`` for one configuration, and its objects."""
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    rnn = {"gru": nn.GRU, "lstm": nn.LSTM}[cell](16, hidden, num_layers=layers, batch_first=True).to(dev)
+    head = nn.Linear(hidden, 3).to(dev)
+    opt = torch.optim.Adam([*rnn.parameters(), *head.parameters()], lr=1e-3)
+    x, y = torch.randn(args.batch, args.steps, 16, device=dev), torch.randn(args.batch, args.steps, 3, device=dev)
+    new = sys.modules["rnnjac.regularizers"]
+
+    def make(pen, mod, shared):
+        def step():
+            if pen is None:
+                out, pen_val = rnn(x)[0], 0.0
+            elif shared == "states":
+                out, states = forward_with_states(rnn, x)
+                pen_val = pen(mod, rnn, x, {"states": states})
+            else:
+                out = rnn(x)[0]
+                pen_val = pen(mod, rnn, x, {"outputs": out} if layers == 1 else {})
+            loss = nn.functional.mse_loss(head(out), y) + 1e-3 * pen_val
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        return step
+
+    out = {"none": (None, make(None, None, None))}
+    big = layers > 1 and hidden > args.exact_stacked_max
+    for name, (target, pen) in PENALTIES.items():
+        if name == "frobenius, exact" and big:
+            continue
+        tgt = target.get(cell) if isinstance(target, dict) else target
+        out[name] = (tgt, make(pen, new, "states"))
+        if old is not None and layers == 1:
+            out[name + " [old]"] = (None, make(pen, old, "outputs"))
+    return out
+
+
+def _measure(steps: dict, repeat: int, sync) -> dict:
+    times = {k: [] for k in steps}
+    for _ in range(repeat + 1):  # the first round warms up
+        for label, (_, fn) in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[label].append(time.perf_counter() - t0)
+    return {k: statistics.median(v[1:]) for k, v in times.items()}
+
+
+def _profile(fn, device) -> str:
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+    ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ev) or 1
+    return ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in ev[:3])
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--hidden", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--layers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--exact-stacked-max", type=int, default=128, help="largest H of the stacked exact Frobenius")
+    ap.add_argument("--old", default=None, help="directory of a previous rnnjac package to time alongside")
+    ap.add_argument("--out", default="benchmark_regularizers.md")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
-    rows = []
+    torch.set_num_threads(args.threads)
+    old = _load_old(args.old) if args.old else None
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    rows, t_start = [], time.perf_counter()
     for cell in ("gru", "lstm"):
-        torch.manual_seed(0)
-        rnn = {"gru": nn.GRU, "lstm": nn.LSTM}[cell](16, args.hidden, batch_first=True)
-        head = nn.Linear(args.hidden, 3)
-        opt = torch.optim.Adam([*rnn.parameters(), *head.parameters()], lr=1e-3)
-        x = torch.randn(args.batch, args.steps, 16)
-        y = torch.randn(args.batch, args.steps, 3)
-        base = None
-        for name, pen in PENALTIES.items():
-
-            def step(pen=pen):
-                out, _ = rnn(x)
-                loss = nn.functional.mse_loss(head(out), y)
-                if pen is not None:
-                    loss = loss + 1e-3 * pen(rnn, x, out)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-
-            t = timeit(step, repeat=5)
-            base = t if pen is None else base
-            rows.append([cell.upper(), name, f"{t * 1e3:.0f}", f"{t / base:.2f}x"])
-            print(rows[-1], flush=True)
-    text = table(rows, ["model", "penalty", "step time [ms]", "vs unregularised"])
-    print(text)
+        for hidden in args.hidden:
+            for layers in args.layers:
+                steps = _steps(cell, hidden, layers, args, old)
+                med = _measure(steps, args.repeat, sync)
+                for label, (target, fn) in steps.items():
+                    ratio = med[label] / med["none"]
+                    missed = target is not None and ratio > target
+                    note = _profile(fn, args.device) if missed else ""
+                    tgt = "" if target is None else f"<= {target}x" + (" **missed**" if missed else " met")
+                    row = [cell.upper(), hidden, layers, label, f"{med[label] * 1e3:.0f}", f"{ratio:.2f}x", tgt, note]
+                    rows.append(row)
+                    print(row, flush=True)
+    text = table(rows, ["model", "H", "layers", "penalty", "step [ms]", "vs unregularised", "target", "top ops"])
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     write(
-        "benchmark_regularizers.md",
-        f"# One training step with penalties: H={args.hidden}, B={args.batch}, T={args.steps}\n\n"
-        f"Machine: {machine()}\n\n{text}\n\nTarget: exact Frobenius <= 1.5x the unregularised step.\n\n"
-        "Reproduce: `python analyses/benchmark_regularizers.py`\n",
+        args.out,
+        f"# One training step with penalties: B={args.batch}, T={args.steps}, {dev}\n\n"
+        f"Machine: {machine()}; {args.threads} thread(s) (torch.set_num_threads); total {time.perf_counter() - t_start:.0f} s."
+        "\n\nEvery regularised step shares its forward with the task loss (`forward_with_states`, `states=`); "
+        "`[old]` rows: the previous code with `outputs=` (one layer only). Steps of one configuration are timed "
+        f"alternating, median of {args.repeat} rounds. Stacked exact Frobenius is run up to H={args.exact_stacked_max}: "
+        "its cross-layer block is a product of two step-dependent (H, H) matrices, O(B T H^3).\n\n"
+        f"{text}\n\nReproduce: `python analyses/benchmark_regularizers.py --old /tmp/old/rnnjac`\n",
     )
 
 

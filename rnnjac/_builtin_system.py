@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -31,7 +33,7 @@ class BuiltinSystem(System):
         True for modules (weights named ``weight_hh_l0``, ``h0`` with a leading layer dimension), False for
         cells (``weight_hh``, ``h0`` without one).
     module : nn.Module, optional
-        The module itself, whose fused forward :meth:`sequence_states` reuses for one layer on the CPU.
+        The module itself (for reference; :meth:`fused_states` calls torch's fused op with the layers' weights).
 
     Examples
     --------
@@ -197,24 +199,49 @@ class BuiltinSystem(System):
     def factored(self, method: str) -> bool:
         return method == "analytic"
 
-    def frobenius_closed_form(self, state: str) -> bool:
+    def frobenius_closed_form(self, state: str, *, stacked: bool = False) -> bool:
+        if stacked:  # every layer's own block in row form, the cross-layer blocks as (H, H) products
+            return state == "full" and all(frobenius_row_local(self.cell, [p], state) for p in self.layers)
         return frobenius_row_local(self.cell, self.layers, state)
 
     def sequence_states(self, s0: Tensor, xs: Tensor, outputs: Tensor | None = None, *, unbatched=False) -> Tensor:
         """Differentiable states ``(B, T+1, D)``: for one layer from the caller's ``outputs`` when given (the
-        forward is shared with the task loss), else from the module's own forward on the CPU; else :meth:`run`.
-        ``c_t``, which ``nn.LSTM`` does not return, is rebuilt by :meth:`LSTMArch.cell_sequence`."""
-        if outputs is not None:
-            out = self._outputs(outputs, xs, unbatched)
-        elif self.module is not None and self.num_layers == 1 and not xs.is_cuda:
-            out = self._module_forward(s0, xs)
-        else:
-            return self.run(s0, xs)
+        forward is shared with the task loss), else :meth:`fused_states` (any layer count, CPU or GPU)."""
+        if outputs is None:
+            return self.fused_states(s0, xs)
+        out = self._outputs(outputs, xs, unbatched)  # checks first: one layer only
         ((h0, c0),) = self.split(s0)
+        return self._layer_states(self.layers[0], xs, h0, c0, out)
+
+    def fused_states(self, s0: Tensor, xs: Tensor) -> Tensor:
+        """States ``(B, T+1, D)`` of the whole stack from torch's fused recurrent kernel, one layer at a time.
+
+        Each layer runs through the op its module's forward uses (``torch._VF.gru``...) with that layer's own
+        weights, no dropout and ``train=True`` (on CUDA, cuDNN then keeps what its backward needs in eval mode
+        too), so gradients reach the weights exactly as through the module's forward. The LSTM cell states,
+        which the op does not return, are rebuilt by :meth:`LSTMArch.cell_sequence`.
+        """
+        parts, inp = [], xs
+        for p, (h0, c0) in zip(self.layers, self.split(s0), strict=True):
+            states = self._layer_states(p, inp, h0, c0, self._fused_layer(p, inp, h0, c0))
+            parts.append((states, None) if c0 is None else states.split([h0.shape[-1], c0.shape[-1]], -1))
+            inp = parts[-1][0][:, 1:]
+        return self.join(parts)
+
+    def _layer_states(self, p: LayerParams, xs: Tensor, h0: Tensor, c0: Tensor | None, out: Tensor) -> Tensor:
+        """One layer's ``[h; c]`` states ``(B, T+1, ·)`` from its outputs ``(B, T, H_out)``."""
         hs = torch.cat([h0.unsqueeze(1), out], 1)
-        if c0 is None:
-            return hs
-        return torch.cat([hs, self.cell.cell_sequence(self.layers[0], xs, hs, c0)], -1)
+        return hs if c0 is None else torch.cat([hs, self.cell.cell_sequence(p, xs, hs, c0)], -1)
+
+    def _fused_layer(self, p: LayerParams, xs: Tensor, h0: Tensor, c0: Tensor | None) -> Tensor:
+        """One layer's outputs ``(B, T, H_out)`` from torch's fused op (batch-first inputs ``(B, T, I)``)."""
+        bias = p.b_ih is not None
+        weights = [p.w_ih, p.w_hh] + ([p.b_ih, p.b_hh] if bias else []) + ([p.w_hr] if p.w_hr is not None else [])
+        op = getattr(torch._VF, self.arch)  # rnn_tanh, rnn_relu, gru, lstm: the names of the ops
+        hx = h0.unsqueeze(0) if c0 is None else (h0.unsqueeze(0), c0.unsqueeze(0))
+        with warnings.catch_warnings():  # cuDNN copies weights that are not one flat buffer: expected here
+            warnings.filterwarnings("ignore", message=".*contiguous chunk of memory")
+            return op(xs, hx, weights, bias, 1, 0.0, True, False, True)[0]
 
     def _outputs(self, outputs, xs: Tensor, unbatched: bool) -> Tensor:
         """The caller's output sequence as ``(B, T, H_out)`` after checking it can stand for the states."""
@@ -233,16 +260,6 @@ class BuiltinSystem(System):
                 f"outputs must be the model's output sequence, shape {want} (batch-first); got {tuple(outputs.shape)}"
             )
         return out
-
-    def _module_forward(self, s0: Tensor, xs: Tensor) -> Tensor:
-        """The top layer's outputs ``(B, T, H_out)`` from the module's own (single-layer) forward."""
-        module = self.module
-        assert module is not None
-        ((h0, c0),) = self.split(s0)
-        x_in = xs if module.batch_first else xs.transpose(0, 1)
-        hx = (h0.unsqueeze(0), c0.unsqueeze(0)) if c0 is not None else h0.unsqueeze(0)
-        out, _ = module(x_in, hx)
-        return out if module.batch_first else out.transpose(0, 1)
 
 
 def _rnn_layers(module, num_layers: int, *, cell: bool = False) -> list[LayerParams]:
@@ -298,7 +315,7 @@ def builtin_system(model) -> BuiltinSystem | None:
                 hidden_size=model.hidden_size,
                 proj_size=getattr(model, "proj_size", 0),
                 batch_first=model.batch_first,
-                module=model,  # lets the penalties reuse the module's own (non-cuDNN) forward
+                module=model,
             )
     for cell_cls, base in _CELL_ARCH.items():
         if isinstance(model, cell_cls):

@@ -290,7 +290,7 @@ class FactoredLinearization(Linearization):
     def materialize(self, state: str = "full") -> Tensor:
         n, cell, total = self.s.shape[0], self.cell, self.layout.state_size
         j = self.s.new_empty(n, total, total)
-        r0, below = 0, None  # below: h-rows of the previous layer's row block (a view of j)
+        r0, below = 0, None  # below: h-rows of the previous layer's row block (a copy)
         for p, coef, parts in zip(self.layers, self.coefs, self.layout.parts, strict=False):
             n_h = parts[0][1]
             r1 = r0 + sum(m for _, m in parts)
@@ -302,19 +302,44 @@ class FactoredLinearization(Linearization):
                 if out_c is not None:
                     j[:, r0 + n_h : r1, c0 : c0 + width] = out_c
                 c0 += width
-            if below is not None:
-                low_h, low_c = cell.tangent(p, coef, below, None, None)
-                j[:, r0 : r0 + n_h, :r0] = low_h
+            if below is not None:  # d(layer)/dx (N, rows, In) first, then one batched GEMM with the rows below
+                low_h, low_c = cell.tangent(p, coef, EYE, None, None)
+                j[:, r0 : r0 + n_h, :r0] = low_h @ below
                 if low_c is not None:
-                    j[:, r0 + n_h : r1, :r0] = low_c
+                    j[:, r0 + n_h : r1, :r0] = low_c @ below
             if r1 < total:
                 j[:, r0:r1, r1:] = 0
-            below = j[:, r0 : r0 + n_h, :r1]
+            below = j[:, r0 : r0 + n_h, :r1].clone()  # saved by the GEMM above: not a view of j
             r0 = r1
         return j if state == "full" else self.layout.h_block(j)
 
     def frobenius_sq(self, state: str = "full") -> Tensor:
-        """``||J||_F^2`` per step, ``(N,)``; O(N K^2 H) for a single layer without projection."""
+        """``||J||_F^2`` per step, ``(N,)``; O(N K^2 H) for a single layer without projection, a stack's own
+        blocks in the same row form plus its cross-layer blocks by :meth:`_stacked_frobenius_sq`."""
         if frobenius_row_local(self.cell, self.layers, state):
             return self.cell.frobenius_sq(self.layers[0], self.coefs[0])
+        if state == "full" and all(frobenius_row_local(self.cell, [p], state) for p in self.layers):
+            return self._stacked_frobenius_sq()
         return super().frobenius_sq(state)
+
+    def _stacked_frobenius_sq(self) -> Tensor:
+        """``||J||_F^2`` of a stack: each layer's own block in row form, and the block over the layers below,
+        ``(dF_l/dx) @ B_{l-1}``, as one batched GEMM of ``(N, H, H)`` matrices (``B_{l-1}``: the h rows of the
+        layer below over all its columns); nothing else is materialised."""
+        total, below, n_layers = None, None, len(self.layers)
+        for li, (p, coef) in enumerate(zip(self.layers, self.coefs, strict=True)):
+            own = self.cell.frobenius_sq(p, coef)
+            total = own if total is None else total + own
+            cross = None
+            if below is not None:
+                d_h, d_c = self.cell.tangent(p, coef, EYE, None, None)  # (N, H, In): this layer's rows over x
+                cross = d_h @ below
+                total = total + cross.pow(2).sum((-2, -1))
+                if d_c is not None:
+                    total = total + (d_c @ below).pow(2).sum((-2, -1))
+            if li + 1 < n_layers:
+                cols = [self.cell.tangent(p, coef, None, EYE, None)[0]]  # h rows over the layer's own h ...
+                if self.cell.has_c:
+                    cols.append(self.cell.tangent(p, coef, None, None, EYE)[0])  # ... and c columns
+                below = torch.cat(cols if cross is None else [cross, *cols], -1)
+        return total

@@ -266,8 +266,9 @@ class System(ABC):
         """Whether ``linearize(..., method)`` returns a :class:`FactoredLinearization`."""
         return False
 
-    def frobenius_closed_form(self, state: str) -> bool:
-        """Whether ``||J||_F^2`` has the row-local (Gram) form: one layer, no projection, full state."""
+    def frobenius_closed_form(self, state: str, *, stacked: bool = False) -> bool:
+        """Whether ``||J||_F^2`` has the row-local (Gram) form: one layer, no projection, full state
+        (``stacked=True``: every layer of a stack has it, and ``frobenius_sq`` needs no full ``J``)."""
         return False
 
 

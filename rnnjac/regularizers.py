@@ -10,8 +10,10 @@ r"""Differentiable penalties on the step Jacobians, for regularising training.
 
 ``estimator="exact"`` uses the factored closed forms: ``||J||_F^2`` of a single-layer built-in cell
 is ``sum_i a_i^T G_i a_i`` with per-row Gram matrices of the shared weights (O(B T K^2 H) instead of
-materialising ``(B, T, D, D)``), multi-layer models materialise one time chunk at a time, the
-end-to-end product is propagated as ``P <- J_t P``. ``estimator="projection"`` is the unbiased
+materialising ``(B, T, D, D)``); a stack adds its cross-layer blocks ``(dF_l/dx) @ B_{l-1}`` as batched
+``(H, H)`` products (O(B T H^3): use the projection estimator for large stacked models); ``state="h"`` of an
+LSTM and projections materialise one time chunk at a time; the end-to-end product is propagated as
+``P <- J_t P``. ``estimator="projection"`` is the unbiased
 random-projection estimate ``D ||u^T J||^2`` with ``u`` uniform on the unit sphere, averaged over
 ``n_proj`` draws (Hoffman, Roberts & Yaida 2019, "Robust learning with Jacobian regularization"):
 ``E[u u^T] = I / D`` gives ``E[D ||u^T J||^2] = ||J||_F^2``.
@@ -30,9 +32,11 @@ reaches the core's parameters only, never the layers in front of it (penalise th
 ``encoder(x)`` to let gradients flow into the encoder as well).
 
 Inner derivatives (``J^T u``) use ``torch.func.vjp``/``torch.autograd.grad``, never ``.backward()``,
-so no parameter's ``.grad`` changes until the caller backpropagates the total loss. The trajectory is
-recomputed by the transparent step (on CPU a single-layer module's own forward is reused for speed);
-nothing differentiates through a fused cuDNN kernel.
+so no parameter's ``.grad`` changes until the caller backpropagates the total loss. The trajectory of a
+built-in module comes from torch's fused kernel, one layer at a time (:func:`forward_with_states` shares it
+with the task loss; ``outputs=`` does for one layer); a custom cell's from its step. Everything after the
+states is parallel over time: the gate pre-activations of all steps are two GEMMs per layer over ``(B T, ·)``,
+and only the end-to-end product and the Lyapunov QR chain run step by step.
 """
 
 from __future__ import annotations
@@ -54,12 +58,12 @@ from ._checks import (
 )
 from ._input_output import input_output_penalty
 from ._kernels import LyapunovQR, initial_basis
+from ._penalties import _end_to_end, _linearize, _per_step, _raise_nonfinite, _time_index
 
-__all__ = ["jacobian_penalty", "lyapunov_penalty", "input_output_penalty", "JacobianPenalty"]
+__all__ = ["jacobian_penalty", "lyapunov_penalty", "input_output_penalty", "JacobianPenalty", "forward_with_states"]
 
 KINDS = ("frobenius", "spectral", "end_to_end")
 ESTIMATORS = ("exact", "projection")
-_CHUNK_ELEMENTS = 2**24
 
 
 def _warn_no_grad(dyn, inputs) -> None:
@@ -72,97 +76,99 @@ def _warn_no_grad(dyn, inputs) -> None:
         )
 
 
-def _prepare(model, inputs, h0, state, batch_first, outputs, submodule):
+def _prepare(model, inputs, h0, state, batch_first, outputs, submodule, states=None):
     """The checked problem of a penalty (the recurrent core of a larger model with ``submodule``), with a warning
     when nothing in it requires grad."""
     problem = prepare(model, inputs, h0, state=state, batch_first=batch_first, submodule=submodule)
-    if problem.attrs and outputs is not None:
+    if outputs is not None and states is not None:
+        raise ValueError("pass outputs= (one layer) or states= (from forward_with_states), not both")
+    if problem.attrs and (outputs is not None or states is not None):
         raise ValueError(
-            "outputs= is the output sequence of the recurrent module's own forward; with a whole model (submodule "
-            f"{problem.attrs['submodule']!r}) the core is re-run on its captured inputs: leave outputs=None"
+            "outputs=/states= come from the recurrent module's own forward; with a whole model (submodule "
+            f"{problem.attrs['submodule']!r}) the core is re-run on its captured inputs: leave them None"
         )
     _warn_no_grad(problem.dyn, problem.xs)
     return problem
 
 
-def _states(problem, outputs=None) -> Tensor:
-    """Differentiable states ``(B, T+1, D)``, checked finite (``System.sequence_states``: from the caller's own
-    ``outputs`` of a single-layer module, or that module's own forward on the CPU, else the step)."""
-    states = problem.dyn.sequence_states(problem.s0, problem.xs, outputs, unbatched=problem.unbatched)
+def _states(problem, outputs=None, states=None) -> Tensor:
+    """Differentiable states ``(B, T+1, D)``, checked finite: the caller's ``states`` (:func:`forward_with_states`)
+    or ``System.sequence_states`` (from the caller's own ``outputs`` of a single-layer module, else the fused
+    forward of a built-in module, else the step)."""
+    if states is not None:
+        _check_given_states(problem, states)
+    else:
+        states = problem.dyn.sequence_states(problem.s0, problem.xs, outputs, unbatched=problem.unbatched)
     check_states_finite(states.detach())
     return states
 
 
-def _time_index(steps: int, stride: int) -> Tensor:
-    return torch.arange(0, steps, stride)
+def _check_given_states(problem, states) -> None:
+    if not isinstance(states, Tensor):
+        raise TypeError(f"states must be the tensor returned by forward_with_states; got {type(states).__name__}")
+    want = (problem.batch, problem.steps + 1, problem.dyn.state_size)
+    if tuple(states.shape) != want:
+        raise ValueError(
+            f"states must be the (B, T+1, D) = {want} states of forward_with_states(model, inputs, h0) for these "
+            f"inputs; got shape {tuple(states.shape)}"
+        )
+    s0 = problem.s0.to(dtype=states.dtype, device=states.device)
+    if not torch.allclose(states[:, 0].detach(), s0.detach(), rtol=1e-5, atol=1e-6):
+        raise ValueError("states[:, 0] is not the initial state of h0: pass the h0 given to forward_with_states")
 
 
-def _linearize(problem, states: Tensor, t_idx: Tensor):
-    b = problem.batch
-    s_prev = states[:, :-1][:, t_idx].reshape(b * len(t_idx), -1)
-    x = problem.xs[:, t_idx].reshape(b * len(t_idx), -1)
-    return problem.dyn.linearize(s_prev, x, problem.method)
+def forward_with_states(model, inputs, h0=None, *, batch_first: bool | None = None) -> tuple[Tensor, Tensor]:
+    """Run a built-in recurrent module once, returning its outputs and the states every penalty needs.
 
+    The layers run one at a time through torch's fused kernel with the module's own weights (no inter-layer
+    dropout), so gradients reach the weights exactly as through ``model(inputs, h0)``. Use ``outputs`` for the
+    task loss and pass ``states=states`` to :func:`jacobian_penalty` / :func:`lyapunov_penalty` (or
+    :class:`JacobianPenalty`): the trajectory is then computed once per training step, for any number of layers.
 
-def _sphere(shape, generator, like: Tensor) -> Tensor:
-    u = torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
-    return u / u.norm(dim=-2, keepdim=True)
+    On CUDA the kernel is cuDNN's: it runs with ``train=True`` here, so the backward pass works whether the
+    module is in train or eval mode, but cuDNN's RNN backward is first-order only (no double backward: run
+    gradgradcheck or Hessian-vector products on the CPU or under ``torch.backends.cudnn.flags(enabled=False)``).
 
+    Parameters
+    ----------
+    model : nn.RNN, nn.GRU or nn.LSTM
+        Unidirectional, any ``num_layers`` and ``proj_size``; ``dropout > 0`` only in eval mode.
+    inputs, h0, batch_first
+        As for ``model(inputs, h0)`` (``h0`` also as the flat state, README "Conventions").
 
-def _per_step(problem, states, kind, estimator, n_proj, n_iter, t_idx, generator) -> Tensor:
-    """Per-step values ``(B, len(t_idx))`` of ``||J||_F^2`` or ``sigma_max^2``."""
-    b, d, state = problem.batch, problem.dyn.size(problem.state), problem.state
-    closed = problem.method == "analytic" and problem.dyn.frobenius_closed_form(state)
-    if kind == "frobenius" and estimator == "exact":
-        width = 4 if closed else d  # row form: O(H K) per step; otherwise J is materialised
-    else:
-        width = 4 * max(n_proj, 4) if problem.method == "analytic" else d  # J Q with narrow Q
-    per_chunk = max(1, _CHUNK_ELEMENTS // max(1, b * d * width))
-    out = []
-    for c0 in range(0, len(t_idx), per_chunk):
-        idx = t_idx[c0 : c0 + per_chunk]
-        lin = _linearize(problem, states, idx)
-        n = lin.s.shape[0]
-        if kind == "frobenius" and estimator == "exact":
-            val = lin.frobenius_sq(state)
-        elif kind == "frobenius":
-            u = _sphere((n, d, n_proj), generator, states)
-            val = d * lin.apply_transpose(u, state).pow(2).sum(-2).mean(-1)
-        else:  # spectral
-            v = _sphere((n, d, 1), generator, states)
-            plain = lin.detached()
-            with torch.no_grad():
-                for _ in range(n_iter):
-                    with torch.enable_grad():
-                        w = plain.apply_transpose(plain.apply(v, state), state)
-                    v = w / w.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-            val = lin.apply(v.detach(), state).pow(2).sum((-2, -1))
-        out.append(val.reshape(b, len(idx)))
-    return torch.cat(out, 1)
+    Returns
+    -------
+    outputs : Tensor
+        The top layer's outputs, as ``model(inputs, h0)[0]`` (same layout).
+    states : Tensor
+        ``(B, T+1, D)`` flat states ``s_0..s_T`` (batch first, ``B = 1`` for unbatched inputs; README
+        "Conventions": "State vector"); ``states[:, -1]`` is the final state.
 
-
-def _end_to_end(problem, states, estimator, n_proj, generator) -> Tensor:
-    b, steps, d, state = problem.batch, problem.steps, problem.dyn.size(problem.state), problem.state
-    per_step = _linearize(problem, states, torch.arange(steps)).unbind(steps)
-    if estimator == "exact":
-        p = torch.eye(d, dtype=states.dtype, device=states.device).expand(b, d, d)
-        for lin_t in per_step:
-            p = lin_t.apply(p, state)
-        return p.pow(2).sum((-2, -1))
-    w = _sphere((b, d, n_proj), generator, states)
-    for lin_t in reversed(per_step):
-        w = lin_t.apply_transpose(w, state)  # u^T J_T ... J_1, one step back at a time
-    return d * w.pow(2).sum(-2).mean(-1)
-
-
-def _raise_nonfinite(values: Tensor, t_idx: Tensor | None, what: str) -> None:
-    v = values.detach()
-    if bool(torch.isfinite(v).all()):
-        return
-    if t_idx is None or v.dim() < 2:
-        raise NonFiniteError(f"the {what} penalty is NaN/Inf")
-    bad = int(torch.nonzero(~torch.isfinite(v).all(0))[0, 0])
-    raise NonFiniteError(f"the {what} penalty is NaN/Inf at step t={int(t_idx[bad]) + 1}")
+    Examples
+    --------
+    >>> import torch, rnnjac
+    >>> gru = torch.nn.GRU(3, 16, num_layers=2, batch_first=True)
+    >>> x = torch.randn(8, 20, 3)
+    >>> out, states = rnnjac.regularizers.forward_with_states(gru, x)
+    >>> pen = rnnjac.regularizers.jacobian_penalty(gru, x, states=states)
+    >>> (out.pow(2).mean() + 1e-2 * pen).backward()
+    """
+    if not isinstance(model, nn.RNNBase):
+        raise TypeError(f"forward_with_states takes an nn.RNN, nn.GRU or nn.LSTM module; got {type(model).__name__}")
+    if model.training and model.dropout > 0 and model.num_layers > 1:
+        raise ValueError(
+            f"model has dropout={model.dropout} between its layers in train mode, which the penalties' dynamical "
+            "system does not have: call model.eval(), build it with dropout=0, or compute the task outputs with "
+            "model(inputs) and call the penalty without states="
+        )
+    problem = prepare(model, inputs, h0, batch_first=batch_first)
+    states = problem.dyn.fused_states(problem.s0, problem.xs)
+    out = problem.dyn.split(states[:, 1:])[-1][0]
+    if problem.unbatched:
+        out = out.squeeze(0)
+    elif not (model.batch_first if batch_first is None else batch_first):
+        out = out.transpose(0, 1)
+    return out, states
 
 
 def jacobian_penalty(
@@ -180,6 +186,7 @@ def jacobian_penalty(
     batch_first: bool | None = None,
     outputs: Tensor | None = None,
     submodule=None,
+    states: Tensor | None = None,
 ) -> Tensor:
     """A differentiable penalty on the step (or end-to-end) Jacobians; see the module docstring.
 
@@ -205,6 +212,9 @@ def jacobian_penalty(
     submodule : str or nn.Module, optional
         The recurrent core of a larger model (see :func:`rnnjac.spectra`); its captured inputs are detached
         (module docstring). Not with ``outputs``.
+    states : Tensor, optional
+        The states returned by :func:`forward_with_states` (any number of layers): the penalty reuses that
+        forward, shared with the task loss. Not with ``outputs`` or ``submodule``.
 
     Returns
     -------
@@ -225,8 +235,8 @@ def jacobian_penalty(
     check_positive_int("n_proj", n_proj)
     check_positive_int("n_iter", n_iter)
     check_positive_int("time_stride", time_stride)
-    problem = _prepare(model, inputs, h0, state, batch_first, outputs, submodule)
-    states = _states(problem, outputs)
+    problem = _prepare(model, inputs, h0, state, batch_first, outputs, submodule, states)
+    states = _states(problem, outputs, states)
     if kind == "end_to_end":
         vals = _end_to_end(problem, states, estimator, n_proj, generator)
         _raise_nonfinite(vals, None, kind)
@@ -252,13 +262,14 @@ def lyapunov_penalty(
     batch_first: bool | None = None,
     outputs: Tensor | None = None,
     submodule=None,
+    states: Tensor | None = None,
 ) -> Tensor:
     """Mean over the batch and the top ``k`` exponents of ``(lambda_i - target)^2``, differentiable.
 
     The exponents are computed as in :func:`rnnjac.lyapunov_spectrum` (same transients and
     ``reortho_every``) with gradients flowing through every ``J_t Q`` and QR ("gradient flossing",
-    Engelken 2023); they are divided by the number of counted steps. ``submodule``: as in
-    :func:`jacobian_penalty`.
+    Engelken 2023); they are divided by the number of counted steps. ``outputs``, ``states``, ``submodule``: as
+    in :func:`jacobian_penalty`.
 
     Examples
     --------
@@ -269,10 +280,10 @@ def lyapunov_penalty(
     """
     if not isinstance(target, (int, float)) or not math.isfinite(target):
         raise ValueError(f"target must be a finite number; got {target!r}")
-    problem = _prepare(model, inputs, h0, state, batch_first, outputs, submodule)
+    problem = _prepare(model, inputs, h0, state, batch_first, outputs, submodule, states)
     check_lyapunov_options(problem, k, warmup, tangent_warmup, reortho_every, k_required=True)
     d = problem.dyn.size(problem.state)
-    states = _states(problem, outputs)
+    states = _states(problem, outputs, states)
     steps, b, state = problem.steps, problem.batch, problem.state
     per_step = _linearize(problem, states, torch.arange(warmup, steps)).unbind(steps - warmup)
     q0 = initial_basis(d, k, generator, states.dtype, states.device, b)
@@ -324,17 +335,18 @@ class JacobianPenalty(nn.Module):
         check_choice("kind", kind, (*KINDS, "lyapunov", "input_output"))
         self.kind, self.weight, self.options = kind, float(weight), options
 
-    def forward(self, model, inputs, h0=None, outputs=None) -> Tensor:
+    def forward(self, model, inputs, h0=None, outputs=None, *, states=None) -> Tensor:
         if self.kind == "input_output":
-            if h0 is not None or outputs is not None:
+            if h0 is not None or outputs is not None or states is not None:
                 raise ValueError(
                     "kind='input_output' penalises model(inputs) end to end: pass the whole callable as model "
-                    "and leave h0=None, outputs=None (put the initial state inside the callable)"
+                    "and leave h0=None, outputs=None, states=None (put the initial state inside the callable)"
                 )
             return self.weight * input_output_penalty(model, inputs, **self.options)
+        shared = {"outputs": outputs, "states": states}
         if self.kind == "lyapunov":
-            return self.weight * lyapunov_penalty(model, inputs, h0, outputs=outputs, **self.options)
-        return self.weight * jacobian_penalty(model, inputs, h0, kind=self.kind, outputs=outputs, **self.options)
+            return self.weight * lyapunov_penalty(model, inputs, h0, **shared, **self.options)
+        return self.weight * jacobian_penalty(model, inputs, h0, kind=self.kind, **shared, **self.options)
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())

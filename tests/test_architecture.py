@@ -18,7 +18,7 @@ LAYERS = [
     ("model protocol", {"_linearization", "_system", "_builtin_system", "_custom_system", "_dynamics", "_datasets"}),
     ("checks and options", {"_checks", "_options"}),
     ("tensor core", {"_kernels", "_fd", "_input_output", "_uncertainty"}),
-    ("labelled layer", {"_jacobians", "_spectra", "_verify", "_fixed_points", "_lyapunov_check", "regularizers"}),
+    ("labelled layer", {"_jacobians", "_spectra", "_verify", "_fixed_points", "_lyapunov_check", "_penalties", "regularizers"}),
     ("applications", {"_checkpoints", "_user_model", "_pipeline", "_sweeps", "_distributed", "monitor", "lightning", "plot", "cli"}),
 ]
 LAYER = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}

@@ -163,7 +163,7 @@ def test_penalties_equal_the_hand_written_call_and_spare_the_encoder(case):
 
 def test_outputs_with_a_whole_model_is_refused():
     model, x, name, *_ = CASES["encoder_gru"]
-    with pytest.raises(ValueError, match="outputs= .*leave outputs=None"):
+    with pytest.raises(ValueError, match="outputs=.*leave them None"):
         jacobian_penalty(model, x, outputs=model(x), submodule=name)
 
 

@@ -1,0 +1,85 @@
+"""Per-step penalty values of :mod:`rnnjac.regularizers` (private): the Frobenius, spectral and end-to-end
+estimates over a batch of recorded states, differentiable with respect to the model's weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .errors import NonFiniteError
+
+_CHUNK_ELEMENTS = 2**24
+
+
+def _time_index(steps: int, stride: int) -> Tensor:
+    return torch.arange(0, steps, stride)
+
+
+def _linearize(problem, states: Tensor, t_idx: Tensor):
+    b = problem.batch
+    s_prev = states[:, :-1][:, t_idx].reshape(b * len(t_idx), -1)
+    x = problem.xs[:, t_idx].reshape(b * len(t_idx), -1)
+    return problem.dyn.linearize(s_prev, x, problem.method)
+
+
+def _sphere(shape, generator, like: Tensor) -> Tensor:
+    u = torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
+    return u / u.norm(dim=-2, keepdim=True)
+
+
+def _per_step(problem, states, kind, estimator, n_proj, n_iter, t_idx, generator) -> Tensor:
+    """Per-step values ``(B, len(t_idx))`` of ``||J||_F^2`` or ``sigma_max^2``."""
+    b, d, state = problem.batch, problem.dyn.size(problem.state), problem.state
+    closed = problem.method == "analytic" and problem.dyn.frobenius_closed_form(state)
+    stacked = problem.method == "analytic" and problem.dyn.frobenius_closed_form(state, stacked=True)
+    if kind == "frobenius" and estimator == "exact":
+        # row form: O(H K) per step; a stack's cross blocks: (H, H) matrices; otherwise J is materialised
+        width = 4 if closed else (max(4, d // 4) if stacked else d)
+    else:
+        width = 4 * max(n_proj, 4) if problem.method == "analytic" else d  # J Q with narrow Q
+    per_chunk = max(1, _CHUNK_ELEMENTS // max(1, b * d * width))
+    out = []
+    for c0 in range(0, len(t_idx), per_chunk):
+        idx = t_idx[c0 : c0 + per_chunk]
+        lin = _linearize(problem, states, idx)
+        n = lin.s.shape[0]
+        if kind == "frobenius" and estimator == "exact":
+            val = lin.frobenius_sq(state)
+        elif kind == "frobenius":
+            u = _sphere((n, d, n_proj), generator, states)
+            val = d * lin.apply_transpose(u, state).pow(2).sum(-2).mean(-1)
+        else:  # spectral
+            v = _sphere((n, d, 1), generator, states)
+            plain = lin.detached()
+            with torch.no_grad():
+                for _ in range(n_iter):
+                    with torch.enable_grad():
+                        w = plain.apply_transpose(plain.apply(v, state), state)
+                    v = w / w.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+            val = lin.apply(v.detach(), state).pow(2).sum((-2, -1))
+        out.append(val.reshape(b, len(idx)))
+    return torch.cat(out, 1)
+
+
+def _end_to_end(problem, states, estimator, n_proj, generator) -> Tensor:
+    b, steps, d, state = problem.batch, problem.steps, problem.dyn.size(problem.state), problem.state
+    per_step = _linearize(problem, states, torch.arange(steps)).unbind(steps)
+    if estimator == "exact":
+        p = torch.eye(d, dtype=states.dtype, device=states.device).expand(b, d, d)
+        for lin_t in per_step:
+            p = lin_t.apply(p, state)
+        return p.pow(2).sum((-2, -1))
+    w = _sphere((b, d, n_proj), generator, states)
+    for lin_t in reversed(per_step):
+        w = lin_t.apply_transpose(w, state)  # u^T J_T ... J_1, one step back at a time
+    return d * w.pow(2).sum(-2).mean(-1)
+
+
+def _raise_nonfinite(values: Tensor, t_idx: Tensor | None, what: str) -> None:
+    v = values.detach()
+    if bool(torch.isfinite(v).all()):
+        return
+    if t_idx is None or v.dim() < 2:
+        raise NonFiniteError(f"the {what} penalty is NaN/Inf")
+    bad = int(torch.nonzero(~torch.isfinite(v).all(0))[0, 0])
+    raise NonFiniteError(f"the {what} penalty is NaN/Inf at step t={int(t_idx[bad]) + 1}")

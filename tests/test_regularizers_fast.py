@@ -1,0 +1,165 @@
+"""Penalties at training speed: fused states for every layer count, the shared forward (``forward_with_states``),
+the stacked Frobenius form and the LSTM cell-state scan, each against an independent reference: the same model as
+a :class:`rnnjac.CustomCell` stepping its own ``step`` (trajectory step by step, Jacobians by autograd)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from problems import Problem
+from torch import nn
+
+import rnnjac
+from rnnjac._cells import linear_recurrence
+from rnnjac._checks import prepare
+from rnnjac.regularizers import JacobianPenalty, forward_with_states, jacobian_penalty, lyapunov_penalty
+
+F64 = torch.float64
+CONFIGS = [(a, layers, proj) for a in ("rnn_tanh", "gru", "lstm") for layers in (1, 2, 3) for proj in (0, 2)]
+CONFIGS = [c for c in CONFIGS if c[2] == 0 or c[0] == "lstm"]
+
+
+def _ids(c):
+    return f"{c[0]}-L{c[1]}" + (f"-proj{c[2]}" if c[2] else "")
+
+
+def _setup(arch, layers, proj, batch_first=True):
+    p = Problem(arch, layers=layers, proj=proj, batch_first=batch_first, input_size=2, hidden=4)
+    return p.module(seed=3), p.inputs(batch=3, steps=6, seed=4)
+
+
+def _reference(model, x, fn, **kw):
+    """``fn`` on the model's step as a custom cell: trajectory by the step loop, Jacobians by autograd."""
+    problem = prepare(model, x)
+    dyn = problem.dyn
+    cell = rnnjac.CustomCell(lambda s, xt: dyn.step(s, xt))
+    xs = problem.xs if model.batch_first else problem.xs.transpose(0, 1)
+    return fn(cell, xs, problem.s0, batch_first=model.batch_first, **kw)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+def test_fused_states_equal_the_step_loop(config):
+    m, x = _setup(*config)
+    problem = prepare(m, x)
+    want = problem.dyn.run(problem.s0, problem.xs)
+    torch.testing.assert_close(problem.dyn.fused_states(problem.s0, problem.xs), want, rtol=1e-10, atol=1e-10)
+    out, states = forward_with_states(m, x)
+    torch.testing.assert_close(states, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, m(x)[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_frobenius_values_and_gradients_equal_the_reference(config, stride):
+    m, x = _setup(*config)
+    _, states = forward_with_states(m, x)
+    got = jacobian_penalty(m, x, states=states, time_stride=stride)
+    want = _reference(m, x, jacobian_penalty, time_stride=stride)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    params = list(m.parameters())
+    g_got = torch.autograd.grad(got, params)
+    g_want = torch.autograd.grad(want, params)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("config", [("gru", 2, 0), ("lstm", 2, 2), ("lstm", 3, 0)], ids=_ids)
+def test_spectral_end_to_end_and_lyapunov_equal_the_reference(config):
+    m, x = _setup(*config)
+    _, states = forward_with_states(m, x)
+    for fn, kw in (
+        (jacobian_penalty, {"kind": "spectral", "n_iter": 4}),
+        (jacobian_penalty, {"kind": "frobenius", "estimator": "projection", "n_proj": 2}),
+        (jacobian_penalty, {"kind": "end_to_end"}),
+        (lyapunov_penalty, {"k": 2, "warmup": 1}),
+    ):
+        got = fn(m, x, states=states, generator=torch.Generator().manual_seed(5), **kw)
+        want = _reference(m, x, fn, generator=torch.Generator().manual_seed(5), **kw)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"{fn.__name__} {kw}")
+        torch.testing.assert_close(fn(m, x, generator=torch.Generator().manual_seed(5), **kw), want)
+
+
+@pytest.mark.parametrize("state", ["h", "full"])
+def test_lstm_h_state_and_time_major_unbatched(state):
+    m, x = _setup("lstm", 2, 0, batch_first=False)
+    out, states = forward_with_states(m, x)
+    torch.testing.assert_close(out, m(x)[0], rtol=1e-10, atol=1e-10)
+    got = jacobian_penalty(m, x, states=states, state=state)
+    problem = prepare(m, x)  # reference: the step loop, J by autograd, its h block (c held fixed)
+    s = problem.dyn.run(problem.s0, problem.xs)[:, :-1]
+    lin = problem.dyn.linearize(s.reshape(-1, s.shape[-1]), problem.xs.reshape(-1, 2), method="autograd")
+    want = lin.materialize(state).pow(2).sum((-2, -1)).mean()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    x1 = x[:, 0]
+    out1, states1 = forward_with_states(m, x1)
+    assert states1.shape == (1, x1.shape[0] + 1, 16)
+    torch.testing.assert_close(out1, m(x1)[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("config", [("gru", 2, 0), ("lstm", 2, 2), ("rnn_tanh", 3, 0)], ids=_ids)
+def test_gradcheck_through_the_fused_states(config):
+    m, x = _setup(*config)
+    x = x[:2, :3].clone().requires_grad_(True)
+    top = f"weight_hh_l{config[1] - 1}"
+    w = m.weight_ih_l1.detach().clone().requires_grad_(True)
+
+    def f(w, x):
+        params = {name: t for name, t in m.named_parameters()}
+        params["weight_ih_l1"] = w
+        with torch.nn.utils.stateless._reparametrize_module(m, params):
+            _, states = forward_with_states(m, x)
+            return jacobian_penalty(m, x, states=states)
+
+    assert torch.autograd.gradcheck(f, (w, x))
+    assert torch.autograd.gradgradcheck(f, (w, x))
+    assert getattr(m, top).grad is None
+
+
+def test_grad_untouched_and_train_eval_modes():
+    m, x = _setup("lstm", 2, 0)
+    m.dropout = 0.3
+    with pytest.raises(ValueError, match="dropout=0.3.*call model.eval()"):
+        forward_with_states(m, x)
+    m.eval()
+    out, states = forward_with_states(m, x)
+    pen = JacobianPenalty("frobenius", weight=2.0)(m, x, states=states)
+    assert all(p.grad is None for p in m.parameters())
+    torch.testing.assert_close(pen, 2.0 * _reference(m, x, jacobian_penalty), rtol=1e-10, atol=1e-10)
+    (out.sum() + pen).backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_states_errors():
+    m, x = _setup("gru", 2, 0)
+    out, states = forward_with_states(m, x)
+    with pytest.raises(ValueError, match=r"states must be the \(B, T\+1, D\)"):
+        jacobian_penalty(m, x, states=states[:, 1:])
+    with pytest.raises(ValueError, match="not both"):
+        jacobian_penalty(m, x, states=states, outputs=out)
+    with pytest.raises(ValueError, match="initial state of h0"):
+        jacobian_penalty(m, x, torch.ones(2, 3, 4, dtype=F64), states=states)
+    with pytest.raises(TypeError, match="nn.RNN, nn.GRU or nn.LSTM"):
+        forward_with_states(nn.GRUCell(2, 4), x[:, 0])
+    with pytest.raises(ValueError, match="leave h0=None, outputs=None, states=None"):
+        JacobianPenalty("input_output")(m, x, states=states)
+
+
+@pytest.mark.parametrize("block", [1, 2, 4, 7, 40])
+def test_linear_recurrence_blocked_scan_equals_the_loop(block):
+    g = torch.Generator().manual_seed(0)
+    f = torch.rand(3, 17, 4, dtype=F64, generator=g)
+    f[0, 3], f[1, 5], f[2] = 0.0, 1.0, 1.0 - 1e-12  # forget gates at 0, at 1, and next to 1
+    f.requires_grad_(True)
+    u = torch.randn(3, 17, 4, dtype=F64, generator=g, requires_grad=True)
+    c0 = torch.randn(3, 4, dtype=F64, generator=g)
+    cs, c = [c0], c0
+    for t in range(17):
+        c = f[:, t] * c + u[:, t]
+        cs.append(c)
+    want = torch.stack(cs, 1)
+    got = linear_recurrence(f, u, c0, block=block)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    w = torch.randn(want.shape, dtype=F64, generator=g)
+    g_got, g_want = torch.autograd.grad((got * w).sum(), (f, u)), torch.autograd.grad((want * w).sum(), (f, u))
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
