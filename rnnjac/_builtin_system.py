@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor, nn
 
@@ -217,8 +215,8 @@ class BuiltinSystem(System):
         """States ``(B, T+1, D)`` of the whole stack from torch's fused recurrent kernel, one layer at a time.
 
         Each layer runs through the op its module's forward uses (``torch._VF.gru``...) with that layer's own
-        weights, no dropout and ``train=True`` (on CUDA, cuDNN then keeps what its backward needs in eval mode
-        too), so gradients reach the weights exactly as through the module's forward. The LSTM cell states,
+        weights, no dropout and ``train=True``, with cuDNN off (its backward cannot be differentiated again), so
+        gradients reach the weights exactly as through the module's forward. The LSTM cell states,
         which the op does not return, are rebuilt by :meth:`LSTMArch.cell_sequence`.
         """
         parts, inp = [], xs
@@ -238,10 +236,14 @@ class BuiltinSystem(System):
         bias = p.b_ih is not None
         weights = [p.w_ih, p.w_hh] + ([p.b_ih, p.b_hh] if bias else []) + ([p.w_hr] if p.w_hr is not None else [])
         op = getattr(torch._VF, self.arch)  # rnn_tanh, rnn_relu, gru, lstm: the names of the ops
-        hx = h0.unsqueeze(0) if c0 is None else (h0.unsqueeze(0), c0.unsqueeze(0))
-        with warnings.catch_warnings():  # cuDNN copies weights that are not one flat buffer: expected here
-            warnings.filterwarnings("ignore", message=".*contiguous chunk of memory")
-            return op(xs, hx, weights, bias, 1, 0.0, True, False, True)[0]
+        # slices of the flat state are strided views; cuDNN wants contiguous hx (the CPU kernel does not care)
+        hx = (
+            h0.unsqueeze(0).contiguous() if c0 is None else (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous())
+        )
+        # cuDNN's RNN backward is first-order only, and a penalty's gradient may need a double backward: use
+        # torch's own fused CUDA kernels (differentiable twice) instead of cuDNN; no effect on the CPU
+        with torch.backends.cudnn.flags(enabled=False):
+            return op(xs.contiguous(), hx, weights, bias, 1, 0.0, True, False, True)[0]
 
     def _outputs(self, outputs, xs: Tensor, unbatched: bool) -> Tensor:
         """The caller's output sequence as ``(B, T, H_out)`` after checking it can stand for the states."""
