@@ -271,6 +271,8 @@ def _setup(model, inputs, initial_states, n_initial, noise, state, dtype, device
     x = _conditions(model, inputs)
     if _builtin(model) and dtype is None:
         dtype = torch.float64
+    if _builtin(model) and device is None:  # solve where the model lives (the default input is built on the CPU)
+        device = next((p.device for p in model.parameters()), None)
     dummy = x[:1].unsqueeze(1)  # (1, 1, I)
     if _builtin(model):
         problem = prepare(model, dummy, None, state=state, dtype=dtype, device=device)
