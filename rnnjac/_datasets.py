@@ -19,13 +19,9 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ._io import check_output, open_dataset, save
 from ._version import __version__
 
-__all__ = ["VARIABLES", "save", "open_dataset", "validate", "build_dataset"]
-
-#: kept for compatibility: writing and reading moved to :mod:`rnnjac._io`
-check_writable = check_output
+__all__ = ["VARIABLES", "validate", "build_dataset"]
 
 BATCH, TIME, SV, EIG, LE, UNIT, CHECKPOINT = "batch", "time", "sv_index", "eig_index", "le_index", "unit", "checkpoint"
 #: fixed points (:func:`rnnjac.fixed_points`): points found, the searches' initial states, input conditions,

@@ -4,7 +4,7 @@
 lists the protocol). It knows the layout of the flat state vector (layer-major, ``[h; c]`` inside an LSTM
 layer, ``[h]`` otherwise; README, "Conventions": "State vector"), turns the caller's ``h0`` into that state,
 holds references to the model's own weight tensors (so gradients flow to them), steps, runs and linearises the
-model (:mod:`rnnjac.linearization`). Two implementations own everything that differs between model kinds:
+model (:mod:`rnnjac._linearization`). Two implementations own everything that differs between model kinds:
 
 - :class:`~rnnjac._builtin_system.BuiltinSystem`: ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (any ``num_layers``,
   ``bias``, ``batch_first``, ``proj_size``) and ``nn.RNNCell``/``GRUCell``/``LSTMCell``, built from a
