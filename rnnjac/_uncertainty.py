@@ -1,6 +1,6 @@
 r"""Uncertainty and convergence of Lyapunov exponents estimated from finite trajectories (tensor kernels).
 
-Inputs are what the Lyapunov QR pass returns (:class:`rnnjac._kernels.LyapunovResult`): the per-sample exponents
+Inputs are what the Lyapunov QR pass returns (:class:`rnnjac._lyapunov_qr.LyapunovResult`): the per-sample exponents
 ``(B, k)`` and either the local exponents ``(B, T, k)``, ``log R_ii / m`` at each counted QR step (a QR every ``m``
 steps covers ``m`` steps) and NaN elsewhere (warm-up, tangent warm-up, steps between QRs), or their streamed
 summary :class:`BlockStats` (what the spectra use: memory independent of T, see below).

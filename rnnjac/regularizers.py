@@ -57,7 +57,7 @@ from ._checks import (
     prepare,
 )
 from ._input_output import input_output_penalty
-from ._kernels import LyapunovQR, initial_basis
+from ._lyapunov_qr import LyapunovQR, initial_basis
 from ._penalties import _end_to_end, _linearize, _per_step, _raise_nonfinite, _time_index
 
 __all__ = ["jacobian_penalty", "lyapunov_penalty", "input_output_penalty", "JacobianPenalty", "forward_with_states"]

@@ -17,9 +17,25 @@ LAYERS = [
     ("foundations", {"_version", "errors", "_cells", "_linalg", "_io", "_submodule", "tasks"}),
     ("model protocol", {"_linearization", "_system", "_builtin_system", "_custom_system", "_dynamics", "_datasets"}),
     ("checks and options", {"_checks", "_options"}),
-    ("tensor core", {"_kernels", "_fd", "_input_output", "_uncertainty"}),
-    ("labelled layer", {"_jacobians", "_spectra", "_verify", "_fixed_points", "_lyapunov_check", "_penalties", "regularizers"}),
-    ("applications", {"_checkpoints", "_user_model", "_pipeline", "_sweeps", "_distributed", "monitor", "lightning", "plot", "cli"}),
+    ("tensor core", {"_kernels", "_lyapunov_qr", "_fd", "_input_output", "_uncertainty", "_input_jacobians", "_clv"}),
+    (
+        "labelled layer",
+        {
+            "_jacobians",
+            "_spectra",
+            "_verify",
+            "_fixed_points",
+            "_lyapunov_check",
+            "_penalties",
+            "regularizers",
+            "_sensitivity",
+            "_lyapunov_vectors",
+        },
+    ),
+    (
+        "applications",
+        {"_checkpoints", "_user_model", "_pipeline", "_sweeps", "_distributed", "monitor", "lightning", "plot", "cli"},
+    ),
 ]
 LAYER = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}
 

@@ -10,7 +10,8 @@ from problems import Problem
 import rnnjac
 from rnnjac._checks import prepare
 from rnnjac._fd import compare_jacobians, fd_columns
-from rnnjac._kernels import LyapunovQR, initial_basis, linearization_stream, spectra_tensors, step_spectra
+from rnnjac._kernels import linearization_stream, spectra_tensors, step_spectra
+from rnnjac._lyapunov_qr import LyapunovQR, initial_basis
 from rnnjac._options import SpectraOptions
 
 F64 = torch.float64
