@@ -50,6 +50,9 @@ DEFAULT_MAX_ITER = {"newton": 200, "adam": 20000}
 DEFAULT_N_FROM_TRAJECTORIES = 1024
 DEFAULT_N_RANDOM = 128
 UNSTABLE_MARGIN = 1e-10  # |lambda| > 1 + margin counts as outside the unit circle
+#: at most this many Jacobian entries are formed at once by the Newton solver (1 GiB of float64); the points are
+#: solved in chunks beyond it (an LSTM with H=512 from 4096 states would need 32 GiB at once)
+MAX_JACOBIAN_ELEMENTS = 2**27
 
 
 def fixed_points(
@@ -398,20 +401,23 @@ def _newton(problem, s, x, tol, max_iter, bar):
     flat = torch.zeros(q.shape, dtype=torch.int64, device=s.device)  # iterations without real progress
     eye = torch.eye(s.shape[1], dtype=s.dtype, device=s.device)
     iters = 0
+    per_chunk = _points_per_chunk(s.shape[1])
     for it in range(max_iter):
-        act = torch.nonzero(status == ITER_LIMIT).squeeze(1)
-        if act.numel() == 0:
+        active = torch.nonzero(status == ITER_LIMIT).squeeze(1)
+        if active.numel() == 0:
             break
         iters = it + 1
-        a = _j_minus_identity(dyn, s[act], x[act], jm)
-        q_old = q[act]
-        s_a, r_a, q_a, mu_a, stuck = _damped_newton(dyn, a, s[act], x[act], r[act], q_old, mu[act])
-        s[act], r[act], q[act], mu[act] = s_a, r_a, q_a, mu_a
-        progress = (q_old - q_a) > 1e-9 * q_old
-        flat[act] = torch.where(progress, 0, flat[act] + 1)
-        done = torch.where(q_a <= tol, CONVERGED, ITER_LIMIT)
-        stalled = (flat[act] >= 10) | stuck
-        status[act] = torch.where(stalled & (done != CONVERGED), STALLED, done)
+        for act in active.split(per_chunk):  # bounded memory: at most per_chunk (D, D) matrices at once
+            a = _j_minus_identity(dyn, s[act], x[act], jm)
+            q_old = q[act]
+            s_a, r_a, q_a, mu_a, stuck = _damped_newton(dyn, a, s[act], x[act], r[act], q_old, mu[act])
+            del a
+            s[act], r[act], q[act], mu[act] = s_a, r_a, q_a, mu_a
+            progress = (q_old - q_a) > 1e-9 * q_old
+            flat[act] = torch.where(progress, 0, flat[act] + 1)
+            done = torch.where(q_a <= tol, CONVERGED, ITER_LIMIT)
+            stalled = (flat[act] >= 10) | stuck
+            status[act] = torch.where(stalled & (done != CONVERGED), STALLED, done)
         bar.update(1)
         bar.set_postfix(active=int((status == ITER_LIMIT).sum()), refresh=False)
     _polish(dyn, jm, s, x, r, q, status == CONVERGED, eye)
@@ -472,11 +478,18 @@ def _lm_step(dyn, s, x, r, q, gram, grad, mu, tries: int = 8):
     return s, r, q, mu
 
 
+def _points_per_chunk(d: int) -> int:
+    """How many points' ``(D, D)`` Jacobians one Newton iteration forms at once (:data:`MAX_JACOBIAN_ELEMENTS`)."""
+    return max(1, MAX_JACOBIAN_ELEMENTS // (d * d))
+
+
 def _polish(dyn, jm, s, x, r, q, mask, eye) -> None:
     """One undamped Newton step at the converged points, kept where it lowers q (in place)."""
-    idx = torch.nonzero(mask).squeeze(1)
-    if idx.numel() == 0:
-        return
+    for idx in torch.nonzero(mask).squeeze(1).split(_points_per_chunk(s.shape[1])):
+        _polish_points(dyn, jm, s, x, r, q, idx)
+
+
+def _polish_points(dyn, jm, s, x, r, q, idx) -> None:
     a = _j_minus_identity(dyn, s[idx], x[idx], jm)
     step, info = torch.linalg.solve_ex(a, -r[idx])
     trial = s[idx] + step

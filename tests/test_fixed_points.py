@@ -306,3 +306,17 @@ def test_plots_draw_points_and_eigenvalues():
     with pytest.raises(ValueError, match="fixed-point dataset"):
         rnnjac.plot.fixed_points(ds.drop_vars("stable"))
     plt.close("all")
+
+
+def test_newton_in_chunks_of_points_gives_the_same_points(monkeypatch):
+    """A memory bound that allows only 3 points' Jacobians at once (the LSTM H=512 / 4096 states case on a GPU):
+    the solve goes chunk by chunk and finds the same 9 fixed points of two uncoupled bistable units (each
+    ``s = tanh(1.7 s)`` has 3), with the same statuses, as the solve all at once."""
+    rnn = rnn_with(torch.diag(torch.tensor([1.7, 1.7], dtype=F64)))
+    starts = torch.cartesian_prod(*[torch.linspace(-2, 2, 7, dtype=F64)] * 2)
+    whole = fixed_points(rnn, initial_states=starts)
+    monkeypatch.setattr("rnnjac._fixed_points.MAX_JACOBIAN_ELEMENTS", 3 * 2 * 2)
+    chunked = fixed_points(rnn, initial_states=starts)
+    assert whole.sizes["fixed_point"] == chunked.sizes["fixed_point"] == 9
+    np.testing.assert_allclose(chunked.fixed_point_states.values, whole.fixed_point_states.values, atol=1e-12)
+    np.testing.assert_array_equal(chunked.status.values, whole.status.values)
