@@ -25,7 +25,7 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from ._checks import RnnjacWarning, check_positive_int, prepare
+from ._checks import RnnjacWarning, check_choice, check_positive_int, prepare
 from ._datasets import build_dataset
 from ._fd import compare_jacobians, fd_columns
 from ._kernels import run_states
@@ -34,6 +34,7 @@ __all__ = ["finite_difference_jacobians", "verify"]
 
 DEFAULT_EPS = float(torch.finfo(torch.float64).eps) ** (1 / 3)  # 6.06e-6
 FLOAT32_RTOL, FLOAT32_ATOL = 1e-4, 1e-5
+WRT = ("state", "inputs")
 
 
 def _check_eps(eps):
@@ -104,6 +105,16 @@ def _describe_unit(dyn, state, i: int) -> str:
     return f"layer {uc['layer'][i]} {uc['part'][i]}[{uc['neuron'][i]}]"
 
 
+def _describe_input_entry(dyn, state, row: int, col: int, directions: int | None) -> str:
+    """Where the worst entry of an input-Jacobian check sits (rows of ``[B v; B^T u]`` when directional)."""
+    if directions is None:
+        return f"row {_describe_unit(dyn, state, row)}, column input[{col}]"
+    d = dyn.size(state)
+    if row < d:
+        return f"row {_describe_unit(dyn, state, row)} of B v (direction {col})"
+    return f"input[{row - d}] of u^T B (direction {col})"
+
+
 def verify(
     model,
     inputs,
@@ -119,6 +130,7 @@ def verify(
     batch_first: bool | None = None,
     dtype: torch.dtype | None = None,
     submodule=None,
+    wrt: str = "state",
 ) -> xr.Dataset:
     """Check the Jacobians of ``method`` against float64 finite differences.
 
@@ -141,14 +153,18 @@ def verify(
         Check a converted copy of the model (``torch.float64`` gives the tight check for a float32
         model; the model itself is untouched). Built-in modules only: a custom step is the caller's
         to convert (an error unless everything already has this dtype).
+    wrt : {"state", "inputs"}
+        ``"state"``: the step Jacobians ``J_t = ds_t/ds_{t-1}``; ``"inputs"``: the input Jacobians
+        ``B_t = ds_t/dx_t`` of :func:`rnnjac.input_jacobians` (columns are input features; directional:
+        ``B v`` against finite differences in the input and ``u^T B`` against reverse mode).
 
     Returns
     -------
     xarray.Dataset
         ``fd_max_abs_error`` and ``fd_max_rel_error`` over ``(batch, time)``; attrs ``passed`` (0/1),
         ``rtol``, ``atol``, ``eps``, ``mode`` and, for the worst entry, ``worst_batch``, ``worst_time``,
-        ``worst_row``, ``worst_col`` and ``worst_block`` (which layer/part rows and columns), and ``submodule``
-        when a submodule of a larger model was checked.
+        ``worst_row``, ``worst_col`` and ``worst_block`` (which layer/part rows and columns), ``wrt``, and
+        ``submodule`` when a submodule of a larger model was checked.
 
     Examples
     --------
@@ -157,8 +173,11 @@ def verify(
     >>> ds = rnnjac.verify(lstm, torch.randn(2, 5, 3, dtype=torch.float64))
     >>> ds.attrs["passed"]
     1
+    >>> rnnjac.verify(lstm, torch.randn(2, 5, 3, dtype=torch.float64), wrt="inputs").attrs["passed"]
+    1
     """
     eps = _check_eps(eps)
+    check_choice("wrt", wrt, WRT)
     check_positive_int("directions", directions, allow_none=True)
     for name, tol in (("rtol", rtol), ("atol", atol)):
         if not isinstance(tol, (int, float)) or tol < 0:
@@ -179,11 +198,22 @@ def verify(
         states = run_states(problem)
         ref, ref_dtype = _reference_dynamics(problem)
     result = compare_jacobians(
-        problem, states, ref, ref_dtype, eps=eps, rtol=rtol, atol=atol, directions=directions, generator=generator
+        problem,
+        states,
+        ref,
+        ref_dtype,
+        eps=eps,
+        rtol=rtol,
+        atol=atol,
+        directions=directions,
+        generator=generator,
+        wrt=wrt,
     )
     passed = result.worst_ratio <= 1.0
     wb, wt, wr, wc = result.worst
-    if result.columns_are_units:
+    if wrt == "inputs":
+        block = _describe_input_entry(dyn, problem.state, wr, wc, directions)
+    elif result.columns_are_units:
         block = f"row {_describe_unit(dyn, problem.state, wr)}, column {_describe_unit(dyn, problem.state, wc)}"
     elif wc < (directions or 0):
         block = f"row {_describe_unit(dyn, problem.state, wr)} of J v (direction {wc})"
@@ -203,6 +233,7 @@ def verify(
         "worst_col": int(wc),
         "worst_block": block,
         "worst_tolerance_ratio": float(result.worst_ratio),
+        "wrt": wrt,
         **problem.attrs,
     }
     return build_dataset(
@@ -212,6 +243,6 @@ def verify(
         method=problem.method,
         dtype=problem.xs.dtype,
         device=problem.xs.device,
-        config={"eps": eps, "rtol": rtol, "atol": atol, "directions": directions},
+        config={"eps": eps, "rtol": rtol, "atol": atol, "directions": directions, "wrt": wrt},
         attrs=attrs,
     )

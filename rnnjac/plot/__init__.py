@@ -19,6 +19,7 @@ that can be drawn from a Dataset without keywords, and :func:`summary` puts them
 from ._common import SWEEP_DIMS as SWEEP_DIMS  # kept importable as rnnjac.plot.SWEEP_DIMS
 from ._common import _why_not
 from ._fixed_points import fixed_point_eigenvalues, fixed_points
+from ._sensitivity import sensitivity as sensitivity  # rnnjac.plot.sensitivity (not in PLOTS)
 from ._spectra import (
     eigenvalues,
     end_to_end,
