@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "analyze_checkpoints": "._sweeps",
     "CheckpointError": ".errors",
     "ConvergenceWarning": ".errors",
+    "ConditioningWarning": ".errors",
     "CustomCell": "._custom_system",
     "NonFiniteError": ".errors",
     "RnnjacWarning": ".errors",
@@ -33,9 +34,13 @@ _EXPORTS: dict[str, str] = {
     "jacobians": "._jacobians",
     "load_checkpoint": "._checkpoints",
     "lyapunov_spectrum": "._spectra",
+    "lyapunov_vectors": "._lyapunov_vectors",
     "open_dataset": "._io",
     "save": "._io",
     "spectra": "._spectra",
+    "input_jacobians": "._sensitivity",
+    "memory_profile": "._sensitivity",
+    "sensitivity": "._sensitivity",
     "trajectory": "._jacobians",
     "verify": "._verify",
     "verify_lyapunov": "._lyapunov_check",
@@ -53,11 +58,13 @@ if TYPE_CHECKING:  # static imports for type checkers and IDEs; at run time name
     from ._io import open_dataset, save
     from ._jacobians import iter_jacobians, jacobians, trajectory
     from ._lyapunov_check import verify_lyapunov
+    from ._lyapunov_vectors import lyapunov_vectors
     from ._options import SpectraOptions
+    from ._sensitivity import input_jacobians, memory_profile, sensitivity
     from ._spectra import lyapunov_spectrum, spectra
     from ._sweeps import analyze_checkpoints
     from ._verify import finite_difference_jacobians, verify
-    from .errors import CheckpointError, ConvergenceWarning, NonFiniteError, RnnjacWarning
+    from .errors import CheckpointError, ConditioningWarning, ConvergenceWarning, NonFiniteError, RnnjacWarning
     from .monitor import SpectrumMonitor
 
 

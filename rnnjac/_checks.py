@@ -57,24 +57,46 @@ def check_positive_int(name: str, value, *, minimum: int = 1, allow_none: bool =
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
 
 
+AUTO = "auto"
+
+
+def check_int_or_auto(name: str, value, *, minimum: int = 1, auto: bool = True) -> None:
+    """An integer ``>= minimum`` or (with ``auto``) the string ``"auto"``."""
+    if auto and isinstance(value, str):
+        if value != AUTO:
+            raise ValueError(f"{name} must be an integer >= {minimum} or 'auto'; got {value!r}")
+        return
+    check_positive_int(name, value, minimum=minimum)
+
+
 def check_lyapunov_options(
-    problem: Problem, k, warmup, tangent_warmup, reortho_every, *, lyapunov: bool = True, k_required: bool = False
+    problem: Problem,
+    k,
+    warmup,
+    tangent_warmup,
+    reortho_every,
+    *,
+    lyapunov: bool = True,
+    k_required: bool = False,
+    auto: bool = False,
 ) -> None:
     """Lyapunov options: ``k`` in 1..D (None means all unless ``k_required``), transients that leave a
-    counted step, ``reortho_every >= 1``. Shared by the spectra and the Lyapunov penalty."""
+    counted step, ``reortho_every >= 1``; with ``auto`` (the spectra) each of ``warmup``, ``tangent_warmup``
+    and ``reortho_every`` may also be ``"auto"`` (then counted as 0 here). Shared by the spectra and the
+    Lyapunov penalty."""
     d, steps = problem.dyn.size(problem.state), problem.steps
     if (k is not None or k_required) and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d):
         raise ValueError(f"k must be an integer with 1 <= k <= D = {d} (state={problem.state!r}); got {k!r}")
-    check_positive_int("warmup", warmup, minimum=0)
-    check_positive_int("tangent_warmup", tangent_warmup, minimum=0)
-    check_positive_int("reortho_every", reortho_every)
+    check_int_or_auto("warmup", warmup, minimum=0, auto=auto)
+    check_int_or_auto("tangent_warmup", tangent_warmup, minimum=0, auto=auto)
+    check_int_or_auto("reortho_every", reortho_every, auto=auto)
+    given = f"warmup={warmup!r}, tangent_warmup={tangent_warmup!r}"
+    warmup = 0 if warmup == AUTO else warmup
+    tangent_warmup = 0 if tangent_warmup == AUTO else tangent_warmup
     if warmup >= steps:
         raise ValueError(f"warmup must be smaller than the number of steps T = {steps}; got warmup={warmup}")
     if lyapunov and warmup + tangent_warmup >= steps:
-        raise ValueError(
-            f"warmup + tangent_warmup must leave at least one counted step: T = {steps}, "
-            f"got warmup={warmup}, tangent_warmup={tangent_warmup}"
-        )
+        raise ValueError(f"warmup + tangent_warmup must leave at least one counted step: T = {steps}, got {given}")
 
 
 def first_nonfinite_step(x: Tensor, time_dim: int = 1) -> int | None:

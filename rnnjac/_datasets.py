@@ -30,7 +30,10 @@ FIXED_POINT, INITIAL_STATE, CONDITION, MODE = "fixed_point", "initial_state", "c
 #: confidence intervals: coords ``lower``, ``upper``
 BOUND = "bound"
 BOUNDS = ("lower", "upper")
+#: lagged input sensitivities (:func:`rnnjac.sensitivity`): lag tau = 0..max_lag, index of their singular values
+LAG, SENS_SV = "lag", "sensitivity_sv_index"
 DIMS = (CHECKPOINT, BATCH, TIME, SV, EIG, LE, UNIT, CONDITION, INITIAL_STATE, FIXED_POINT, MODE, BOUND)
+DIMS += (LAG, SENS_SV)
 
 #: name -> (dims, long_name, units)
 VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
@@ -70,8 +73,28 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
         "nats",
     ),
     "states": ((BATCH, TIME, UNIT), "hidden state s_t", "1"),
+    # Lyapunov vectors (rnnjac.lyapunov_vectors): columns along le_index, unit norm, arbitrary sign
+    "backward_lyapunov_vectors": ((BATCH, TIME, UNIT, LE), "backward (Gram-Schmidt) Lyapunov vectors: Q_t", "1"),
+    "covariant_lyapunov_vectors": ((BATCH, TIME, UNIT, LE), "covariant Lyapunov vectors v_i(t) (Ginelli)", "1"),
+    "covariant_exponents": ((BATCH, LE), "mean log growth ||J_t v_i(t-1)|| of the covariant vectors", "nats/step"),
+    "participation_ratio": ((BATCH, TIME, LE), "participation ratio (sum v^2)^2 / sum v^4 of each vector", "1"),
+    "unstable_dimension": ((BATCH,), "covariant vectors spanning the unstable subspace (exponent > 0 or split=)", "1"),
+    "unstable_stable_angle": ((BATCH, TIME), "smallest angle between the unstable and stable subspaces", "rad"),
     "fd_max_abs_error": ((BATCH, TIME), "max |J_t - J_t(finite differences)|", "1"),
     "fd_max_rel_error": ((BATCH, TIME), "max |J_t - J_fd| / max |J_fd|", "1"),
+    # lagged input sensitivities (rnnjac.sensitivity); NaN where t - lag < 1
+    "input_sensitivity_log_norm": ((BATCH, TIME, LAG), "natural log of the Frobenius norm of ds_t/dx_(t-lag)", "nats"),
+    "input_sensitivity_log_singular_values": (
+        (BATCH, TIME, LAG, SENS_SV),
+        "natural log of the leading singular values of ds_t/dx_(t-lag)",
+        "nats",
+    ),
+    "output_sensitivity_log_norm": ((BATCH, TIME, LAG), "natural log of the Frobenius norm of dy_t/dx_(t-lag)", "nats"),
+    "output_sensitivity_log_singular_values": (
+        (BATCH, TIME, LAG, SENS_SV),
+        "natural log of the leading singular values of dy_t/dx_(t-lag)",
+        "nats",
+    ),
     # fixed points and slow points
     "fixed_point_states": ((FIXED_POINT, UNIT), "state s* at the fixed or slow point", "1"),
     "q": ((FIXED_POINT,), "speed q = 1/2 ||F(s*) - s*||^2", "1"),
@@ -189,6 +212,11 @@ def build_dataset(
     for d in (SV, EIG, LE, CONDITION, INITIAL_STATE, FIXED_POINT, MODE):
         if d in used:
             coords[d] = np.arange(sizes[d])
+    if LAG in used:
+        lag_attrs = {"units": "step", "long_name": "lag tau (input x_(t-tau))"}
+        coords[LAG] = xr.Variable(LAG, np.arange(sizes[LAG]), lag_attrs)
+    if SENS_SV in used:
+        coords[SENS_SV] = np.arange(sizes[SENS_SV])
     if BOUND in used:
         coords[BOUND] = np.asarray(BOUNDS)
     if UNIT in used and dyn is not None:

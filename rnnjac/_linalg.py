@@ -100,7 +100,8 @@ def qr_schedule(steps: int, warmup: int, tangent_warmup: int, reortho_every: int
 
     Tangents evolve from step ``warmup + 1``; a QR follows every ``reortho_every`` steps, at the end of
     the tangent transient (so that counting starts afresh) and at the last step. Steps after
-    ``warmup + tangent_warmup`` are counted.
+    ``warmup + tangent_warmup`` are counted. (``reortho_every="auto"`` has no fixed schedule: the QR pass
+    :class:`rnnjac._lyapunov_qr.LyapunovQR` decides online, keeping the same two QRs.)
     """
     out, since, start = {}, 0, warmup + tangent_warmup
     for t in range(warmup + 1, steps + 1):

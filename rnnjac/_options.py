@@ -16,12 +16,13 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from ._checks import METHODS, STATES, check_choice, check_lyapunov_options, check_positive_int
+from ._checks import METHODS, STATES, check_choice, check_int_or_auto, check_lyapunov_options, check_positive_int
 
 __all__ = ["SpectraOptions"]
 
 _OUTPUTS = ("singular_values", "eigenvalues", "lyapunov", "end_to_end", "keep_states")
-_FLAGS = (*_OUTPUTS, "local_lyapunov")
+_FLAGS = ("eigenvalues", "lyapunov", "end_to_end", "keep_states", "local_lyapunov")
+_AUTO = ("warmup", "tangent_warmup", "reortho_every")  # an int, or "auto"
 
 
 def _dtype_name(dtype) -> str | None:
@@ -68,14 +69,18 @@ class SpectraOptions:
 
     Parameters
     ----------
-    singular_values, eigenvalues, lyapunov, end_to_end, keep_states, local_lyapunov : bool
+    singular_values : bool or int
+        Per-step singular values: all (True), none (False) or the top ``k`` (an int, ``1 <= k <= D``).
+    eigenvalues, lyapunov, end_to_end, keep_states, local_lyapunov : bool
         What to compute (at least one output; ``local_lyapunov`` needs ``lyapunov``).
     k : int, optional
         Number of Lyapunov exponents (default all D); ``1 <= k <= D``.
-    warmup, tangent_warmup : int
-        Transients (state only; tangents not counted), ``>= 0``.
-    reortho_every : int
-        Steps between QR re-orthonormalisations, ``>= 1``.
+    warmup, tangent_warmup : int or "auto"
+        Transients (state only; tangents not counted), ``>= 0``; ``"auto"``: chosen from the run (the MSER
+        rule), the choice recorded in the Dataset's attrs.
+    reortho_every : int or "auto"
+        Steps between QR re-orthonormalisations, ``>= 1``; ``"auto"``: as few as keep the exponents equal to
+        those of a QR every step (the intervals used are recorded in the attrs).
     state : {"full", "h"}
     method : {"auto", "analytic", "autograd"}
     seed : int or None
@@ -103,13 +108,13 @@ class SpectraOptions:
     ValueError: reortho_every must be an integer >= 1; got 0
     """
 
-    singular_values: bool = True
+    singular_values: bool | int = True
     eigenvalues: bool = False
     lyapunov: bool = True
     k: int | None = None
-    warmup: int = 0
-    tangent_warmup: int = 0
-    reortho_every: int = 1
+    warmup: int | str = 0
+    tangent_warmup: int | str = 0
+    reortho_every: int | str = 1
     end_to_end: bool = False
     keep_states: bool = False
     local_lyapunov: bool = False
@@ -129,31 +134,45 @@ class SpectraOptions:
             raise ValueError("nothing to compute: every output (singular_values, eigenvalues, lyapunov, ...) is off")
         if self.local_lyapunov and not self.lyapunov:
             raise ValueError("local_lyapunov=True needs lyapunov=True")
+        sv = self.singular_values
+        if not isinstance(sv, (bool, int, np.integer)):
+            raise TypeError(f"singular_values must be True, False or an integer k >= 1 (the top k); got {sv!r}")
+        if not isinstance(sv, bool) and sv < 1:
+            raise ValueError(f"singular_values must be True, False or an integer k >= 1 (the top k); got {sv!r}")
         check_positive_int("k", self.k, allow_none=True)
-        check_positive_int("warmup", self.warmup, minimum=0)
-        check_positive_int("tangent_warmup", self.tangent_warmup, minimum=0)
-        check_positive_int("reortho_every", self.reortho_every)
+        check_int_or_auto("warmup", self.warmup, minimum=0)
+        check_int_or_auto("tangent_warmup", self.tangent_warmup, minimum=0)
+        check_int_or_auto("reortho_every", self.reortho_every)
         check_positive_int("time_chunk", self.time_chunk, allow_none=True)
         check_choice("state", self.state, STATES)
         check_choice("method", self.method, METHODS)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))):
             raise ValueError(f"seed must be an integer or None; got {self.seed!r}")
-        for name in ("k", "warmup", "tangent_warmup", "reortho_every", "time_chunk", "seed"):
+        for name in ("k", *_AUTO, "time_chunk", "seed"):
             value = getattr(self, name)
-            if value is not None:
+            if value is not None and not isinstance(value, str):
                 object.__setattr__(self, name, int(value))  # numpy integers -> int (JSON)
+        if not isinstance(sv, bool):
+            object.__setattr__(self, "singular_values", int(sv))
         object.__setattr__(self, "ci", _confidence_level(self.ci))
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         object.__setattr__(self, "device", _device_name(self.device))
 
     def check(self, problem) -> None:
-        """The checks that need the model and the inputs (``k <= D``, transients shorter than ``T``).
+        """The checks that need the model and the inputs (``k <= D``, top-k ``singular_values <= D``, transients
+        shorter than ``T``).
 
         ``problem`` is a :class:`rnnjac._checks.Problem`; raises ``ValueError`` naming the keyword.
         """
         check_lyapunov_options(
-            problem, self.k, self.warmup, self.tangent_warmup, self.reortho_every, lyapunov=self.lyapunov
+            problem, self.k, self.warmup, self.tangent_warmup, self.reortho_every, lyapunov=self.lyapunov, auto=True
         )
+        d, sv = problem.dyn.size(problem.state), self.singular_values
+        if not isinstance(sv, bool) and sv > d:
+            raise ValueError(
+                f"singular_values must be True, False or an integer k with 1 <= k <= D = {d} "
+                f"(state={problem.state!r}); got {sv!r}"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

@@ -8,8 +8,10 @@ Lyapunov exponents (Benettin et al. 1980; Shimada & Nagashima 1979), in nats per
 with tangents propagated as ``Q <- J_t Q`` (never ``J^T Q``), ``warmup`` steps of the state alone
 first, then ``tangent_warmup`` steps of tangent evolution that are not counted, then ``n`` counted
 steps. With ``reortho_every = m`` the QR happens every m steps (and at the end of each phase); the
-growth over the m steps is then counted at once. ``local_lyapunov`` stores ``log R_ii / m`` at each
-QR step (NaN elsewhere). Only ``diag(R)`` is kept.
+growth over the m steps is then counted at once (the same diagonal as m every-step QRs, up to rounding:
+see :mod:`rnnjac._lyapunov_qr`). ``reortho_every="auto"`` picks m online from the tangent block's condition
+number, and ``warmup``/``tangent_warmup="auto"`` pick the transients from the run (MSER, White 1997).
+``local_lyapunov`` stores ``log R_ii / m`` at each QR step (NaN elsewhere). Only ``diag(R)`` is kept.
 
 Singular dynamics (the same rule in float32 and float64, :func:`rnnjac._linalg.collapse_floor`): an
 exponent is ``-inf`` when its growth ``R_ii`` was at or below the floor ``||J_t Q||_F (2**-22 sqrt(D))**m``
@@ -125,12 +127,30 @@ def _uncertainty_attrs(values: dict, options: SpectraOptions) -> dict:
             f"{int(more.max())} more counted steps are likely needed (longer inputs, or a longer warmup= or "
             "tangent_warmup=; per exponent: the variables lyapunov_converged and lyapunov_more_steps)",
             ConvergenceWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return {
         "ci": options.ci,
         "bootstrap_seed": 0 if options.seed is None else options.seed,
         "uncertainty_method": UNCERTAINTY_METHOD,
+    }
+
+
+def _dataset_attrs(values: dict, options: SpectraOptions, problem, generator) -> dict:
+    """The global attributes of a spectra Dataset; pops ``values["attrs"]``, what the pass chose or measured
+    (the steps used for ``"auto"`` transients, the QR intervals, the condition estimates), which go last."""
+    run_attrs = values.pop("attrs", None) or {}
+    return {
+        "warmup": options.warmup,
+        "tangent_warmup": options.tangent_warmup,
+        "reortho_every": options.reortho_every,
+        "seed": int(generator.initial_seed()) if generator is not None else -1,
+        "k": options.k or problem.dyn.size(problem.state),
+        "lyapunov_units": "nats/step",
+        "options_json": options.to_json(),
+        **problem.attrs,
+        **_uncertainty_attrs(values, options),
+        **run_attrs,
     }
 
 
@@ -141,13 +161,13 @@ def spectra(
     *,
     options: SpectraOptions | None = None,
     state: str = "full",
-    singular_values: bool = True,
+    singular_values: bool | int = True,
     eigenvalues: bool = False,
     lyapunov: bool = True,
     k: int | None = None,
-    warmup: int = 0,
-    tangent_warmup: int = 0,
-    reortho_every: int = 1,
+    warmup: int | str = 0,
+    tangent_warmup: int | str = 0,
+    reortho_every: int | str = 1,
     end_to_end: bool = False,
     keep_states: bool = False,
     local_lyapunov: bool = False,
@@ -172,15 +192,27 @@ def spectra(
         The whole analysis as one value (:class:`rnnjac.SpectraOptions`), instead of the keywords below:
         then ``state`` ... ``time_chunk`` must keep their defaults, and ``options.seed`` seeds the tangent
         basis unless ``generator`` is given.
-    singular_values, eigenvalues : bool
-        Per-step singular values of ``J_t`` (descending) / eigenvalues (by modulus, descending) and
-        the spectral radius.
+    singular_values : bool or int
+        Per-step singular values of ``J_t`` (descending): all, or the top ``k`` with an int ``1 <= k <= D``
+        (for large models: computed without forming the full SVD).
+    eigenvalues : bool
+        Per-step eigenvalues (by modulus, descending) and the spectral radius.
     lyapunov : bool
         Lyapunov exponents (top ``k``, default all D), plus Kaplan-Yorke dimension and entropy.
     k : int, optional
         Number of exponents, ``1 <= k <= D``.
-    warmup, tangent_warmup, reortho_every : int
-        Transients (state only; tangent not counted) and steps between QR re-orthonormalisations.
+    warmup, tangent_warmup : int or "auto"
+        Transients: ``warmup`` steps of the state alone, then ``tangent_warmup`` steps of tangent evolution not
+        counted. ``"auto"`` chooses each from the run by the MSER rule (White 1997): the state transient from a
+        per-step state statistic, the tangent transient from the block means of ``log R_ii`` (at most half of
+        the counted run is dropped); the steps chosen are the attrs ``warmup_used``/``tangent_warmup_used``.
+    reortho_every : int or "auto"
+        Steps between QR re-orthonormalisations. With more than 1 the tangent block's condition number is
+        tracked (attr ``lyapunov_max_log10_condition``) and a :class:`rnnjac.errors.ConditioningWarning` names
+        the exponents at risk when it exceeds ``1/sqrt(eps)``. ``"auto"``: a QR only when the block's predicted
+        condition number reaches 1e6 (float64; 1e3 in float32), at most every 64 steps, so that the exponents
+        equal those of a QR every step (to 1e-6 in float64); attrs ``reortho_interval_min``/``_mean``/``_max``
+        and ``lyapunov_qr_count`` record what was used. See the README's "Conventions" section.
     end_to_end : bool
         Singular values of ``ds_t/ds_0`` for every t (as logs, stably; see module docstring).
     keep_states : bool
@@ -276,17 +308,7 @@ def spectra(
         values = spectra_tensors(problem, options, generator=generator, on_steps=bar.update if progress else None)
     config = {name: getattr(options, name) for name in _CONFIG_KEYS}
     config.update(batch=problem.batch, steps=problem.steps)
-    extra = {
-        "warmup": options.warmup,
-        "tangent_warmup": options.tangent_warmup,
-        "reortho_every": options.reortho_every,
-        "seed": int(generator.initial_seed()) if generator is not None else -1,
-        "k": options.k or problem.dyn.size(problem.state),
-        "lyapunov_units": "nats/step",
-        "options_json": options.to_json(),
-        **problem.attrs,
-        **_uncertainty_attrs(values, options),
-    }
+    extra = _dataset_attrs(values, options, problem, generator)
     extra.update(attrs or {})
     return build_dataset(
         values,
@@ -307,9 +329,9 @@ def lyapunov_spectrum(
     *,
     options: SpectraOptions | None = None,
     k: int | None = None,
-    warmup: int = 0,
-    tangent_warmup: int = 0,
-    reortho_every: int = 1,
+    warmup: int | str = 0,
+    tangent_warmup: int | str = 0,
+    reortho_every: int | str = 1,
     local_lyapunov: bool = False,
     state: str = "full",
     method: str = "auto",
@@ -337,6 +359,12 @@ def lyapunov_spectrum(
     >>> ds = rnnjac.lyapunov_spectrum(rnn, torch.zeros(2, 200, 1), k=4, warmup=50)
     >>> ds.lyapunov_exponents.attrs["units"]
     'nats/step'
+
+    Fewer QRs for the same exponents, and the tangent transient chosen from the run:
+
+    >>> ds = rnnjac.lyapunov_spectrum(rnn, torch.zeros(2, 200, 1), k=4, reortho_every="auto", tangent_warmup="auto")
+    >>> ds.attrs["reortho_every"], ds.attrs["lyapunov_qr_count"] < 100, ds.attrs["tangent_warmup_used"] < 100
+    ('auto', True, True)
     """
     keywords = dict(
         k=k,

@@ -7,7 +7,7 @@ such as ``nonlinearity=`` or ``unsafe=True``). They subclass the built-in ``Valu
 
 from __future__ import annotations
 
-__all__ = ["RnnjacWarning", "ConvergenceWarning", "NonFiniteError", "CheckpointError"]
+__all__ = ["RnnjacWarning", "ConvergenceWarning", "ConditioningWarning", "NonFiniteError", "CheckpointError"]
 
 
 class RnnjacWarning(UserWarning):
@@ -36,6 +36,24 @@ class ConvergenceWarning(RnnjacWarning):
     >>> import warnings, rnnjac
     >>> with warnings.catch_warnings():
     ...     warnings.simplefilter("ignore", rnnjac.ConvergenceWarning)  # silence them (e.g. for quick looks)
+    """
+
+
+class ConditioningWarning(RnnjacWarning):
+    """The tangent block grew too ill-conditioned between two QRs: the smaller Lyapunov exponents may be lost.
+
+    With ``reortho_every > 1`` the tangents are multiplied by several Jacobians before each QR; when the
+    block's condition number (estimated from the QR's own ``R``, see the README's "Conventions" section) exceeds
+    ``1/sqrt(eps)`` of the dtype, the smaller exponents carry rounding errors of that order. Warned once per
+    :func:`rnnjac.spectra` / :func:`rnnjac.lyapunov_spectrum` call, naming the exponents at risk; a smaller
+    ``reortho_every=`` or ``reortho_every="auto"`` fixes it. The Dataset attribute
+    ``lyapunov_max_log10_condition`` records the largest estimate.
+
+    Examples
+    --------
+    >>> import warnings, rnnjac
+    >>> issubclass(rnnjac.errors.ConditioningWarning, rnnjac.RnnjacWarning)
+    True
     """
 
 

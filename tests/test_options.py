@@ -188,3 +188,78 @@ def test_cli_refuses_a_bad_option_before_any_work_naming_the_flag(tmp_path, caps
     err = capsys.readouterr().err
     assert "--reortho-every must be an integer >= 1; got 0" in err and "reortho_every" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- "auto" and top-k singular values
+def test_auto_transients_reortho_and_top_k_singular_values_are_options():
+    opts = SpectraOptions(warmup="auto", tangent_warmup="auto", reortho_every="auto", singular_values=np.int64(3))
+    assert (opts.warmup, opts.tangent_warmup, opts.reortho_every) == ("auto", "auto", "auto")
+    assert opts.singular_values == 3 and type(opts.singular_values) is int
+    assert SpectraOptions.from_json(opts.to_json()) == opts
+    assert json.loads(opts.to_json())["reortho_every"] == "auto"
+    assert SpectraOptions(singular_values=False, lyapunov=True).singular_values is False
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "message"),
+    [
+        ({"reortho_every": "Auto"}, ValueError, "reortho_every must be an integer >= 1 or 'auto'; got 'Auto'"),
+        ({"warmup": "long"}, ValueError, "warmup must be an integer >= 0 or 'auto'; got 'long'"),
+        ({"tangent_warmup": ""}, ValueError, "tangent_warmup must be an integer >= 0 or 'auto'; got ''"),
+        ({"reortho_every": 2.5}, ValueError, "reortho_every must be an integer >= 1; got 2.5"),
+        (
+            {"singular_values": 0},
+            ValueError,
+            r"singular_values must be True, False or an integer k >= 1 \(the top k\); got 0",
+        ),
+        ({"singular_values": 2.0}, TypeError, "singular_values must be True, False or an integer k >= 1"),
+        ({"singular_values": "all"}, TypeError, "singular_values must be True, False or an integer k >= 1"),
+    ],
+)
+def test_auto_and_top_k_are_checked_when_built(kwargs, exc, message):
+    with pytest.raises(exc, match=message):
+        SpectraOptions(**kwargs)
+    with pytest.raises(exc, match=message):
+        SpectraOptions.from_json(json.dumps({k: v for k, v in kwargs.items()}))
+
+
+def test_auto_and_top_k_checks_that_need_the_problem():
+    problem = prepare(Problem("gru").module(), Problem("gru").inputs(steps=10))
+    SpectraOptions(warmup="auto", tangent_warmup=9, reortho_every="auto", singular_values=5).check(problem)
+    with pytest.raises(ValueError, match=r"integer k with 1 <= k <= D = 5 \(state='full'\); got 6"):
+        SpectraOptions(singular_values=6).check(problem)
+    with pytest.raises(ValueError, match="at least one counted step: T = 10, got warmup='auto', tangent_warmup=10"):
+        SpectraOptions(warmup="auto", tangent_warmup=10).check(problem)
+
+
+def test_the_penalty_keeps_integer_schedules():
+    from rnnjac._checks import check_lyapunov_options
+
+    problem = prepare(Problem("gru").module(), Problem("gru").inputs(steps=10))
+    with pytest.raises(ValueError, match="reortho_every must be an integer >= 1; got 'auto'"):
+        check_lyapunov_options(problem, 2, 0, 0, "auto")
+    check_lyapunov_options(problem, 2, "auto", "auto", "auto", auto=True)
+
+
+def test_spectra_merges_the_attrs_of_the_pass(monkeypatch):
+    """``spectra_tensors`` may return ``"attrs"``: they become Dataset attributes (over the options' own)."""
+    real = rnnjac._spectra.spectra_tensors
+
+    def with_attrs(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["attrs"] = {"tangent_warmup": 7, "extra_number": 1.5, "extra_text": "x"}
+        return out
+
+    monkeypatch.setattr(rnnjac._spectra, "spectra_tensors", with_attrs)
+    m, x = Problem("gru").module(), Problem("gru").inputs(steps=12)
+    ds = rnnjac.lyapunov_spectrum(m, x, k=2, ci=None)
+    assert (ds.attrs["tangent_warmup"], ds.attrs["extra_number"], ds.attrs["extra_text"]) == (7, 1.5, "x")
+    assert "attrs" not in ds.data_vars
+
+
+def test_spectra_accepts_auto_and_records_it():
+    m, x = Problem("gru", hidden=6).module(), Problem("gru", hidden=6).inputs(batch=2, steps=80)
+    ds = rnnjac.spectra(m, x, k=3, reortho_every="auto", tangent_warmup="auto", singular_values=False, ci=None)
+    assert ds.attrs["reortho_every"] == "auto" and ds.attrs["tangent_warmup"] == "auto"
+    assert 0 <= ds.attrs["tangent_warmup_used"] < 40 and ds.attrs["lyapunov_qr_count"] >= 2
+    assert SpectraOptions.from_json(ds.attrs["options_json"]).reortho_every == "auto"

@@ -6,6 +6,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+import xarray as xr
 from problems import Problem
 
 import rnnjac
@@ -18,7 +19,8 @@ matplotlib.use("Agg")
 def ds():
     p = Problem("gru", hidden=6)
     m, x = p.module(), p.inputs(batch=3, steps=40)
-    return rnnjac.spectra(m, x, eigenvalues=True, end_to_end=True, local_lyapunov=True, warmup=5)
+    ds = rnnjac.spectra(m, x, eigenvalues=True, end_to_end=True, local_lyapunov=True, warmup=5)
+    return xr.merge([ds, rnnjac.sensitivity(m, x, max_lag=8)], combine_attrs="override")
 
 
 SWEEP_ONLY = ["lyapunov_vs_training_step", "kaplan_yorke_vs_training_step"]  # curves over training
@@ -247,7 +249,7 @@ def test_available_lists_exactly_what_draws(ds, sweep):
     assert plot.available(sweep) == PER_CHECKPOINT + SWEEP_ONLY
     assert plot.available(ds) == SINGLE
     one = sweep.isel(checkpoint=[2])  # a sweep of one checkpoint is drawn as that checkpoint
-    assert plot.available(one) == SINGLE + SWEEP_ONLY
+    assert plot.available(one) == [n for n in SINGLE if n != "sensitivity"] + SWEEP_ONLY  # (no sensitivities)
     for data in (ds, sweep, one, sweep.swap_dims(checkpoint="training_step")):
         for name in plot.PLOTS:
             if name in plot.available(data):
@@ -304,7 +306,7 @@ def test_summary_of_a_sweep(sweep):
     assert "sweep of 3 checkpoints, training steps 100–300" in fig._suptitle.get_text()
     _no_rgb_images(fig)
     fig1 = plot.summary(sweep, checkpoint=0)
-    assert sum(bool(a.get_title()) for a in fig1.axes) == len(SINGLE)
+    assert sum(bool(a.get_title()) for a in fig1.axes) == len(SINGLE) - 1  # not the sensitivities
     plt.close("all")
     with pytest.raises(ValueError, match="nothing to plot: .*checkpoint="):
         plot.summary(sweep[["eigenvalues_real", "eigenvalues_imag"]])

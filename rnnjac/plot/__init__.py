@@ -19,7 +19,7 @@ that can be drawn from a Dataset without keywords, and :func:`summary` puts them
 from ._common import SWEEP_DIMS as SWEEP_DIMS  # kept importable as rnnjac.plot.SWEEP_DIMS
 from ._common import _why_not
 from ._fixed_points import fixed_point_eigenvalues, fixed_points
-from ._sensitivity import sensitivity as sensitivity  # rnnjac.plot.sensitivity (not in PLOTS)
+from ._sensitivity import sensitivity
 from ._spectra import (
     eigenvalues,
     end_to_end,
@@ -43,6 +43,7 @@ __all__ = [
     "compare",
     "fixed_points",
     "fixed_point_eigenvalues",
+    "sensitivity",
     "available",
     "summary",
     "PLOTS",
@@ -57,6 +58,7 @@ PLOTS = {
     "lyapunov_convergence": lyapunov_convergence,
     "eigenvalues": eigenvalues,
     "end_to_end": end_to_end,
+    "sensitivity": sensitivity,
     "lyapunov_vs_training_step": lyapunov_vs_training_step,
     "kaplan_yorke_vs_training_step": kaplan_yorke_vs_training_step,
     "fixed_points": fixed_points,

@@ -52,6 +52,7 @@ _SPEC = {
     "lyapunov_convergence": (("local_lyapunov",), "one"),
     "eigenvalues": (("eigenvalues_real", "eigenvalues_imag"), "one"),
     "end_to_end": (("end_to_end_log_singular_values",), "one"),
+    "sensitivity": (("input_sensitivity_log_norm",), "one"),
     "lyapunov_vs_training_step": (("lyapunov_exponents",), "sweep"),
     "kaplan_yorke_vs_training_step": (("kaplan_yorke_dimension",), "sweep"),
     "fixed_points": (_FP_NEEDS, "fixed_point"),

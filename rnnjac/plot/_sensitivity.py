@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import _axes, _integer_ticks, _title
+from ._common import _axes, _check, _integer_ticks, _title
 
 #: beyond this many nats the norms leave the float64 range: the profile is then drawn as its log
 _LINEAR_LIMIT = 700.0
@@ -25,7 +25,7 @@ def _variable(ds, output: bool):
     return da
 
 
-def sensitivity(ds, *, ax=None, output: bool = False, quantiles=(0.25, 0.75), **kwargs):
+def sensitivity(ds, *, ax=None, output: bool = False, quantiles=(0.25, 0.75), checkpoint=None, **kwargs):
     """Memory profile: the norm of ``ds_t/dx_{t-lag}`` against lag, median over batch and time with a band.
 
     Parameters
@@ -37,6 +37,8 @@ def sensitivity(ds, *, ax=None, output: bool = False, quantiles=(0.25, 0.75), **
         Draw ``dy_t/dx_{t-lag}`` (a Dataset computed with ``readout=``) instead of the state's.
     quantiles : (float, float)
         The band (default the inter-quartile range), over batch and time; NaN entries (``t - lag < 1``) are left out.
+    checkpoint : int or str, optional
+        For a sweep (:func:`rnnjac.analyze_checkpoints`): the checkpoint to draw (position or path).
     **kwargs
         Passed to the median's ``ax.plot``.
 
@@ -53,6 +55,7 @@ def sensitivity(ds, *, ax=None, output: bool = False, quantiles=(0.25, 0.75), **
     >>> rnnjac.plot.sensitivity(ds).get_yscale()
     'log'
     """
+    ds = _check("sensitivity", ds, checkpoint)[0] if not output else ds
     da = _variable(ds, output)
     lo_q, hi_q = quantiles
     if not 0 <= lo_q <= hi_q <= 1:
