@@ -13,6 +13,8 @@ Sompolinsky 2008, PNAS 105:18970 for memory traces of linear networks).
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 import xarray as xr
@@ -142,7 +144,8 @@ def sensitivity(
         Largest lag ``L``, ``0 <= L < T``.
     readout : nn.Module or callable, optional
         Maps the top layer's h (the module's output; the whole state of a custom cell), ``(B, H) -> (B, O)``;
-        adds ``dy_t/dx_{t-tau} = (dy/dh_t) ds_t/dx_{t-tau}``, with ``dy/dh_t`` from ``torch.func``.
+        adds ``dy_t/dx_{t-tau} = (dy/dh_t) ds_t/dx_{t-tau}``, with ``dy/dh_t`` from ``torch.func``. With
+        ``dtype``/``device``, a module readout is converted like the model (a copy; the readout is untouched).
     n_sv : int
         Number of leading singular values kept (``min(I, n_sv)``; ``-inf`` beyond a block's rank).
 
@@ -178,6 +181,8 @@ def sensitivity(
         submodule=submodule,
     )
     _check_max_lag(max_lag, problem.steps)
+    if isinstance(readout, torch.nn.Module) and (dtype is not None or device is not None):
+        readout = copy.deepcopy(readout).to(dtype=problem.xs.dtype, device=problem.xs.device)  # as the model
     described = _check_readout(readout, problem) if readout is not None else ""
     n_keep = min(problem.xs.shape[-1], n_sv)
     chunk = time_chunk_for(problem.batch, max(problem.dyn.state_size, problem.xs.shape[-1]), problem.steps)

@@ -242,3 +242,22 @@ def test_autograd_method_and_submodule_give_the_same_dataset():
     c = rnnjac.sensitivity(Net(), x, max_lag=5)
     assert c.attrs["submodule"] == "core"
     np.testing.assert_allclose(a.input_sensitivity_log_norm, c.input_sensitivity_log_norm, atol=1e-12)
+
+
+def test_float32_readout_follows_the_model_to_float64_and_plots_overlay():
+    """dtype=float64 converts a module readout like the model (the caller's readout stays float32), and the
+    plot takes label= so that two models share one axes."""
+    import matplotlib.pyplot as plt
+
+    torch.manual_seed(0)
+    gru, head = torch.nn.GRU(2, 5, batch_first=True), torch.nn.Linear(5, 1)
+    x = torch.randn(2, 12, 2)
+    ds = rnnjac.sensitivity(gru, x, max_lag=4, readout=head, dtype=torch.float64)
+    ref = rnnjac.sensitivity(gru.double(), x.double(), max_lag=4, readout=head.double())
+    head.float(), gru.float()
+    assert head.weight.dtype == torch.float32
+    np.testing.assert_allclose(ds.output_sensitivity_log_norm.values, ref.output_sensitivity_log_norm.values)
+    ax = rnnjac.plot.sensitivity(ds, label="a")
+    rnnjac.plot.sensitivity(ds, ax=ax, label="b", output=True)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
+    plt.close("all")

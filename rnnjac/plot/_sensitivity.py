@@ -25,7 +25,7 @@ def _variable(ds, output: bool):
     return da
 
 
-def sensitivity(ds, *, ax=None, output: bool = False, quantiles=(0.25, 0.75), checkpoint=None, **kwargs):
+def sensitivity(ds, *, ax=None, output: bool = False, quantiles=(0.25, 0.75), checkpoint=None, label=None, **kwargs):
     """Memory profile: the norm of ``ds_t/dx_{t-lag}`` against lag, median over batch and time with a band.
 
     Parameters
@@ -37,6 +37,9 @@ def sensitivity(ds, *, ax=None, output: bool = False, quantiles=(0.25, 0.75), ch
         Draw ``dy_t/dx_{t-lag}`` (a Dataset computed with ``readout=``) instead of the state's.
     quantiles : (float, float)
         The band (default the inter-quartile range), over batch and time; NaN entries (``t - lag < 1``) are left out.
+    label : str, optional
+        Legend label of the median (default "median"; with a label the band is not labelled, so that several
+        models can share one axes).
     checkpoint : int or str, optional
         For a sweep (:func:`rnnjac.analyze_checkpoints`): the checkpoint to draw (position or path).
     **kwargs
@@ -69,8 +72,9 @@ def sensitivity(ds, *, ax=None, output: bool = False, quantiles=(0.25, 0.75), ch
     linear = finite.size == 0 or finite.max() < _LINEAR_LIMIT
     ax = _axes(ax)
     tr = np.exp if linear else (lambda v: v)
-    line = ax.plot(lag, tr(med), marker="o", ms=3, label="median", **kwargs)[0]
-    ax.fill_between(lag, tr(lo), tr(hi), color=line.get_color(), alpha=0.25, lw=0, label=f"quantiles {lo_q:g}–{hi_q:g}")
+    line = ax.plot(lag, tr(med), marker="o", ms=3, label=label or "median", **kwargs)[0]
+    band = f"quantiles {lo_q:g}–{hi_q:g}" if label is None else None
+    ax.fill_between(lag, tr(lo), tr(hi), color=line.get_color(), alpha=0.25, lw=0, label=band)
     what = (
         r"$\Vert\partial y_t/\partial x_{t-\tau}\Vert_F$"
         if output
