@@ -9,23 +9,40 @@
    on (B*T, D, D) matrices.
 4. T = 10,000, GRU H=128, B=8, all exponents: peak resident memory (fresh process).
 
-    python analyses/benchmark_spectra.py      # prints the tables, writes figures/benchmark_spectra.md
+Issue 18 (one thread, the two sides alternated in one run, median of 3):
+
+5. The published algorithm (written here from its description: per step the closed-form Jacobian, h->h only
+   for LSTM, ``J Q``, a Householder QR every step, ``log|diag R|`` accumulated) against rnnjac
+   (``reortho_every="auto"``), RNN/GRU/LSTM, 1 and 2 layers, H=64 and 128, B=8, T=500, all exponents, float32.
+6. The continuous-time rate network (N=100 and 500, Euler dt=0.1, QR every 10 steps): a NumPy loop against
+   rnnjac with a closed-form ``CustomCell``.
+7. Top-16 per-step singular values at H=1024 (GRU, B=8): block Krylov on the factored ``J`` against full SVDs.
+
+    python analyses/benchmark_spectra.py               # sections 5-7 (about 5 minutes on one core)
+    python analyses/benchmark_spectra.py --legacy      # sections 1-4 as well
+    python analyses/benchmark_spectra.py --quick       # smaller shapes (smoke test)
+
+Sections not run keep their text from the previous ``figures/benchmark_spectra.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
-from _bench import machine, table, timeit, write
+from _bench import FIGURES, machine, table, timeit, write
 
 import rnnjac
 from rnnjac._dynamics import as_dynamics
 from rnnjac._linalg import qr_positive
+from rnnjac._lyapunov_qr import initial_basis
 
 
 def gru(hidden, seed=0):
@@ -79,14 +96,9 @@ print(json.dumps({{"base_mb": base, "peak_mb": hwm(), "seconds": dt}}))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--quick", action="store_true", help="smaller shapes (smoke test)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+def legacy(args, sections: list[str]) -> None:
+    """Sections 1-4 (issue 4)."""
     steps = args.steps
-    sections = [f"# Spectra benchmarks\n\nMachine: {machine()}\n"]
 
     # 1. top-k exponents
     rows = []
@@ -198,8 +210,285 @@ def main(argv=None):
     t4 = table(row, ["case", "RSS after import [MB]", "peak RSS [MB]", "growth [MB]", "time [s]"])
     print(t4, f"({time.perf_counter() - t0:.0f} s)")
     sections.append("## Memory of a long run (target: peak under 1 GB)\n\n" + t4 + "\n")
-    sections.append("Reproduce: `python analyses/benchmark_spectra.py`\n")
-    write("benchmark_spectra.md", "\n".join(sections))
+
+
+# ----------------------------------------------------------------------------- issue 18
+def alternate(fa, fb, repeat: int = 3) -> tuple[float, float]:
+    """Medians of ``repeat`` timings of ``fa`` and ``fb``, the two run in turn. A first round warms up; it
+    counts as one of the ``repeat`` when the two together took over 2 s (one-time costs are then negligible)."""
+    ta, tb = [], []
+    for r in range(repeat + 1):
+        for fn, out in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        if r == 0 and ta[0] + tb[0] <= 2.0:
+            ta, tb = [], []
+        if len(ta) == repeat:
+            break
+    return statistics.median(ta), statistics.median(tb)
+
+
+def _w(m, name, layer):
+    return getattr(m, f"{name}_l{layer}", None)
+
+
+def layer_jacobians(kind: str, m, layer: int, x, h, c):
+    """One layer's next ``(h, c)`` and its closed-form partial Jacobians (``hx``, ``hh`` and for LSTM ``hc``,
+    ``cx``, ``ch``, ``cc``), written from the equations (PyTorch's gate order), independent of rnnjac."""
+    w_ih, w_hh, b_ih, b_hh = (_w(m, n, layer) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    gi, gh = x @ w_ih.T + b_ih, h @ w_hh.T + b_hh
+
+    def rows(a, w):  # diag(a) @ w, batched
+        return a.unsqueeze(-1) * w
+
+    if kind == "rnn":
+        h1 = torch.tanh(gi + gh)
+        d = 1 - h1 * h1
+        return h1, None, {"hx": rows(d, w_ih), "hh": rows(d, w_hh)}
+    if kind == "gru":
+        (ir, iz, in_), (hr, hz, hn) = gi.chunk(3, -1), gh.chunk(3, -1)
+        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+        n = torch.tanh(in_ + r * hn)
+        a_z, a_n = (h - n) * z * (1 - z), (1 - z) * (1 - n * n)
+        a_r = a_n * hn * r * (1 - r)
+        wi, wh = w_ih.chunk(3, 0), w_hh.chunk(3, 0)
+        hx = rows(a_r, wi[0]) + rows(a_z, wi[1]) + rows(a_n, wi[2])
+        hh = rows(a_r, wh[0]) + rows(a_z, wh[1]) + rows(a_n * r, wh[2]) + torch.diag_embed(z)
+        return (1 - z) * n + z * h, None, {"hx": hx, "hh": hh}
+    i, f, g, o = (gi + gh).chunk(4, -1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c1 = f * c + i * g
+    tc = torch.tanh(c1)
+    s_i, s_f, s_g, s_o, s_m = g * i * (1 - i), c * f * (1 - f), i * (1 - g * g), tc * o * (1 - o), o * (1 - tc * tc)
+    wi, wh = w_ih.chunk(4, 0), w_hh.chunk(4, 0)
+    cx = rows(s_i, wi[0]) + rows(s_f, wi[1]) + rows(s_g, wi[2])
+    ch = rows(s_i, wh[0]) + rows(s_f, wh[1]) + rows(s_g, wh[2])
+    jac = {"cx": cx, "ch": ch, "cc": torch.diag_embed(f), "hc": torch.diag_embed(s_m * f)}
+    jac["hx"], jac["hh"] = rows(s_o, wi[3]) + rows(s_m, cx), rows(s_o, wh[3]) + rows(s_m, ch)
+    return o * tc, c1, jac
+
+
+def published_step(kind: str, m, x, hs, cs, h_only: bool):
+    """One step of the whole stack: the next states and ``J_t`` (block lower triangular over the layers; for
+    LSTM the h->h blocks only when ``h_only``, else the full ``[h; c]`` per layer)."""
+    blocks, new_h, new_c, below, inp = [], [], [], None, x
+    for layer in range(m.num_layers):
+        h1, c1, jac = layer_jacobians(kind, m, layer, inp, hs[layer], None if cs is None else cs[layer])
+        full = kind == "lstm" and not h_only
+        own = (
+            torch.cat([torch.cat([jac["hh"], jac["hc"]], -1), torch.cat([jac["ch"], jac["cc"]], -1)], -2)
+            if full
+            else jac["hh"]
+        )
+        rows_x = torch.cat([jac["hx"], jac["cx"]], -2) if full else jac["hx"]
+        left = [] if below is None else [rows_x @ below]
+        blocks.append(torch.cat([*left, own], -1))
+        below = blocks[-1][:, : h1.shape[-1]]  # the h rows of this layer, for the layer above
+        new_h.append(h1)
+        new_c.append(c1)
+        inp = h1
+    d = sum(b.shape[-2] for b in blocks)
+    j = torch.cat([torch.nn.functional.pad(b, (0, d - b.shape[-1])) for b in blocks], -2)
+    return new_h, (new_c if kind == "lstm" else None), j
+
+
+def published_lyapunov(kind: str, m, x, h_only: bool = True):
+    """The published algorithm: per step closed-form J, ``Q <- J Q``, Householder QR, ``log|diag R|``."""
+    b, steps = x.shape[:2]
+    hs = [x.new_zeros(b, m.hidden_size) for _ in range(m.num_layers)]
+    cs = [x.new_zeros(b, m.hidden_size) for _ in range(m.num_layers)] if kind == "lstm" else None
+    d = m.num_layers * m.hidden_size * (2 if kind == "lstm" and not h_only else 1)
+    q = initial_basis(d, d, torch.Generator().manual_seed(0), x.dtype, batch=b)
+    log_sum = x.new_zeros(b, d)
+    with torch.no_grad():
+        for t in range(steps):
+            hs, cs, j = published_step(kind, m, x[:, t], hs, cs, h_only)
+            q, r = torch.linalg.qr(torch.bmm(j, q))
+            log_sum += torch.log(torch.diagonal(r, dim1=-2, dim2=-1).abs())
+    return torch.sort(log_sum / steps, descending=True).values
+
+
+def rnnjac_lyapunov(m, x, state="full", reortho_every="auto"):
+    ds = rnnjac.lyapunov_spectrum(
+        m, x, state=state, reortho_every=reortho_every, ci=None, generator=torch.Generator().manual_seed(0)
+    )
+    return torch.from_numpy(ds.lyapunov_exponents.values)
+
+
+def published_section(args) -> str:
+    """Section 5: rnnjac (reortho_every="auto") against the published algorithm, one row per model."""
+    steps, hiddens = (500, tuple(args.hidden)) if not args.quick else (60, (16,))
+    cases = [(k, n, hid, True) for k in ("rnn", "gru", "lstm") for n in (1, 2) for hid in hiddens]
+    cases += [("lstm", n, hiddens[0], False) for n in (1, 2)]  # rnnjac's full [h; c] state
+    rows = []
+    for kind, layers, hid, h_only in cases:
+        torch.manual_seed(0)
+        m = getattr(torch.nn, kind.upper())(16, hid, num_layers=layers, batch_first=True)
+        x = torch.randn(8, steps, 16, generator=torch.Generator().manual_seed(1))
+        state = "h" if kind == "lstm" and h_only else "full"
+        j_ref = published_step(
+            kind, m, x[:, 0], [x.new_zeros(8, hid)] * layers, [x.new_zeros(8, hid)] * layers, h_only
+        )[2]
+        j_ours = rnnjac.jacobians(m, x[:, :1], state=state).detach()[:, 0]
+        assert torch.allclose(j_ref, j_ours, atol=1e-5), f"{kind}: the baseline's Jacobian is not rnnjac's"
+        diff = (published_lyapunov(kind, m, x, h_only) - rnnjac_lyapunov(m, x, state)).abs().max().item()
+        t_pub, t_ours = alternate(lambda: published_lyapunov(kind, m, x, h_only), lambda: rnnjac_lyapunov(m, x, state))
+        conv = "" if kind != "lstm" else (" (h only)" if h_only else " (full [h; c])")
+        rows.append(
+            [
+                f"{kind.upper()}{conv} {layers}L H={hid}",
+                f"{t_pub:.3f}",
+                f"{t_ours:.3f}",
+                f"{t_pub / t_ours:.2f}x",
+                f"{diff:.1e}",
+            ]
+        )
+        print(rows[-1], flush=True)
+    head = [
+        f"model (B=8, T={steps}, all exponents, float32)",
+        "published algorithm [s]",
+        "rnnjac [s]",
+        "speed-up",
+        "max abs difference [nats/step]",
+    ]
+    return table(rows, head)
+
+
+def rate_network(n: int, gain: float = 2.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    w = gain * rng.standard_normal((n, n)) / math.sqrt(n)
+    np.fill_diagonal(w, 0)
+    return w, rng.standard_normal(n)
+
+
+def numpy_rate(w, h0, steps: int, dt: float = 0.1, every: int = 10):
+    """The NumPy loop of the issue: ``h <- (1-dt) h + dt W tanh(h)``, ``D_t Q``, QR every ``every`` steps."""
+    n = len(h0)
+    h, q, log_sum = h0.copy(), np.linalg.qr(np.random.default_rng(1).standard_normal((n, n)))[0], np.zeros(n)
+    eye = np.eye(n)
+    for t in range(1, steps + 1):
+        th = np.tanh(h)
+        d = (1 - dt) * eye + dt * w * (1 - th * th)[None, :]
+        h = (1 - dt) * h + dt * (w @ th)
+        q = d @ q
+        if t % every == 0 or t == steps:
+            q, r = np.linalg.qr(q)
+            log_sum += np.log(np.abs(np.diag(r)))
+    return np.sort(log_sum / steps)[::-1]
+
+
+def rnnjac_rate(w, h0, steps: int, dt: float = 0.1, every: int = 10):
+    wt = torch.from_numpy(w)
+    eye = torch.eye(len(h0), dtype=torch.float64)
+
+    def step(s, x):
+        return (1 - dt) * s + dt * torch.tanh(s) @ wt.T
+
+    def jacobian(s, x):
+        th = torch.tanh(s)
+        return (1 - dt) * eye + dt * wt * (1 - th * th)[:, None, :]
+
+    cell = rnnjac.CustomCell(step, jacobian, name="rate")
+    xs = torch.zeros(1, steps, 1, dtype=torch.float64)
+    ds = rnnjac.lyapunov_spectrum(cell, xs, torch.from_numpy(h0)[None], reortho_every=every, ci=None)
+    return ds.lyapunov_exponents.values[0]
+
+
+def rate_section(args) -> str:
+    """Section 6: the rate network, a NumPy loop against rnnjac with a closed-form CustomCell."""
+    rows = []
+    for n, steps in ((100, 10_000), (500, 1_000)) if not args.quick else ((50, 500),):
+        w, h0 = rate_network(n)
+        top = abs(numpy_rate(w, h0, steps)[0] - rnnjac_rate(w, h0, steps)[0])
+        t_np, t_ours = alternate(lambda: numpy_rate(w, h0, steps), lambda: rnnjac_rate(w, h0, steps))
+        rows.append(
+            [
+                f"N={n}, {steps} steps, all exponents, float64",
+                f"{t_np:.3f}",
+                f"{t_ours:.3f}",
+                f"{t_np / t_ours:.2f}x",
+                f"{top:.1e}",
+            ]
+        )
+        print(rows[-1], flush=True)
+    return table(
+        rows,
+        [
+            "rate network (dt=0.1, QR every 10 steps)",
+            "NumPy loop [s]",
+            "rnnjac CustomCell [s]",
+            "speed-up",
+            "abs difference of lambda_1",
+        ],
+    )
+
+
+def topk_section(args) -> str:
+    """Section 7: top-16 per-step singular values by block Krylov against full per-step SVDs."""
+    hidden, steps = (1024, 2) if not args.quick else (256, 2)
+    m = gru(hidden)
+    x = torch.randn(8, steps, 16, generator=torch.Generator().manual_seed(1))
+    top, full = (
+        (lambda: rnnjac.spectra(m, x, singular_values=16, lyapunov=False)),
+        (lambda: rnnjac.spectra(m, x, lyapunov=False)),
+    )
+    err = (top().singular_values.values / full().singular_values.values[..., :16] - 1).__abs__().max()
+    t_top, t_full = alternate(top, full)
+    row = [f"GRU H={hidden}, B=8, T={steps}", f"{t_full:.3f}", f"{t_top:.3f}", f"{t_full / t_top:.1f}x", f"{err:.1e}"]
+    print(row, flush=True)
+    return table(
+        [row], ["case", "full per-step SVD [s]", "top-16 block Krylov [s]", "speed-up", "max relative difference"]
+    )
+
+
+def merged(previous: str, new: dict[str, str]) -> str:
+    """``previous`` markdown with its ``## `` sections replaced by ``new`` (title -> body); new titles appended."""
+    parts, order = {}, []
+    for chunk in previous.split("\n## ")[1:]:
+        title, _, body = chunk.partition("\n")
+        body = body.split("\nReproduce: ")[0]  # the old footer
+        parts[title], order = body.strip("\n") + "\n", order + [title]
+    for title, body in new.items():
+        order += [] if title in parts else [title]
+        parts[title] = body
+    return "\n".join(f"## {t}\n\n{parts[t].strip()}\n" for t in order)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=100, help="T of sections 1-3")
+    ap.add_argument("--quick", action="store_true", help="smaller shapes (smoke test)")
+    ap.add_argument("--legacy", action="store_true", help="run sections 1-4 (issue 4) as well")
+    ap.add_argument("--hidden", type=int, nargs="+", default=[64, 128], help="H of section 5")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    new: dict[str, str] = {}
+    if args.legacy:
+        old: list[str] = []
+        legacy(args, old)
+        for text in old:
+            title, _, body = text.removeprefix("## ").partition("\n")
+            new[title] = body
+    path = FIGURES / "benchmark_spectra.md"
+    previous = path.read_text() if path.exists() and not args.quick else ""
+    head = (
+        f"# Spectra benchmarks\n\nMachine: {machine()}; one thread, shared machine (noisy). Sections not rerun "
+        "(sections 1-4 without --legacy) keep the text of the earlier run that measured them (2 threads).\n\n"
+    )
+    tail = "\nReproduce: `python analyses/benchmark_spectra.py [--legacy] [--hidden 64 128]`\n"
+    name = "benchmark_spectra.md" if not args.quick else "benchmark_spectra_quick.md"
+    t0 = time.perf_counter()
+    for title, section in (
+        ("Against the published algorithm (issue 18, target >= 3x)", published_section),
+        ("Rate network against a NumPy loop (issue 18, target >= 2x)", rate_section),
+        ("Top-16 per-step singular values, H=1024 (issue 18, target >= 10x, 1e-5)", topk_section),
+    ):
+        new[title] = section(args)
+        write(
+            name, head + merged(previous.replace(tail, ""), new) + tail
+        )  # after each section: a partial run keeps what it measured
+    print(f"sections 5-7: {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

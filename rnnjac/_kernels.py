@@ -21,24 +21,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from ._cells import EYE
 from ._checks import NonFiniteError, Problem, check_states_finite
-from ._dynamics import Linearization
+from ._dynamics import Linearization, grad_region
 from ._linalg import EndToEnd, kaplan_yorke, svdvals
 from ._lyapunov_qr import LyapunovQR, initial_basis
-from ._uncertainty import BlockStats, convergence, lyapunov_uncertainty
+from ._uncertainty import BlockStats, convergence, lyapunov_uncertainty, mser_truncation
 
 __all__ = [
     "Chunk",
     "linearization_stream",
     "run_states",
     "spectra_tensors",
+    "auto_warmup",
+    "h_jacobian",
     "step_spectra",
     "time_chunk_for",
+    "top_singular_values",
     "uncertainty_tensors",
 ]
 
@@ -46,6 +51,8 @@ OnSteps = Callable[[int], None]
 Apply = Callable[[Tensor], Tensor]
 
 DEFAULT_MAX_CHUNK_ELEMENTS = 2**26  # about 256 MB of float32 Jacobians per chunk
+#: the spectra's chunks of materialised ``J_t``: small enough to stay in cache between the write and the bmm
+CACHE_CHUNK_BYTES = 2**20
 
 
 def run_states(problem: Problem) -> Tensor:
@@ -79,19 +86,29 @@ class Chunk(NamedTuple):
     """``(n,)`` bool: every state of the step is finite."""
 
 
-def linearization_stream(problem: Problem, time_chunk: int, *, chunk_size: int | None = None) -> Iterator[Chunk]:
+def linearization_stream(
+    problem: Problem,
+    time_chunk: int,
+    *,
+    chunk_size: int | None = None,
+    start: int = 0,
+    s_start: Tensor | None = None,
+    states: Tensor | None = None,
+) -> Iterator[Chunk]:
     """Run the trajectory ``time_chunk`` steps at a time and linearise each chunk in one batched call.
 
     Memory is that of one chunk; states are not checked here (``Chunk.finite`` says where they are finite).
     Runs in the caller's grad mode at each ``next()`` (so a differentiable stream keeps the graph of every step
-    so far); ``chunk_size`` goes to ``torch.func.jacrev`` (autograd method).
+    so far); ``chunk_size`` goes to ``torch.func.jacrev`` (autograd method). ``start``: the first chunk begins at
+    step ``start + 1``, from ``s_start`` (the state ``s_start``; ``problem.s0`` when ``start=0``); ``states``: the
+    whole trajectory ``(B, T+1, D)`` already run (then nothing is run again).
     """
     dyn, xs, b = problem.dyn, problem.xs, problem.batch
-    s = problem.s0
-    for t0 in range(0, problem.steps, time_chunk):
+    s = problem.s0 if s_start is None else s_start
+    for t0 in range(start, problem.steps, time_chunk):
         t1 = min(problem.steps, t0 + time_chunk)
         n = t1 - t0
-        chunk = dyn.run(s, xs[:, t0:t1])
+        chunk = dyn.run(s, xs[:, t0:t1]) if states is None else states[:, t0 : t1 + 1]
         finite = torch.isfinite(chunk[:, 1:]).flatten(2).all(-1).all(0)
         s = chunk[:, -1]
         s_prev, x = chunk[:, :-1].reshape(b * n, -1), xs[:, t0:t1].reshape(b * n, -1)
@@ -122,6 +139,82 @@ def step_spectra(jac: Tensor, *, singular_values: bool = True, eigenvalues: bool
     return out
 
 
+def top_singular_values(
+    lin: Linearization, k: int, state: str = "full", *, tol: float | None = None, max_blocks: int | None = None
+) -> Tensor:
+    """The ``k`` largest singular values ``(N, k)`` (descending) of the ``N`` maps ``J`` of ``lin``, never forming
+    ``J``: block Krylov on ``J^T J`` from ``lin.apply`` and its vjp (Musco & Musco 2015, "Randomized block Krylov
+    methods for stronger and faster approximate singular value decomposition", NeurIPS), with Rayleigh-Ritz.
+
+    The basis ``K = [V_0, V_1, ...]`` (blocks of ``k`` columns, ``V_{i+1}`` the orthonormalised ``J^T J V_i``,
+    ``V_0`` a fixed random block) is orthonormal, so the singular values of ``J K = [J V_0, J V_1, ...]`` (known
+    from the products already taken) are the Ritz values; they increase monotonically to the true ones. The loop
+    stops when the top ``k`` change by less than ``tol`` (relative to the largest; default ``100 u``, ``u`` the unit
+    round-off) between two checks (every other block), or at ``max_blocks`` blocks of ``2k`` columns (default:
+    ``D / 2k``, the whole space).
+
+    Examples
+    --------
+    >>> from rnnjac._dynamics import as_dynamics
+    >>> gru = as_dynamics(torch.nn.GRU(2, 64).double())
+    >>> lin = gru.linearize(torch.randn(3, 64, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64))
+    >>> top = top_singular_values(lin, 4)
+    >>> full = torch.linalg.svdvals(lin.materialize())[:, :4]
+    >>> bool(torch.allclose(top, full, rtol=1e-10, atol=0))
+    True
+    """
+    n, d = lin.s.shape[0], lin.layout.size(state)
+    dtype = lin.s.dtype
+    tol = 100 * torch.finfo(dtype).eps if tol is None else tol
+    width = min(d, 2 * k)  # block width: the top k converge at the rate of the gap to sigma_{2k}
+    max_blocks = max_blocks or max(1, d // width)
+    v = initial_basis(d, width, torch.Generator().manual_seed(0), dtype, lin.s.device, n)
+    with grad_region():
+        inference = torch.is_inference(lin.s) or any(t.is_inference() for t in lin._operands())
+        lin_g = lin.for_autograd() if inference else lin
+        basis, images, gram, prev = [], [], None, None
+        for _ in range(max_blocks):
+            u, vjp = torch.func.vjp(lambda q: lin_g.apply(q, state), v)
+            u = u.detach()
+            basis.append(v)
+            images.append(u)
+            gram = _grow_gram(gram, images)
+            if len(basis) % 2 == 0 or len(basis) == max_blocks:  # Ritz values every other block (eigvalsh)
+                vals = torch.linalg.eigvalsh(gram).flip(-1)[:, :k].clamp(min=0).sqrt()
+                if prev is not None and bool(((vals - prev).abs() <= tol * vals[:, :1]).all()):
+                    break
+                prev = vals
+            w = vjp(u)[0].detach()
+            v = _orthonormal_block(w, torch.cat(basis, -1))
+            if v is None:  # the whole space is spanned: the Ritz values are exact
+                break
+    if len(basis) % 2 and len(basis) != max_blocks:
+        vals = torch.linalg.eigvalsh(gram).flip(-1)[:, :k].clamp(min=0).sqrt()
+    return vals.to(dtype)
+
+
+def _grow_gram(gram: Tensor | None, images: list[Tensor]) -> Tensor:
+    """The Gram matrix ``U^T U`` (float64) of ``U = [images...]`` from that of all but the last block."""
+    last = images[-1].double()
+    row = torch.cat(images, -1).double().mT @ last  # (N, m, k): the new columns
+    if gram is None:
+        return row
+    m = gram.shape[-1]
+    top = torch.cat([gram, row[:, :m].mT], -2)
+    return torch.cat([top, row], -1)
+
+
+def _orthonormal_block(w: Tensor, basis: Tensor) -> Tensor | None:
+    """``w`` made orthogonal to the orthonormal ``basis`` (two block Gram-Schmidt passes) and orthonormalised;
+    None when the basis already fills the space."""
+    if basis.shape[-1] + w.shape[-1] > basis.shape[-2]:
+        return None
+    for _ in range(2):
+        w = w - basis @ (basis.mT @ w)
+    q, _ = torch.linalg.qr(w)
+    return q
+
+
 def _raise_first_bad(ok: Tensor, t0: int, what: str) -> None:
     bad = torch.nonzero(~ok)
     if len(bad):
@@ -133,9 +226,13 @@ def spectra_tensors(problem: Problem, options, *, generator=None, on_steps: OnSt
     """Every variable that ``options`` (a :class:`rnnjac._options.SpectraOptions`) asks for, as tensors.
 
     Checks ``options`` against ``problem`` first (:meth:`SpectraOptions.check`); runs without gradient. Keys are
-    those of :data:`rnnjac._datasets.VARIABLES` (``(B, T, ...)`` per step, ``(B, k)`` exponents); ``generator``
-    seeds the initial tangent basis (``options.seed`` is not read here); ``on_steps(n)`` reports progress
-    after every step of the sequential tangent loop, or every chunk when there is none.
+    those of :data:`rnnjac._datasets.VARIABLES` (``(B, T, ...)`` per step, ``(B, k)`` exponents), plus ``"attrs"``
+    when the pass chose or measured something (``warmup_used`` with ``warmup="auto"``, the QR pass's
+    :attr:`~rnnjac._lyapunov_qr.LyapunovResult.attrs`) for the Dataset's attributes; ``generator`` seeds the
+    initial tangent basis (``options.seed`` is not read here); ``on_steps(n)`` reports progress after every step
+    of the sequential tangent loop, or every chunk when there is none (the warm-up at once).
+
+    The ``warmup`` steps run the state alone (no linearisation) unless a per-step output needs their ``J_t``.
 
     Examples
     --------
@@ -149,9 +246,55 @@ def spectra_tensors(problem: Problem, options, *, generator=None, on_steps: OnSt
     options.check(problem)
     with torch.no_grad():
         run = _SpectraPass(problem, options, generator, on_steps)
-        for chunk in linearization_stream(problem, run.chunk):
+        for chunk in run.stream():
             run.consume(chunk)
         return run.finish()
+
+
+def auto_warmup(states: Tensor, limit: int) -> int:
+    """The state warm-up of a trajectory ``states (B, T+1, D)`` (``s_0..s_T``), at most ``limit`` steps: the
+    shortest over the batch of the transients that the MSER rule (:func:`rnnjac._uncertainty.mser_truncation`,
+    White 1997) finds in each sample's ``||s_t|| / sqrt(D)``, t = 1..T.
+
+    Per sample, then the smallest: MSER errs on one side, past the transient: a chaotic state's norm fluctuates
+    slowly, and on one series the rule sometimes cuts at such a fluctuation long after the transient has gone
+    (measured on random tanh rate networks at g = 1.5: up to 6x the transient), while it does not cut before a
+    transient that stands out of the fluctuations. The samples are taken to share their transient (the same
+    model and a comparable distance of ``h0`` from the attractor): give ``warmup`` an int when they do not. A
+    trajectory that settles on a fixed point with no input noise has no stationary fluctuation, and MSER then
+    cuts at its maximum, half the run.
+
+    Examples
+    --------
+    >>> t = torch.arange(201.0)
+    >>> noise = 0.01 * torch.randn(2, 201, 3, generator=torch.Generator().manual_seed(0))
+    >>> states = (1 + 4 * torch.exp(-t / 10))[None, :, None] + noise
+    >>> 30 <= auto_warmup(states, 150) <= 100
+    True
+    """
+    norms = torch.linalg.vector_norm(states[:, 1:].double(), dim=-1) / math.sqrt(states.shape[-1])
+    return min(min(mser_truncation(series) for series in norms), limit)
+
+
+def h_jacobian(lin: Linearization) -> Tensor:
+    """``J`` on the h coordinates (c held: ``state="h"``) of a factored linearisation, ``(N, D_h, D_h)``,
+    without forming the ``[h; c]`` Jacobian: per layer its own block ``dh'/dh`` and, below the diagonal, the
+    layer's ``dh'/dx`` times the rows of the layer below (README, "Conventions": "State vector").
+    Any other linearisation: ``lin.materialize("h")``."""
+    if not lin.factored or lin.layout.h_size == lin.layout.state_size:
+        return lin.materialize("h")
+    cell, d = lin.cell, lin.layout.h_size
+    j = lin.s.new_empty(lin.s.shape[0], d, d)
+    r0 = n_below = 0
+    for p, coef, parts in zip(lin.layers, lin.coefs, lin.layout.parts, strict=True):
+        r1 = r0 + parts[0][1]
+        j[:, r0:r1, r0:r1] = cell.tangent(p, coef, None, EYE, None)[0]
+        if r0 > 0:  # one batched GEMM with the h rows of the layer below (over all columns to its left)
+            j[:, r0:r1, :r0] = cell.tangent(p, coef, EYE, None, None)[0] @ j[:, r0 - n_below : r0, :r0]
+        if r1 < d:
+            j[:, r0:r1, r1:] = 0
+        n_below, r0 = r1 - r0, r1
+    return j
 
 
 class _SpectraPass:
@@ -162,21 +305,46 @@ class _SpectraPass:
         self.problem, self.options, self.on_steps = problem, options, on_steps
         self.b, self.steps, self.d = problem.batch, problem.steps, dyn.size(problem.state)
         k = self.d if options.k is None else options.k
-        self.per_step = options.singular_values or options.eigenvalues
+        sv = options.singular_values
+        self.top_sv = None if isinstance(sv, bool) or sv >= self.d else int(sv)  # Krylov top-k per step
+        self.per_step = bool(sv) or options.eigenvalues
         self.sequential = options.lyapunov or options.end_to_end  # a sequential per-step loop reports each step
         # J Q with the shared weights wins for narrow tangent blocks; for wide ones (k > D/16, and the
         # end-to-end product) materialising J_t and one bmm is faster (analyses/benchmark_spectra.py)
         self.structured = (not options.end_to_end) and dyn.factored(problem.method) and k * 16 <= self.d
-        self.materialise = self.per_step or (self.sequential and not self.structured)
+        dense_sv = bool(sv) and self.top_sv is None
+        self.materialise = dense_sv or options.eigenvalues or (self.sequential and not self.structured)
+        self.attrs: dict = {}
+        self.states: Tensor | None = None  # the whole trajectory, when warmup="auto" ran it first
+        self.warmup = self._resolve_warmup()
+        # only the Lyapunov pass uses the warm-up: its steps are run, not linearised, unless another output needs J_t
+        self.start = self.warmup if options.lyapunov and not (self.per_step or options.end_to_end) else 0
         self.chunk = self._chunk_length()
         self.out: dict[str, Tensor] = {}
         self.lyap: LyapunovQR | None = None
         self.e2e: EndToEnd | None = None
         self._allocate(k, generator, xs.dtype, xs.device)
 
+    def _resolve_warmup(self) -> int:
+        """``options.warmup``, or for ``"auto"`` the MSER warm-up of the whole trajectory (run once, kept)."""
+        opts = self.options
+        if opts.warmup != "auto":
+            return opts.warmup
+        self.states = run_states(self.problem)
+        fixed = opts.tangent_warmup if isinstance(opts.tangent_warmup, int) else 0
+        warmup = auto_warmup(self.states, max(0, self.steps - fixed - 1))
+        self.attrs["warmup_used"] = warmup
+        return warmup
+
     def _chunk_length(self) -> int:
         b, d, steps, time_chunk = self.b, self.d, self.steps, self.options.time_chunk
-        n_chunk = time_chunk or (time_chunk_for(b, d, steps, 2**24) if self.materialise else min(steps, 256))
+        itemsize = self.problem.xs.element_size()
+        if time_chunk:
+            n_chunk = time_chunk
+        elif self.materialise or self.top_sv is not None:  # Jacobians (or Krylov bases) that stay in cache
+            n_chunk = time_chunk_for(b, d, steps, CACHE_CHUNK_BYTES // itemsize)
+        else:
+            n_chunk = min(steps, 256)
         if self.on_steps is not None and not self.sequential and time_chunk is None:
             n_chunk = min(n_chunk, max(1, math.ceil(steps / 100)))  # per-step spectra only: report every ~1%
         return n_chunk
@@ -188,7 +356,7 @@ class _SpectraPass:
             return torch.empty(*shape, dtype=dtype, device=device)
 
         if opts.singular_values:
-            out["singular_values"] = empty(b, steps, d)
+            out["singular_values"] = empty(b, steps, self.top_sv or d)
         if opts.eigenvalues:
             out["eigenvalues_real"], out["eigenvalues_imag"] = empty(b, steps, d), empty(b, steps, d)
             out["spectral_radius"] = empty(b, steps)
@@ -200,7 +368,7 @@ class _SpectraPass:
             self.lyap = LyapunovQR(
                 q0,
                 steps,
-                warmup=opts.warmup,
+                warmup=self.warmup,
                 tangent_warmup=opts.tangent_warmup,
                 reortho_every=opts.reortho_every,
                 local=opts.local_lyapunov,
@@ -212,22 +380,45 @@ class _SpectraPass:
             self.e2e = EndToEnd(b, d, dtype, device)
             out["end_to_end_log_singular_values"] = empty(b, steps, d)
 
+    def stream(self) -> Iterator[Chunk]:
+        """The chunks to consume: the steps after :attr:`start` (those before it are run here, state only)."""
+        problem, start, s_start = self.problem, self.start, None
+        if start:
+            if self.states is not None:
+                pre = self.states[:, : start + 1]
+            else:
+                pre = problem.dyn.run(problem.s0, problem.xs[:, :start])
+                check_states_finite(pre)
+            self._store_states(0, pre[:, 1:])
+            s_start = pre[:, -1]
+            if self.on_steps is not None:
+                self.on_steps(start)
+        return linearization_stream(problem, self.chunk, start=start, s_start=s_start, states=self.states)
+
+    def _store_states(self, t0: int, new: Tensor) -> None:
+        if self.options.keep_states:
+            n = new.shape[1]
+            self.out["states"][:, t0 : t0 + n] = new if self.problem.state == "full" else new[..., self.h_idx]
+
     def consume(self, chunk: Chunk) -> None:
         """Fill the outputs for the chunk's steps (raises :class:`NonFiniteError` at the first bad step)."""
         opts, out, state, b = self.options, self.out, self.problem.state, self.b
         t0, n, ok = chunk.t0, chunk.states.shape[1] - 1, chunk.finite
-        if opts.keep_states:
-            new = chunk.states[:, 1:]
-            out["states"][:, t0 : t0 + n] = new if state == "full" else new.index_select(-1, self.h_idx)
+        self._store_states(t0, chunk.states[:, 1:])
         jac = None
         if self.materialise:
-            jac = chunk.lin.materialize(state)
+            jac = h_jacobian(chunk.lin) if state == "h" else chunk.lin.materialize(state)
             # one reading pass: a NaN/Inf entry makes its matrix's sum non-finite
             ok &= torch.isfinite(jac.sum((-2, -1))).reshape(b, n).all(0)
             _raise_first_bad(ok, t0, "the state or Jacobian J_t is NaN/Inf")
         if self.per_step:
-            assert jac is not None
-            values = step_spectra(jac, singular_values=opts.singular_values, eigenvalues=opts.eigenvalues)
+            dense_sv = bool(opts.singular_values) and self.top_sv is None
+            values = {}
+            if jac is not None:
+                values = step_spectra(jac, singular_values=dense_sv, eigenvalues=opts.eigenvalues)
+            if self.top_sv is not None:
+                values["singular_values"] = v = top_singular_values(chunk.lin, self.top_sv, state)
+                ok &= torch.isfinite(v).reshape(b, n, -1).all(-1).all(0)
             for name, v in values.items():
                 out[name][:, t0 : t0 + n] = v.reshape(b, n, *v.shape[1:])
         if self.sequential:
@@ -237,30 +428,33 @@ class _SpectraPass:
             self.on_steps(n)
 
     def _tangents(self, lin: Linearization, jac: Tensor | None, t0: int, n: int, ok: Tensor) -> None:
-        state, lyap, e2e = self.problem.state, self.lyap, self.e2e
-        step_lins = lin.unbind(n) if self.structured else None
-        jac_steps = jac.reshape(self.b, n, self.d, self.d) if jac is not None else None
-        for j in range(n):
+        """The sequential part, one step at a time on the chunk's precomputed ``J_t`` (or factored pieces):
+        ``apply`` is a bound ``bmm`` (or ``apply``) per step, made once per chunk."""
+        state, lyap, e2e, on_steps = self.problem.state, self.lyap, self.e2e, self.on_steps
+        if self.structured:
+            applies = [partial(lin_t.apply, state=state) for lin_t in lin.unbind(n)]
+        else:
+            assert jac is not None
+            applies = [partial(torch.bmm, jt) for jt in jac.reshape(self.b, n, self.d, self.d).unbind(1)]
+        e2e_out = self.out.get("end_to_end_log_singular_values")
+        for j, apply in enumerate(applies):
             t = t0 + j + 1
-            if step_lins is not None:
-                apply = lambda v, lin_t=step_lins[j]: lin_t.apply(v, state)  # noqa: E731
-            else:
-                assert jac_steps is not None
-                apply = lambda v, jt=jac_steps[:, j]: torch.bmm(jt, v)  # noqa: E731
             if lyap is not None:
                 finite = lyap.step(t, apply)
                 if finite is not None:
                     ok[j] &= finite
             if e2e is not None:
                 e2e.update(apply(e2e.q))
-                self.out["end_to_end_log_singular_values"][:, t - 1] = e2e.log_singular_values()
-            if self.on_steps is not None:
-                self.on_steps(1)
+                e2e_out[:, t - 1] = e2e.log_singular_values()
+            if on_steps is not None:
+                on_steps(1)
 
-    def finish(self) -> dict[str, Tensor]:
-        out = self.out
+    def finish(self) -> dict:
+        out: dict = self.out
+        attrs = dict(self.attrs)
         if self.lyap is not None:
             result = self.lyap.result()
+            attrs.update(getattr(result, "attrs", None) or {})
             out["lyapunov_exponents"] = result.exponents
             if result.local is not None:
                 out["local_lyapunov"] = result.local
@@ -269,6 +463,8 @@ class _SpectraPass:
             if result.blocks is not None:
                 seed = 0 if self.options.seed is None else self.options.seed
                 out.update(uncertainty_tensors(result.exponents, result.blocks, self.options.ci, seed))
+        if attrs:
+            out["attrs"] = attrs
         return out
 
 

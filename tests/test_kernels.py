@@ -162,6 +162,20 @@ def test_stream_chunks_reproduce_trajectory_and_jacobians():
     assert all(bool(c.finite.all()) for c in chunks)
 
 
+def test_stream_from_a_later_start_or_precomputed_states():
+    p = Problem("gru", layers=2)
+    m, x = p.module(), p.inputs(batch=2, steps=23)
+    problem = prepare(m, x)
+    states = rnnjac.trajectory(m, x)
+    jac = rnnjac.jacobians(m, x).detach()
+    for kw in (dict(s_start=states[:, 7]), dict(states=states)):
+        chunks = list(linearization_stream(problem, 5, start=7, **kw))
+        assert [c.t0 for c in chunks] == [7, 12, 17, 22]
+        got = torch.cat([c.lin.materialize().reshape(2, c.states.shape[1] - 1, 10, 10) for c in chunks], 1)
+        torch.testing.assert_close(got, jac[:, 7:], atol=1e-14, rtol=0)
+        torch.testing.assert_close(chunks[-1].states[:, -1], states[:, -1], atol=1e-14, rtol=0)
+
+
 def test_step_spectra_against_numpy():
     a = torch.randn(4, 7, 7, generator=gen(3), dtype=F64)
     out = step_spectra(a, eigenvalues=True)
