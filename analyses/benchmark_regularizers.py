@@ -6,19 +6,30 @@ regularised step shares its forward with the task loss (``forward_with_states``,
 one configuration are measured alternating (one of each in turn, ``--repeat`` rounds, medians), on one CPU
 thread (``torch.set_num_threads(1)``) unless ``--threads``. With ``--old DIR`` (a copy of a previous
 ``rnnjac`` package, e.g. ``git archive HEAD rnnjac | tar -x -C /tmp/old``) the old code is timed in the same
-rounds (``outputs=`` for one layer; it had no shared forward for stacked models, so 2-layer rows are skipped).
+rounds for the penalties with a target, one layer (with ``states=`` where it had ``forward_with_states``, else
+``outputs=``).
 Where a target is missed, the top operators of one profiled step say where the time goes.
 
 Targets (issue 14): exact Frobenius <= 1.5x (GRU), <= 2.0x (LSTM); spectral (3 power iterations) <= 2.5x;
 Lyapunov (k=8) <= 4x.
 
     python analyses/benchmark_regularizers.py --old /tmp/old/rnnjac   # writes figures/benchmark_regularizers.md
+    python analyses/benchmark_regularizers.py --cells gru --hidden 128 --layers 1 --penalties exact  # a subset
+
+On a GPU (one H100: about 4 minutes; the stacked exact Frobenius at H=512 is O(B T H^3) but fast there)::
+
+    python analyses/benchmark_regularizers.py --device cuda --hidden 256 512 --steps 200 --repeat 5 \
+        --exact-stacked-max 512 --out benchmark_regularizers_gpu.md
+
+There the unregularised step runs ``rnn(x)`` on cuDNN, while ``forward_with_states`` runs torch's own fused CUDA
+kernels (cuDNN off: its RNN backward cannot be differentiated again), so the ratios include that difference.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -83,12 +94,17 @@ def _steps(cell, hidden, layers, args, old):
     out = {"none": (None, make(None, None, None))}
     big = layers > 1 and hidden > args.exact_stacked_max
     for name, (target, pen) in PENALTIES.items():
-        if name == "frobenius, exact" and big:
+        if not any(word in name for word in args.penalties) or (name == "frobenius, exact" and big):
             continue
         tgt = target.get(cell) if isinstance(target, dict) else target
         out[name] = (tgt, make(pen, new, "states"))
-        if old is not None and layers == 1:
-            out[name + " [old]"] = (None, make(pen, old, "outputs"))
+        if (
+            old is not None and layers == 1 and target is not None
+        ):  # the previous code, same shared forward if it had one
+            out[name + " [old]"] = (
+                None,
+                make(pen, old, "states" if hasattr(old, "forward_with_states") else "outputs"),
+            )
     return out
 
 
@@ -124,12 +140,14 @@ def main(argv=None):
     ap.add_argument("--exact-stacked-max", type=int, default=128, help="largest H of the stacked exact Frobenius")
     ap.add_argument("--old", default=None, help="directory of a previous rnnjac package to time alongside")
     ap.add_argument("--out", default="benchmark_regularizers.md")
+    ap.add_argument("--cells", nargs="+", default=["gru", "lstm"], choices=["gru", "lstm"])
+    ap.add_argument("--penalties", nargs="+", default=[""], help="run the penalties whose label contains a word")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     old = _load_old(args.old) if args.old else None
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    rows, t_start = [], time.perf_counter()
-    for cell in ("gru", "lstm"):
+    rows, t_start, load0 = [], time.perf_counter(), os.getloadavg()[0]
+    for cell in args.cells:
         for hidden in args.hidden:
             for layers in args.layers:
                 steps = _steps(cell, hidden, layers, args, old)
@@ -144,15 +162,24 @@ def main(argv=None):
                     print(row, flush=True)
     text = table(rows, ["model", "H", "layers", "penalty", "step [ms]", "vs unregularised", "target", "top ops"])
     dev = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    cudnn = (
+        " On CUDA the unregularised step's `rnn(x)` runs on cuDNN, `forward_with_states` on torch's own fused "
+        "kernels (cuDNN's RNN backward is first-order only)."
+        if args.device == "cuda"
+        else ""
+    )
     write(
         args.out,
         f"# One training step with penalties: B={args.batch}, T={args.steps}, {dev}\n\n"
-        f"Machine: {machine()}; {args.threads} thread(s) (torch.set_num_threads); total {time.perf_counter() - t_start:.0f} s."
+        f"Machine: {machine()}; {args.threads} thread(s) (torch.set_num_threads); total {time.perf_counter() - t_start:.0f} s; "
+        f"1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (a shared machine slows "
+        "the memory-bound elementwise passes more than the recurrent kernel: compare ratios of one run only)."
         "\n\nEvery regularised step shares its forward with the task loss (`forward_with_states`, `states=`); "
-        "`[old]` rows: the previous code with `outputs=` (one layer only). Steps of one configuration are timed "
+        "`[old]` rows: the previous code, one layer, same shared forward. Steps of one configuration are timed "
         f"alternating, median of {args.repeat} rounds. Stacked exact Frobenius is run up to H={args.exact_stacked_max}: "
-        "its cross-layer block is a product of two step-dependent (H, H) matrices, O(B T H^3).\n\n"
-        f"{text}\n\nReproduce: `python analyses/benchmark_regularizers.py --old /tmp/old/rnnjac`\n",
+        "its cross-layer block is a product of two step-dependent (H, H) matrices, O(B T H^3) (exact is inherently "
+        f"cubic there: the projection estimator is the fast route).{cudnn}\n\n"
+        f"{text}\n\nReproduce: `python analyses/benchmark_regularizers.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n",
     )
 
 

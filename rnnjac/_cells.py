@@ -64,6 +64,8 @@ def _mm(w: Tensor, v):
         return None
     if v is EYE:
         return w
+    if v.dim() == 3 and v.shape[-1] == 1:  # one tangent per point: a plain (N, n) @ (n, m) GEMM, no transposes
+        return (v[..., 0] @ w.T).unsqueeze(-1)
     if v.dim() == 3 and v.shape[-1] < 64:
         # one (m, n) @ (n, N k) GEMM beats N small ones for narrow tangent blocks
         n, k = v.shape[0], v.shape[-1]
@@ -152,25 +154,60 @@ def _rowdiag(w_hh: Tensor, n_gates: int) -> Tensor:
     return torch.diagonal(w_hh.reshape(n_gates, hidden, -1), dim1=1, dim2=2).T
 
 
-def _row_norm_sq(coefs: list, gram: Tensor, reduce: bool = True) -> Tensor:
-    """``sum_i a_i^T G_i a_i`` for K coefficient tensors ``(N, H)`` (None: zero), gram (H, K, K) -> (N,).
+class _RowQuad(torch.autograd.Function):
+    """``q[n, i] = sum_{k,m} x_k[n, i] G[i, k, m] x_m[n, i]`` with a hand-written backward: K (N, H) coefficients
+    and a symmetric ``G (H, K, K)``; about half the full-size passes of the autograd graph of the same sum. The
+    backward is plain differentiable torch ops on the saved inputs, so second derivatives are exact too."""
 
-    Written as K(K+1)/2 elementwise terms on separate tensors: K is 3 or 4, and this stays
-    elementwise in the backward pass too (an einsum lowers to many small batched GEMMs, and slicing
-    a stacked tensor costs a full-size zero fill per slice in the backward pass).
+    @staticmethod
+    def _gx(gram: Tensor, xs) -> list[Tensor]:
+        out = []
+        for k in range(len(xs)):
+            acc = xs[0] * gram[:, k, 0]
+            for m in range(1, len(xs)):
+                acc = acc.addcmul(xs[m], gram[:, k, m])
+            out.append(acc)
+        return out
+
+    @staticmethod
+    def forward(ctx, gram, *xs):
+        gx = _RowQuad._gx(gram, xs)
+        q = xs[0] * gx[0]
+        for x, y in zip(xs[1:], gx[1:], strict=True):
+            q.addcmul_(x, y)
+        ctx.save_for_backward(gram, *xs)
+        ctx.gx = gx
+        return q
+
+    @staticmethod
+    def backward(ctx, gq):
+        gram, *xs = ctx.saved_tensors
+        gx = _RowQuad._gx(gram, xs) if torch.is_grad_enabled() else ctx.gx  # differentiable for double backward
+        gq2 = 2 * gq
+        grads = [gq2 * y for y in gx] if any(ctx.needs_input_grad[1:]) else [None] * len(xs)
+        dgram = None
+        if ctx.needs_input_grad[0]:
+            k_n = len(xs)
+            wx = [gq * x for x in xs]
+            pairs = {(k, m): (wx[k] * xs[m]).sum(0) for k in range(k_n) for m in range(k, k_n)}
+            dgram = torch.stack(
+                [torch.stack([pairs[min(k, m), max(k, m)] for m in range(k_n)], -1) for k in range(k_n)], -2
+            )
+        return dgram, *grads
+
+
+def row_quadratic(xs: list[Tensor], gram: Tensor) -> Tensor:
+    """``sum_{k,m} x_k G[:, k, m] x_m`` per element, ``(N, H)``, for K coefficients ``(N, H)`` and ``G (H, K, K)``.
+
+    ``G`` must be symmetric (a Gram matrix of rows, as :func:`_rowgram`): the backward uses ``dq/dx_k = 2 (G x)_k``.
+
+    Examples
+    --------
+    >>> x = [torch.ones(1, 2), 2 * torch.ones(1, 2)]
+    >>> row_quadratic(x, torch.eye(2).expand(2, 2, 2)).tolist()
+    [[5.0, 5.0]]
     """
-    total = None
-    for k, a_k in enumerate(coefs):
-        if a_k is None:
-            continue
-        for m in range(k, len(coefs)):
-            a_m = coefs[m]
-            if a_m is None:
-                continue
-            term = a_k * a_m * (gram[:, k, m] if k == m else 2 * gram[:, k, m])
-            total = term if total is None else total + term
-    assert total is not None, "at least one coefficient is needed"
-    return total.sum(-1) if reduce else total
+    return _RowQuad.apply(gram, *xs)
 
 
 class RNNArch:
@@ -201,6 +238,10 @@ class RNNArch:
 
     def tangent(self, p, coef, dx, dh, dc=None):
         return _lincomb([(coef["dphi"], _gates_tangent(p, dx, dh))]), None
+
+    def tangent_transpose(self, p, coef, uh, uc=None, need_x=True):
+        v = coef["dphi"].unsqueeze(-1) * uh
+        return _mm(p.w_ih.T, v) if need_x else None, _mm(p.w_hh.T, v), None
 
     def frobenius_sq(self, p, coef):
         # ||diag(a) W||_F^2 = sum_i a_i^2 ||W[i]||^2
@@ -258,13 +299,22 @@ class GRUArch:
         )
         return out, None
 
+    def tangent_transpose(self, p, coef, uh, uc=None, need_x=True):
+        """``(qx, qh, None)``: the transpose of :meth:`tangent` applied to the output cotangent ``uh``."""
+        vr, vz = coef["a_r"].unsqueeze(-1) * uh, coef["a_z"].unsqueeze(-1) * uh
+        qh = _mm(p.w_hh.T, torch.cat([vr, vz, coef["a_hn"].unsqueeze(-1) * uh], -2))
+        qh = qh.addcmul_(coef["z"].unsqueeze(-1), uh)
+        qx = _mm(p.w_ih.T, torch.cat([vr, vz, coef["a_n"].unsqueeze(-1) * uh], -2)) if need_x else None
+        return qx, qh, None
+
     def frobenius_sq(self, p, coef):
-        a = [coef["a_r"], coef["a_z"], coef["a_hn"]]  # on the rows of W_hr, W_hz, W_hn
-        gram = _rowgram(p.w_hh, 3)
-        wdiag = _rowdiag(p.w_hh, 3)  # (H, 3)
-        z = coef["z"]
-        cross = a[0] * wdiag[:, 0] + a[1] * wdiag[:, 1] + a[2] * wdiag[:, 2]
-        return _row_norm_sq(a, gram) + (z * (z + 2 * cross)).sum(-1)
+        # row i: sum_k a_k W_k[i] + z e_i over (r, z, n): a quadratic form in (a_r, a_z, a_hn, z) whose Gram
+        # matrix is the rows' Gram bordered by <W_k[i], e_i> = W_k[i, i] and <e_i, e_i> = 1
+        a = [coef["a_r"], coef["a_z"], coef["a_hn"], coef["z"]]
+        gram, wdiag = _rowgram(p.w_hh, 3), _rowdiag(p.w_hh, 3)  # (H, 3, 3), (H, 3)
+        top = torch.cat([gram, wdiag.unsqueeze(-1)], -1)
+        bottom = torch.cat([wdiag, torch.ones_like(wdiag[:, :1])], -1).unsqueeze(-2)
+        return row_quadratic(a, torch.cat([top, bottom], -2)).sum(-1)
 
 
 def _cell_update(f: Tensor, c: Tensor, ig: Tensor) -> Tensor:
@@ -381,17 +431,30 @@ class LSTMArch:
         dh_new = dm if p.w_hr is None else _mm(p.w_hr, dm)
         return dh_new, dc_new
 
+    def tangent_transpose(self, p, coef, uh, uc=None, need_x=True):
+        """``(qx, qh, qc)``: the transpose of :meth:`tangent` applied to the output cotangents ``(uh, uc)``
+        (``uc=None``: the c rows are not part of the output; ``qc`` is then ``None`` too)."""
+        um = uh if p.w_hr is None else _mm(p.w_hr.T, uh)
+        u_c = coef["s_m"].unsqueeze(-1) * um
+        if uc is not None:
+            u_c = u_c + uc
+        v = torch.cat(
+            [coef[k].unsqueeze(-1) * u_c for k in ("s_i", "s_f", "s_g")] + [coef["s_o"].unsqueeze(-1) * um], -2
+        )
+        qx = _mm(p.w_ih.T, v) if need_x else None
+        return qx, _mm(p.w_hh.T, v), (coef["f"].unsqueeze(-1) * u_c if uc is not None else None)
+
     def frobenius_sq(self, p, coef):
         # (callers check System.frobenius_closed_form: a projection mixes rows, no row-local form)
         s_i, s_f, s_g, s_o, s_m, f = (coef[k] for k in ("s_i", "s_f", "s_g", "s_o", "s_m", "f"))
         gram = _rowgram(p.w_hh, 4)
         # row i of dc'/dh is c_i = sum_k a_k W_k[i] over (i, f, g); row i of dh'/dh is s_m c_i + s_o W_o[i],
         # so ||.||^2 = (1 + s_m^2) c^T G c + 2 s_m s_o (c . G_o) + s_o^2 G_oo, per row
-        quad = _row_norm_sq([s_i, s_f, s_g], gram[:, :3, :3], reduce=False)
+        # the f^2 (1 + s_m^2) term is the diagonal c-columns: diag(f), diag(s_m f); as a bordered quadratic form
+        quad = row_quadratic([s_i, s_f, s_g], gram[:, :3, :3]).addcmul(f, f)  # c^T G c + f^2
         lin_o = s_i * gram[:, 0, 3] + s_f * gram[:, 1, 3] + s_g * gram[:, 2, 3]
-        s_m2 = s_m * s_m
-        rows = (1 + s_m2) * (quad + f * f) + s_o * (2 * s_m * lin_o + s_o * gram[:, 3, 3])
-        return rows.sum(-1)  # the f^2 (1 + s_m^2) term is the diagonal c-columns: diag(f), diag(s_m f)
+        rows = (1 + s_m * s_m) * quad + s_o * (2 * s_m * lin_o + s_o * gram[:, 3, 3])
+        return rows.sum(-1)
 
 
 class CellArch(Protocol):
@@ -408,6 +471,10 @@ class CellArch(Protocol):
     ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]: ...
 
     def tangent(self, p: LayerParams, coef: dict[str, Tensor], dx: Any, dh: Any, dc: Any) -> tuple[Any, Any]: ...
+
+    def tangent_transpose(
+        self, p: LayerParams, coef: dict[str, Tensor], uh: Tensor, uc: Tensor | None, need_x: bool
+    ) -> tuple[Tensor | None, Tensor, Tensor | None]: ...
 
     def frobenius_sq(self, p: LayerParams, coef: dict[str, Tensor]) -> Tensor: ...
 

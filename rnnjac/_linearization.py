@@ -287,7 +287,29 @@ class FactoredLinearization(Linearization):
             dx = dh
         return torch.cat(out, -2)
 
+    def apply_transpose(self, u: Tensor, state: str = "full") -> Tensor:
+        """``J^T U`` in closed form (:meth:`CellArch.tangent_transpose`): the layers from the top down, each one
+        GEMM per weight matrix; a layer's input cotangent joins the output cotangent of the layer below.
+        Differentiable when grad mode is on, plain tensor ops under ``no_grad``/``inference_mode``."""
+        pieces, off = [], 0
+        for parts in self.layout.parts:
+            uh, uc = u[..., off : off + parts[0][1], :], None
+            off += parts[0][1]
+            if len(parts) > 1 and state == "full":
+                uc = u[..., off : off + parts[1][1], :]
+                off += parts[1][1]
+            pieces.append((uh, uc))
+        out, carry = [], None
+        for li in reversed(range(len(self.layers))):
+            uh, uc = pieces[li]
+            uh = uh if carry is None else uh + carry
+            carry, qh, qc = self.cell.tangent_transpose(self.layers[li], self.coefs[li], uh, uc, li > 0)
+            out = [qh, *([] if qc is None else [qc]), *out]
+        return torch.cat(out, -2)
+
     def materialize(self, state: str = "full") -> Tensor:
+        if state != "full" and self.layout.h_size != self.layout.state_size:
+            return self._materialize_h()
         n, cell, total = self.s.shape[0], self.cell, self.layout.state_size
         j = self.s.new_empty(n, total, total)
         r0, below = 0, None  # below: h-rows of the previous layer's row block (a copy)
@@ -311,7 +333,24 @@ class FactoredLinearization(Linearization):
                 j[:, r0:r1, r1:] = 0
             below = j[:, r0 : r0 + n_h, :r1].clone()  # saved by the GEMM above: not a view of j
             r0 = r1
-        return j if state == "full" else self.layout.h_block(j)
+        return j
+
+    def _materialize_h(self) -> Tensor:
+        """The h rows and h columns only (c held fixed): each layer's own ``dh'/dh`` and, below the diagonal,
+        ``(dh'/dx) @ B_{l-1}`` with ``B_{l-1}`` the h rows of the layer below; no c column is formed."""
+        n, total = self.s.shape[0], self.layout.h_size
+        j = self.s.new_empty(n, total, total)
+        r0, below = 0, None
+        for p, coef, parts in zip(self.layers, self.coefs, self.layout.parts, strict=False):
+            r1 = r0 + parts[0][1]
+            j[:, r0:r1, r0:r1] = self.cell.tangent(p, coef, None, EYE, None)[0]
+            if below is not None:
+                j[:, r0:r1, :r0] = self.cell.tangent(p, coef, EYE, None, None)[0] @ below
+            if r1 < total:
+                j[:, r0:r1, r1:] = 0
+            below = j[:, r0:r1, :r1].clone()  # saved by the GEMM above: not a view of j
+            r0 = r1
+        return j
 
     def frobenius_sq(self, state: str = "full") -> Tensor:
         """``||J||_F^2`` per step, ``(N,)``; O(N K^2 H) for a single layer without projection, a stack's own

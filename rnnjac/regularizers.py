@@ -31,10 +31,13 @@ detached, so the penalty regularises the recurrent core on the encoder's *curren
 reaches the core's parameters only, never the layers in front of it (penalise the core directly on
 ``encoder(x)`` to let gradients flow into the encoder as well).
 
-Inner derivatives (``J^T u``) use ``torch.func.vjp``/``torch.autograd.grad``, never ``.backward()``,
-so no parameter's ``.grad`` changes until the caller backpropagates the total loss. The trajectory of a
-built-in module comes from torch's fused kernel, one layer at a time (:func:`forward_with_states` shares it
-with the task loss; ``outputs=`` does for one layer); a custom cell's from its step. Everything after the
+Inner derivatives (``J^T u``) are closed forms for built-in cells (the transpose of each layer's tangent: one GEMM
+per weight matrix, so a power iteration is two GEMMs per layer over all ``B T`` steps at once) and
+``torch.func.vjp`` for custom cells, never ``.backward()``, so no parameter's ``.grad`` changes until the caller
+backpropagates the total loss. The row forms of ``||J||_F^2`` have a hand-written backward (about half the
+full-size elementwise passes of autograd's), itself differentiable, so second derivatives stay exact. The
+trajectory of a built-in module comes from torch's fused kernel, one layer at a time (:func:`forward_with_states`
+shares it with the task loss; ``outputs=`` does for one layer); a custom cell's from its step. Everything after the
 states is parallel over time: the gate pre-activations of all steps are two GEMMs per layer over ``(B T, ·)``,
 and only the end-to-end product and the Lyapunov QR chain run step by step.
 """
