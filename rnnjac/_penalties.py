@@ -23,7 +23,13 @@ def _linearize(problem, states: Tensor, t_idx: Tensor):
 
 
 def _sphere(shape, generator, like: Tensor) -> Tensor:
-    u = torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
+    """Random unit columns: drawn where ``like`` lives (torch's global random state, or a ``generator`` on that
+    device), or, with a generator on another device (a CPU generator for a CUDA model), drawn there in float64
+    so that a seed gives the same vectors on every device (slower: the draw is copied over)."""
+    if generator is None or generator.device == like.device:
+        u = torch.randn(*shape, generator=generator, dtype=like.dtype, device=like.device)
+    else:
+        u = torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
     return u / u.norm(dim=-2, keepdim=True)
 
 

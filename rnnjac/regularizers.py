@@ -206,7 +206,9 @@ def jacobian_penalty(
     time_stride : int
         Use every ``time_stride``-th step (t = 1, 1 + stride, ...) for the per-step kinds.
     generator : torch.Generator, optional
-        Seeds projections and power-iteration starts.
+        Seeds projections and power-iteration starts. Without one they are drawn on the model's device from
+        torch's global random state (fast); a generator on another device than the model's (a CPU generator for a
+        CUDA model) draws there in float64 and copies: the same vectors on every device, at the cost of the copy.
     outputs : Tensor, optional
         The output sequence of the caller's own ``model(inputs, h0)`` (single-layer modules). The
         penalty then reuses that forward instead of recomputing the trajectory, which makes the
