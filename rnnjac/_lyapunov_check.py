@@ -32,7 +32,7 @@ from ._spectra import lyapunov_spectrum
 from ._uncertainty import lyapunov_uncertainty
 from .errors import RnnjacWarning
 
-__all__ = ["verify_lyapunov", "LyapunovCheck"]
+__all__ = ["verify_lyapunov", "LyapunovCheck", "check_options"]
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,9 @@ def simulate(
     return total / (steps - start), local
 
 
-def _check_options(renorm_every, delta, warmup, tangent_warmup, ci, steps) -> None:
+def check_options(renorm_every, delta, warmup, tangent_warmup, ci, steps) -> None:
+    """The options of :func:`verify_lyapunov` for ``steps`` steps: a ``ValueError`` naming the keyword, before any
+    work."""
     for name, value, low in (
         ("renorm_every", renorm_every, 1),
         ("warmup", warmup, 0),
@@ -194,7 +196,7 @@ def verify_lyapunov(
     True
     """
     plain = prepare(model, inputs, h0, batch_first=batch_first, submodule=submodule)
-    _check_options(renorm_every, delta, warmup, tangent_warmup, ci, plain.steps)
+    check_options(renorm_every, delta, warmup, tangent_warmup, ci, plain.steps)
     if dtype is None and plain.dyn.convertible:
         dtype = torch.float64
     problem = prepare(model, inputs, h0, batch_first=batch_first, dtype=dtype, device=device, submodule=submodule)

@@ -20,6 +20,7 @@ import torch
 from ._checkpoints import _training_step, checkpoint_info, load_checkpoint, sha256
 from ._checks import NonFiniteError, check_choice, check_positive_int, first_nonfinite_step
 from ._dynamics import as_dynamics
+from ._lyapunov_check import check_options, verify_lyapunov
 from ._options import SpectraOptions
 from ._spectra import spectra
 from ._user_model import ModelSpec, load_model
@@ -33,6 +34,7 @@ __all__ = [
     "load_inputs",
     "make_inputs",
     "analyze_checkpoint",
+    "lyapunov_check_attrs",
 ]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -280,6 +282,7 @@ def analyze_checkpoint(
     load_kwargs: dict | None = None,
     progress: bool = False,
     command: str = "",
+    check_lyapunov: bool = False,
 ):
     """Load one checkpoint, build its inputs and return its spectra Dataset with provenance attrs.
 
@@ -288,14 +291,17 @@ def analyze_checkpoint(
     :class:`SpectraOptions`, passed whole to :func:`rnnjac.spectra`) says what to compute; its ``device`` (default
     the CPU) and ``dtype`` (default the checkpoint's) also place the inputs, and its ``seed`` seeds the tangent
     basis. ``model`` (a :class:`ModelSpec` with a class) loads the checkpoint into the user's model and analyses
-    its recurrent submodule on what the model feeds it.
+    its recurrent submodule on what the model feeds it. ``check_lyapunov=True`` also checks lambda_1 by direct
+    simulation (:func:`rnnjac.verify_lyapunov` on the same model, inputs, warm-ups and seed) and records the result
+    as the ``lyapunov_check_*`` attrs (:func:`lyapunov_check_attrs`).
     """
     inputs = as_inputs(inputs)
     if not isinstance(options, SpectraOptions):
         raise TypeError(f"options must be a SpectraOptions; got {type(options).__name__}")
     device = check_device(options.device or "cpu")
     if model is not None and model.model is not None:
-        return _analyze_model(path, inputs, as_h0(h0), options, model, load_kwargs or {}, progress, command, device)
+        args = (path, inputs, as_h0(h0), options, model, load_kwargs or {}, progress, command, device, check_lyapunov)
+        return _analyze_model(*args)
     if model is not None and model.submodule is not None:
         raise ValueError("submodule= names a submodule of model=; give model= as well")
     module = load_checkpoint(path, **(load_kwargs or {}))
@@ -320,10 +326,57 @@ def analyze_checkpoint(
         "inputs_json": inputs_json,
     }
     h0 = _to(as_h0(h0), device, dtype)
-    return spectra(module, x.to(device), h0, options=options, progress=progress, attrs=attrs)
+    if check_lyapunov:
+        _check_before_work(options, x.shape[1])
+    ds = spectra(module, x.to(device), h0, options=options, progress=progress, attrs=attrs)
+    if check_lyapunov:
+        ds.attrs.update(lyapunov_check_attrs(module, x.to(device), h0, options))
+    return ds
 
 
-def _analyze_model(path, inputs, h0, options, model: ModelSpec, load_kwargs, progress, command, device):
+def _check_before_work(options: SpectraOptions, steps: int) -> None:
+    """The options of the lambda_1 check (``check_lyapunov=True``), checked before the analysis starts."""
+    check_options(10, 1e-7, options.warmup, options.tangent_warmup, options.ci or 0.95, steps)
+
+
+def lyapunov_check_attrs(model, x, h0, options: SpectraOptions, *, submodule=None) -> dict:
+    """The ``lyapunov_check_*`` attrs of :func:`rnnjac.verify_lyapunov` run with an analysis' options.
+
+    The check uses the analysis' ``warmup``, ``tangent_warmup``, ``seed``, ``device`` and ``ci`` (0.95 when the
+    intervals are off), float64 for built-in modules and a renormalisation every 10 steps; the attrs hold both
+    estimates of lambda_1 (nats/step), their standard errors, the difference, the limit it is compared with,
+    ``lyapunov_check_passed`` (1/0) and ``lyapunov_check_method`` (a sentence).
+
+    Examples
+    --------
+    >>> import torch
+    >>> _ = torch.manual_seed(0)
+    >>> rnn = torch.nn.RNN(1, 8, batch_first=True)
+    >>> attrs = lyapunov_check_attrs(rnn, torch.randn(4, 120, 1), None, SpectraOptions(warmup=10, seed=0))
+    >>> attrs["lyapunov_check_passed"], attrs["lyapunov_check_ci"]
+    (1, 0.95)
+    """
+    check = verify_lyapunov(
+        model,
+        x,
+        h0,
+        warmup=options.warmup,
+        tangent_warmup=options.tangent_warmup,
+        generator=torch.Generator().manual_seed(options.seed or 0),
+        ci=options.ci or 0.95,
+        device=options.device,
+        submodule=submodule,
+    )
+    attrs = check.attrs()
+    attrs["lyapunov_check_method"] = (
+        "direct simulation of a perturbed copy of each trajectory (renormalised every 10 steps, relative size 1e-7) "
+        "against the QR estimate of lambda_1 (k=1); passed when |difference| <= the normal quantile of ci times "
+        "sqrt(dns_stderr^2 + qr_stderr^2)"
+    )
+    return attrs
+
+
+def _analyze_model(path, inputs, h0, options, model: ModelSpec, load_kwargs, progress, command, device, check):
     """:func:`analyze_checkpoint` with the user's model class: the submodule on what the model feeds it."""
     extra = sorted(k for k in ("arch", "nonlinearity", "prefix") if load_kwargs.get(k) is not None)
     if extra:
@@ -359,7 +412,12 @@ def _analyze_model(path, inputs, h0, options, model: ModelSpec, load_kwargs, pro
         "training_step": -1 if step is None else int(step),
     }
     h0 = _to(h0, device, dtype)
-    return spectra(whole, x.to(device), h0, options=options, submodule=model.submodule, progress=progress, attrs=attrs)
+    if check:
+        _check_before_work(options, x.shape[1])
+    ds = spectra(whole, x.to(device), h0, options=options, submodule=model.submodule, progress=progress, attrs=attrs)
+    if check:
+        ds.attrs.update(lyapunov_check_attrs(whole, x.to(device), h0, options, submodule=model.submodule))
+    return ds
 
 
 def _training_step_of(path):

@@ -3,6 +3,7 @@ the warning about ignored weights, ``--threads``; each compared with the Python 
 
 from __future__ import annotations
 
+import math
 import re
 import textwrap
 
@@ -243,3 +244,127 @@ def test_threads_sets_torch_threads_for_the_command_only(tmp_path, monkeypatch, 
     assert "--threads must be an integer >= 1; got 0" in _err_line(capsys)
     for command in (["verify", "c.pt"], ["fixed-points", "c.pt"], ["demo"]):
         assert rnnjac.cli.build_parser().parse_args([*command, "--threads", "3"]).threads == 3
+
+
+# ----------------------------------------------------------------------------- --check-lyapunov
+@pytest.fixture
+def chaotic(tmp_path):
+    """tanh RNN, W ~ N(0, g^2 / N) with g = 2, N = 32: chaotic (lambda_1 about +0.05 to +0.1)."""
+    rnn = nn.RNN(1, 32, bias=False)
+    with torch.no_grad():
+        rnn.weight_hh_l0.copy_(torch.randn(32, 32, generator=torch.Generator().manual_seed(3)) * 2 / 32**0.5)
+    path = tmp_path / "chaotic.pt"
+    torch.save({"state_dict": rnn.state_dict(), "nonlinearity": "tanh"}, path)
+    return path
+
+
+CHECK_RUN = ["--autonomous", "--h0", "random", "--batch", "4", "--steps", "400", "--warmup", "50", "--seed", "1"]
+
+
+def _check_line(out: str) -> str:
+    lines = [line for line in out.splitlines() if re.match(r"(λ|lambda)1 check: ", line)]
+    assert len(lines) == 1, out
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_analyze_check_lyapunov_prints_and_records_the_library_result(tmp_path, chaotic, capsys):
+    out = tmp_path / "s.nc"
+    args = ["analyze", str(chaotic), "-o", str(out), "-q", "-k", "2", "--tangent-warmup", "50", *CHECK_RUN]
+    args.append("--no-singular-values")
+    assert main([*args, "--check-lyapunov"]) == 0
+    line = _check_line(capsys.readouterr().out)
+    assert ": PASS: direct simulation +" in line and "95% level" in line
+    ds = rnnjac.open_dataset(out)
+    a = ds.attrs
+    assert (
+        a["lyapunov_check_passed"] == 1
+        and a["lyapunov_check_dns"] > 0.03
+        and "direct simulation" in a["lyapunov_check_method"]
+    )
+    # the same numbers as the library call with the analysis' inputs, h0, warm-ups and seed
+    rnn = rnnjac.load_checkpoint(chaotic)
+    spec = rnnjac._pipeline.InputSpec(batch=4, steps=400, autonomous=True, h0="random", seed=1)
+    x = rnnjac._pipeline.make_inputs(spec, 1)
+    h0 = rnnjac._pipeline.make_h0(spec, 32, 4, torch.float32)
+    ref = rnnjac.verify_lyapunov(rnn, x, h0, warmup=50, tangent_warmup=50, generator=torch.Generator().manual_seed(1))
+    assert a["lyapunov_check_dns"] == pytest.approx(ref.dns, rel=1e-12)
+    assert a["lyapunov_check_qr"] == pytest.approx(ref.qr, rel=1e-12)
+    # the QR estimate of the check and the analysis' own lambda_1 agree within the analysis' interval
+    lo, hi = ds.lyapunov_exponents_bounds.isel(le_index=0).values
+    assert lo - 0.01 < a["lyapunov_check_qr"] < hi + 0.01
+    assert f"{a['lyapunov_check_dns']:+.4f}" in line
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert ": PASS: " in _check_line(capsys.readouterr().out)
+    assert main([*args, "--overwrite"]) == 0  # without the flag: no check, no line
+    assert "check: " not in capsys.readouterr().out and "lyapunov_check_passed" not in rnnjac.open_dataset(out).attrs
+
+
+@pytest.fixture
+def wrong_closed_form(monkeypatch):
+    """rnnjac's closed-form Jacobian of the built-in cells, deliberately wrong: scaled by 1.3 (lambda_1 off by
+    ln 1.3 = 0.26)."""
+    from rnnjac._builtin_system import BuiltinSystem
+    from rnnjac._linearization import DenseLinearization
+
+    right = BuiltinSystem._closed_form
+
+    def wrong(self, s, x):
+        return DenseLinearization(self.layout, s, x, 1.3 * right(self, s, x).materialize())
+
+    monkeypatch.setattr(BuiltinSystem, "_closed_form", wrong)
+    monkeypatch.setattr(BuiltinSystem, "factored", lambda self, method: False)
+
+
+@pytest.mark.slow
+def test_a_wrong_jacobian_fails_the_check_with_exit_1(tmp_path, chaotic, capsys, wrong_closed_form):
+    out = tmp_path / "s.nc"
+    args = ["analyze", str(chaotic), "-o", str(out), "-q", "-k", "1", "--no-singular-values", *CHECK_RUN]
+    assert main([*args, "--check-lyapunov"]) == 1
+    line = _check_line(capsys.readouterr().out)
+    assert ": FAIL: " in line and "the Jacobians may be wrong" in line and "--steps" in line
+    a = rnnjac.open_dataset(out).attrs  # written all the same, with the failure recorded
+    assert a["lyapunov_check_passed"] == 0
+    assert a["lyapunov_check_difference"] == pytest.approx(-math.log(1.3), abs=0.05)
+    assert abs(a["lyapunov_check_difference"]) > a["lyapunov_check_limit"]
+
+
+@pytest.mark.slow
+def test_verify_check_lyapunov_is_opt_in_and_sets_the_exit_status(tmp_path, chaotic, capsys, monkeypatch):
+    args = ["verify", str(chaotic), "-q", "--dtype", "float64", "--directions", "2"]
+    args += ["--autonomous", "--h0", "random", "--batch", "4", "--steps", "200", "--seed", "1"]
+    assert main(args) == 0
+    assert "check: " not in capsys.readouterr().out  # opt-in
+    out = tmp_path / "v.nc"
+    assert main([*args, "--check-lyapunov", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("PASS: max abs err") and ": PASS: direct simulation" in _check_line(printed)
+    assert rnnjac.open_dataset(out).attrs["lyapunov_check_passed"] == 1
+    from rnnjac._builtin_system import BuiltinSystem
+
+    right = BuiltinSystem._closed_form
+    monkeypatch.setattr(BuiltinSystem, "factored", lambda self, method: False)
+    monkeypatch.setattr(
+        BuiltinSystem,
+        "_closed_form",
+        lambda self, s, x: rnnjac._linearization.DenseLinearization(
+            self.layout, s, x, 1.3 * right(self, s, x).materialize()
+        ),
+    )
+    assert main([*args, "--check-lyapunov"]) == 1
+    printed = capsys.readouterr().out
+    assert printed.startswith("FAIL: ") and ": FAIL: " in _check_line(printed)
+
+
+def test_check_lyapunov_bad_use_is_one_line_before_work(tmp_path, chaotic, capsys):
+    out = tmp_path / "s.nc"
+    base = ["analyze", str(chaotic), "-o", str(out), "-q", "--check-lyapunov"]
+    assert main([*base, "--steps", "12", "--warmup", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "must fit in the T = 12 steps" in err and "--warmup 5" in err and "warmup=" not in err
+    assert main(["analyze", str(chaotic), str(chaotic), "-o", str(out), "-q", "--check-lyapunov"]) == 2
+    assert "--check-lyapunov checks one checkpoint" in capsys.readouterr().err
+    assert main(["verify", str(chaotic), "--check-lyapunov", "--steps", "15"]) == 2
+    assert "must fit in the T = 15 steps" in capsys.readouterr().err
+    assert not out.exists()

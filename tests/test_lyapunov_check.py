@@ -105,3 +105,22 @@ def test_options_are_checked():
     cell = rnnjac.CustomCell(lambda s, x: torch.tanh(s + x))
     with pytest.warns(rnnjac.RnnjacWarning, match="float64"):
         verify_lyapunov(cell, torch.zeros(2, 30, 3), torch.zeros(2, 3))
+
+
+def test_the_pipeline_attrs_of_a_whole_model_equal_the_check_of_its_recurrent_core():
+    """``lyapunov_check_attrs`` (what ``rnnjac analyze --model ... --check-lyapunov`` records) with a submodule: the
+    same numbers as the check of the recurrent module fed what the model's first layer gives it."""
+    from rnnjac._options import SpectraOptions
+    from rnnjac._pipeline import lyapunov_check_attrs
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.GRU(3, 8, batch_first=True))
+    x = torch.randn(3, 120, 2, generator=torch.Generator().manual_seed(1))
+    attrs = lyapunov_check_attrs(net, x, None, SpectraOptions(warmup=10, tangent_warmup=10, seed=4), submodule="1")
+    with torch.no_grad():
+        ref = verify_lyapunov(
+            net[1], net[0](x), warmup=10, tangent_warmup=10, generator=torch.Generator().manual_seed(4)
+        )
+    assert attrs["lyapunov_check_dns"] == pytest.approx(ref.dns, rel=1e-9, abs=1e-12)
+    assert attrs["lyapunov_check_qr"] == pytest.approx(ref.qr, rel=1e-9, abs=1e-12)
+    assert attrs["lyapunov_check_passed"] == int(ref.passed) == 1 and attrs["lyapunov_check_ci"] == 0.95

@@ -109,6 +109,11 @@ def cmd_analyze(args, argv) -> int:
     paths = _expand(args.checkpoints)
     out = Path(args.out)
     sweep = len(paths) > 1 or args.scheduler or args.workers
+    if sweep and args.check_lyapunov:
+        raise ValueError(
+            f"--check-lyapunov checks one checkpoint; got a sweep over {len(paths)}: run 'rnnjac analyze CKPT "
+            "--check-lyapunov' on the checkpoints to check, one at a time"
+        )
     # a sweep resumes or extends an existing output of its own configuration (analyze_checkpoints decides);
     # it must still be a file rnnjac wrote, of the right kind
     exists = os.path.lexists(out)
@@ -134,6 +139,8 @@ def cmd_analyze(args, argv) -> int:
         print(f"wrote {out} ({ds.sizes.get('checkpoint', 0)} checkpoints)")
         return 0
     extra = {} if model is None else {"model": model}
+    if args.check_lyapunov:
+        extra["check_lyapunov"] = True
     ds = analyze_checkpoint(
         paths[0],
         inputs,
@@ -147,7 +154,29 @@ def cmd_analyze(args, argv) -> int:
     print(f"wrote {out}: {', '.join(ds.data_vars)}")
     if "lyapunov_exponents" in ds:
         print(exponent_summary(ds))
+    if "lyapunov_check_passed" in ds.attrs:
+        print(lyapunov_check_line(ds.attrs))
+        return 0 if ds.attrs["lyapunov_check_passed"] else 1
     return 0
+
+
+def lyapunov_check_line(attrs: dict) -> str:
+    """The ``lyapunov_check_*`` attrs as one line: both estimates of lambda_1 ± their standard errors, the
+    difference against its limit, and PASS/FAIL (with what a failure means)."""
+    lam, pm = _symbols()
+    a = {k.removeprefix("lyapunov_check_"): v for k, v in attrs.items() if k.startswith("lyapunov_check_")}
+    ok = bool(a["passed"])
+    text = (
+        f"{lam}1 check: {'PASS' if ok else 'FAIL'}: direct simulation {a['dns']:+.4f} {pm} {a['dns_stderr']:.4f}, "
+        f"QR {a['qr']:+.4f} {pm} {a['qr_stderr']:.4f} nats/step (standard errors); difference {a['difference']:+.4f}, "
+        f"allowed {a['limit']:.4f} ({100 * a['ci']:g}% level)"
+    )
+    if not ok:
+        text += (
+            "; the Jacobians may be wrong (rnnjac verify compares them with finite differences) or the run too short "
+            f"(a correct model fails {100 * (1 - a['ci']):g}% of the time: rerun with more --steps or another --seed)"
+        )
+    return text
 
 
 def _symbols() -> tuple[str, str]:
@@ -235,6 +264,10 @@ def cmd_verify(args, argv) -> int:
     spec = _input_spec(args)
     device = check_device(args.device)
     model = _model_spec(args)
+    if args.check_lyapunov and not args.inputs:
+        from .._lyapunov_check import check_options
+
+        check_options(10, 1e-7, 0, 0, 0.95, spec.steps)
     if args.out:
         _io.check_output(args.out, overwrite=args.overwrite)
     if model is None:
@@ -255,6 +288,15 @@ def cmd_verify(args, argv) -> int:
         **extra,
     )
     _verify_report(ds, args.quiet)
+    passed = bool(ds.attrs["passed"])
+    if args.check_lyapunov:
+        from .._options import SpectraOptions
+        from .._pipeline import lyapunov_check_attrs
+
+        options = SpectraOptions(seed=args.seed, device=args.device)
+        ds.attrs.update(lyapunov_check_attrs(module, x.to(device), h0, options, submodule=extra.get("submodule")))
+        print(lyapunov_check_line(ds.attrs))
+        passed = passed and bool(ds.attrs["lyapunov_check_passed"])
     if args.out:
         ds.attrs.update(
             checkpoint=str(args.checkpoint),
@@ -264,7 +306,7 @@ def cmd_verify(args, argv) -> int:
             **attrs,
         )
         _write(_io.save, ds, args.out, overwrite=args.overwrite, written=args.written)
-    return 0 if ds.attrs["passed"] else 1
+    return 0 if passed else 1
 
 
 def cmd_plot(args, argv) -> int:
@@ -293,6 +335,8 @@ def cmd_info(args, argv) -> int:
         for k in SUMMARY_ATTRS:
             if k in ds.attrs:
                 print(f"{k}: {_printable(ds.attrs[k])}")
+        if "lyapunov_check_passed" in ds.attrs:
+            print(lyapunov_check_line(ds.attrs))
         return 0
     from .._checkpoints import inspect_checkpoint
 

@@ -48,6 +48,7 @@ FLAGS = {
     "noise": "--noise",
     "tol": "--tol",
     "max_iter": "--max-iter",
+    "check_lyapunov": "--check-lyapunov",
 }
 # keywords whose flag is the negation: ``lyapunov=False`` is ``--no-lyapunov``
 NEGATED = {"lyapunov": "--no-lyapunov", "singular_values": "--no-singular-values"}

@@ -19,6 +19,12 @@ METHOD_HELP = (
     "the closed form, else autograd (default auto)"
 )
 
+CHECK_HELP = (
+    "also check the largest Lyapunov exponent by direct simulation of two nearby trajectories (the model's own "
+    "forward, no Jacobian) against the QR estimate; print it, record it (lyapunov_check_* attrs), exit 1 on "
+    "disagreement"
+)
+
 
 def _add_input_options(p: argparse.ArgumentParser, *, batch: int, steps: int) -> None:
     g = p.add_argument_group("inputs (a file, or generated)")
@@ -119,6 +125,7 @@ def _add_analyze(sub) -> None:
         metavar="LEVEL",
         help="confidence level of the exponents' intervals, or 'none' to skip them (default 0.95)",
     )
+    a.add_argument("--check-lyapunov", action="store_true", help=CHECK_HELP + " (one checkpoint)")
     a.add_argument("--eigenvalues", action="store_true", help="also per-step eigenvalues and spectral radius")
     a.add_argument("--end-to-end", action="store_true", help="also singular values of ds_t/ds_0")
     a.add_argument(
@@ -150,6 +157,11 @@ def _add_verify(sub) -> None:
     )
     v.add_argument("--atol", type=float, default=1e-8, help="absolute tolerance (default 1e-8)")
     v.add_argument("--directions", type=int, help="directional check along this many random vectors (cheap for big D)")
+    v.add_argument(
+        "--check-lyapunov",
+        action="store_true",
+        help=CHECK_HELP + "; give it a few hundred --steps (opt-in: a statistical test, it fails 5%% of correct runs)",
+    )
     _add_out(v, "also write the verification Dataset (.nc or .zarr)")
     v.add_argument(
         "--overwrite", action="store_true", help="replace an existing --out file that rnnjac wrote (never a folder)"
