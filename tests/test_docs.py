@@ -25,7 +25,7 @@ def _rnnjac_commands() -> list[list[str]]:
     """Every `rnnjac ...` line of the README's bash blocks, split as the shell would (comments dropped)."""
     commands = []
     for block in _code_blocks("bash"):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # continuation lines joined, as the shell does
             if line.startswith("rnnjac "):
                 commands.append(shlex.split(line, comments=True)[1:])
     return commands
