@@ -113,6 +113,10 @@ UNCERTAINTY_METHOD = (
 )
 
 
+#: beyond this many more steps the convergence warning calls the drift a slow transient rather than a step count
+_MANY_STEPS = 10**6
+
+
 def _uncertainty_attrs(values: dict, options: SpectraOptions) -> dict:
     """The ``ci``/``bootstrap_seed``/``uncertainty_method`` attrs, and the convergence warning (once per call)."""
     if "lyapunov_converged" not in values:
@@ -121,11 +125,18 @@ def _uncertainty_attrs(values: dict, options: SpectraOptions) -> dict:
     if not bool(converged.all()):
         bad = torch.nonzero(~converged).flatten().tolist()
         names = ", ".join(f"lambda_{i + 1}" for i in bad[:8]) + (" ..." if len(bad) > 8 else "")
+        need = int(more.max())
+        how = (
+            f"about {need} more counted steps are likely needed (longer inputs, or a longer warmup= or "
+            "tangent_warmup=; per exponent: the variables lyapunov_converged and lyapunov_more_steps)"
+            if need <= _MANY_STEPS
+            else f"fitting the drift as a transient asks for {need:.1e} more counted steps: a slow transient (e.g. "
+            "an approach to a fixed point), not noise; a longer warmup= or tangent_warmup='auto' removes it "
+            "(per exponent: the variables lyapunov_converged and lyapunov_more_steps)"
+        )
         warnings.warn(
             f"{len(bad)} of {converged.numel()} Lyapunov exponents have not converged ({names}): their running "
-            f"estimate still drifts by more than 3 standard errors over the last half of the run; about "
-            f"{int(more.max())} more counted steps are likely needed (longer inputs, or a longer warmup= or "
-            "tangent_warmup=; per exponent: the variables lyapunov_converged and lyapunov_more_steps)",
+            f"estimate still drifts by more than 3 standard errors over the last half of the run; {how}",
             ConvergenceWarning,
             stacklevel=4,
         )

@@ -121,6 +121,19 @@ def test_coverage_with_coarse_blocks_of_correlated_local_exponents():
     assert np.all((0.90 <= cov) & (cov <= 0.99)), cov
 
 
+def test_convergence_warning_calls_an_approach_to_a_fixed_point_a_transient():
+    """A contracting tanh RNN (g = 0.5) started far from its fixed point: the local exponents are nearly constant
+    once there, so the errors are tiny and the drift from the approach would "need" trillions of steps. The
+    warning says it is a slow transient instead of quoting that count, and points to the cure."""
+    torch.manual_seed(0)
+    rnn = torch.nn.RNN(1, 50, bias=False, batch_first=True)
+    with torch.no_grad():
+        rnn.weight_hh_l0.normal_(0, 0.5 / 50**0.5)
+    with pytest.warns(ConvergenceWarning, match=r"a slow transient .* tangent_warmup='auto' removes it"):
+        ds = rnnjac.lyapunov_spectrum(rnn, torch.zeros(4, 400, 1), 3 * torch.randn(1, 4, 50), k=5)
+    assert int(ds.lyapunov_more_steps.max()) > 10**6
+
+
 def test_convergence_warning_flags_a_short_run_and_not_a_long_one():
     """The non-normal linear system without tangent warm-up (a transient bias ~ 1/n while the basis aligns)."""
     with pytest.warns(ConvergenceWarning, match=r"Lyapunov exponents have not converged \(lambda_.*more counted steps"):
