@@ -33,7 +33,7 @@ from ._cells import EYE
 from ._checks import Problem, check_states_finite
 from ._kernels import linearization_stream
 from ._linearization import FactoredLinearization, Linearization, StateLayout, grad_region, normal
-from ._system import System
+from ._system import System, autograd_jacobian
 
 __all__ = [
     "InputChunk",
@@ -68,22 +68,6 @@ def factored_input_jacobians(lin: FactoredLinearization) -> Tensor:
     return torch.cat(blocks, -2)
 
 
-def _autograd_input_jacobians(dyn: System, s: Tensor, x: Tensor, chunk_size=None) -> Tensor:
-    """``vmap(jacrev(step, argnums=1))`` over the leading dim of ``s (N, D)``, ``x (N, I)``: ``(N, D, I)``; in the
-    caller's grad mode (works under ``no_grad``/``inference_mode``: the result then carries no graph)."""
-    from torch.func import jacrev, vmap
-
-    keep_graph = torch.is_grad_enabled()
-    with grad_region():
-        step = dyn.for_autograd().step
-
-        def single(si, xi):
-            return step(si.unsqueeze(0), xi.unsqueeze(0)).squeeze(0)
-
-        jac = vmap(jacrev(single, argnums=1, chunk_size=chunk_size))(normal(s), normal(x))
-    return jac if keep_graph else jac.detach()
-
-
 def step_input_jacobians(dyn: System, lin: Linearization, state: str = "full", chunk_size=None) -> Tensor:
     """``B = ds'/dx`` ``(N, D, I)`` at the points of ``lin`` (closed form when ``lin`` is factored, else
     torch.func on ``dyn.step``); ``state="h"`` keeps the h rows (README, "Conventions": "State vector").
@@ -100,7 +84,7 @@ def step_input_jacobians(dyn: System, lin: Linearization, state: str = "full", c
     if isinstance(lin, FactoredLinearization):
         jac = factored_input_jacobians(lin)
     else:
-        jac = _autograd_input_jacobians(dyn, lin.s, lin.x, chunk_size)
+        jac = autograd_jacobian(dyn, lin.s, lin.x, chunk_size, wrt="inputs")
     return jac if state == "full" else jac.index_select(-2, dyn.h_index(jac.device))
 
 

@@ -256,7 +256,7 @@ class System(ABC):
     def linearize(self, s: Tensor, x: Tensor, method: str = "analytic", chunk_size=None) -> Linearization:
         """The step Jacobians at a batch of (state, input) pairs ``(N, D), (N, I)``."""
         if method == "autograd":
-            return DenseLinearization(self.layout, s, x, _autograd_jacobian(self, s, x, chunk_size))
+            return DenseLinearization(self.layout, s, x, autograd_jacobian(self, s, x, chunk_size))
         return self._closed_form(s, x)
 
     @abstractmethod
@@ -272,9 +272,10 @@ class System(ABC):
         return False
 
 
-def _autograd_jacobian(dyn: System, s: Tensor, x: Tensor, chunk_size=None) -> Tensor:
-    """``vmap(jacrev(step))`` over the leading dim of ``s (N, D)`` and ``x (N, I)``; works under the caller's
-    ``no_grad``/``inference_mode`` (then the result carries no graph)."""
+def autograd_jacobian(dyn: System, s: Tensor, x: Tensor, chunk_size=None, *, wrt: str = "state") -> Tensor:
+    """``vmap(jacrev(step))`` over the leading dim of ``s (N, D)`` and ``x (N, I)``: ``ds'/ds`` ``(N, D, D)``, or
+    with ``wrt="inputs"`` ``ds'/dx`` ``(N, D, I)``; works under the caller's ``no_grad``/``inference_mode`` (then
+    the result carries no graph)."""
     from torch.func import jacrev, vmap
 
     keep_graph = torch.is_grad_enabled()
@@ -284,5 +285,6 @@ def _autograd_jacobian(dyn: System, s: Tensor, x: Tensor, chunk_size=None) -> Te
         def single(si, xi):
             return step(si.unsqueeze(0), xi.unsqueeze(0)).squeeze(0)
 
-        jac = vmap(jacrev(single, argnums=0, chunk_size=chunk_size))(normal(s), normal(x))
+        argnums = 1 if wrt == "inputs" else 0
+        jac = vmap(jacrev(single, argnums=argnums, chunk_size=chunk_size))(normal(s), normal(x))
     return jac if keep_graph else jac.detach()
