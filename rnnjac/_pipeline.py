@@ -22,6 +22,7 @@ from ._checks import NonFiniteError, check_choice, check_positive_int, first_non
 from ._dynamics import as_dynamics
 from ._lyapunov_check import check_options, verify_lyapunov
 from ._options import SpectraOptions
+from ._sensitivity import _check_max_lag as check_max_lag
 from ._spectra import spectra
 from ._user_model import ModelSpec, load_model
 
@@ -283,6 +284,7 @@ def analyze_checkpoint(
     progress: bool = False,
     command: str = "",
     check_lyapunov: bool = False,
+    max_lag: int | None = None,
 ):
     """Load one checkpoint, build its inputs and return its spectra Dataset with provenance attrs.
 
@@ -293,20 +295,23 @@ def analyze_checkpoint(
     basis. ``model`` (a :class:`ModelSpec` with a class) loads the checkpoint into the user's model and analyses
     its recurrent submodule on what the model feeds it. ``check_lyapunov=True`` also checks lambda_1 by direct
     simulation (:func:`rnnjac.verify_lyapunov` on the same model, inputs, warm-ups and seed) and records the result
-    as the ``lyapunov_check_*`` attrs (:func:`lyapunov_check_attrs`).
+    as the ``lyapunov_check_*`` attrs (:func:`lyapunov_check_attrs`). ``max_lag`` (an int ``0 <= L < T``) also
+    merges in the lagged input sensitivities of :func:`rnnjac.sensitivity` on the same model, inputs, ``h0`` and
+    options (:func:`with_sensitivity`); ``max_lag`` is checked against the inputs before any work.
     """
     inputs = as_inputs(inputs)
     if not isinstance(options, SpectraOptions):
         raise TypeError(f"options must be a SpectraOptions; got {type(options).__name__}")
     device = check_device(options.device or "cpu")
     if model is not None and model.model is not None:
-        args = (path, inputs, as_h0(h0), options, model, load_kwargs or {}, progress, command, device, check_lyapunov)
-        return _analyze_model(*args)
+        args = (path, inputs, as_h0(h0), options, model, load_kwargs or {}, progress, command, device)
+        return _analyze_model(*args, check_lyapunov, max_lag)
     if model is not None and model.submodule is not None:
         raise ValueError("submodule= names a submodule of model=; give model= as well")
     module = load_checkpoint(path, **(load_kwargs or {}))
     info = checkpoint_info(module)
     dtype = options.torch_dtype or next(module.parameters()).dtype
+    module = module.to(dtype=dtype)  # the model of the analysis (and of the lambda_1 check) in the inputs' dtype
     if isinstance(inputs, InputSpec):
         x = make_inputs(inputs, info["input_size"], dtype)
         if h0 is None:
@@ -326,26 +331,84 @@ def analyze_checkpoint(
         "inputs_json": inputs_json,
     }
     h0 = _to(as_h0(h0), device, dtype)
-    if check_lyapunov:
-        _check_before_work(options, x.shape[1])
+    _check_before_work(options, x.shape[1], check_lyapunov, max_lag)
     ds = spectra(module, x.to(device), h0, options=options, progress=progress, attrs=attrs)
     if check_lyapunov:
-        ds.attrs.update(lyapunov_check_attrs(module, x.to(device), h0, options))
+        ds.attrs.update(lyapunov_check_attrs(module, x.to(device), h0, options, used=ds.attrs))
+    return with_sensitivity(ds, module, x.to(device), h0, options, max_lag)
+
+
+def _check_before_work(options: SpectraOptions, steps: int, check: bool, max_lag) -> None:
+    """The options of the lambda_1 check (``check_lyapunov=True``; an ``"auto"`` transient counts as 0 here) and
+    ``max_lag`` (None: no sensitivities), checked before the analysis starts."""
+    if check:
+        warmup, tangent_warmup = transients_used(options, {})
+        check_options(10, 1e-7, warmup, tangent_warmup, options.ci or 0.95, steps)
+    if max_lag is not None:
+        check_max_lag(max_lag, steps)
+
+
+def transients_used(options: SpectraOptions, attrs) -> tuple[int, int]:
+    """``(warmup, tangent_warmup)`` of an analysis: the options' integers, or for ``"auto"`` the steps the run chose
+    (its attrs ``warmup_used``/``tangent_warmup_used``; 0 where it recorded none).
+
+    Examples
+    --------
+    >>> transients_used(SpectraOptions(warmup="auto", tangent_warmup=5), {"warmup_used": 12})
+    (12, 5)
+    """
+    return tuple(
+        int(attrs.get(f"{name}_used", 0)) if getattr(options, name) == "auto" else int(getattr(options, name))
+        for name in ("warmup", "tangent_warmup")
+    )
+
+
+def with_sensitivity(ds, model, x, h0, options: SpectraOptions, max_lag, *, submodule=None):
+    """``ds`` with the lagged input sensitivities of :func:`rnnjac.sensitivity` merged in (``max_lag`` None:
+    ``ds`` itself).
+
+    The sensitivities use the analysis' model, inputs, ``h0``, ``state``, ``method``, ``dtype``, ``device`` and
+    ``submodule``; ``ds``'s attrs are kept, plus ``max_lag``.
+
+    Examples
+    --------
+    >>> import torch, rnnjac
+    >>> gru, x = torch.nn.GRU(2, 4, batch_first=True), torch.randn(3, 10, 2)
+    >>> options = SpectraOptions(lyapunov=False)
+    >>> ds = with_sensitivity(rnnjac.spectra(gru, x, options=options), gru, x, None, options, 4)
+    >>> ds.input_sensitivity_log_norm.dims, ds.attrs["max_lag"]
+    (('batch', 'time', 'lag'), 4)
+    """
+    if max_lag is None:
+        return ds
+    import xarray as xr
+
+    from ._sensitivity import sensitivity
+
+    sens = sensitivity(
+        model,
+        x,
+        h0,
+        max_lag=max_lag,
+        state=options.state,
+        method=options.method,
+        dtype=options.torch_dtype,
+        device=options.device,
+        submodule=submodule,
+    )
+    ds = xr.merge([ds, sens], combine_attrs="override")
+    ds.attrs["max_lag"] = int(max_lag)
     return ds
 
 
-def _check_before_work(options: SpectraOptions, steps: int) -> None:
-    """The options of the lambda_1 check (``check_lyapunov=True``), checked before the analysis starts."""
-    check_options(10, 1e-7, options.warmup, options.tangent_warmup, options.ci or 0.95, steps)
-
-
-def lyapunov_check_attrs(model, x, h0, options: SpectraOptions, *, submodule=None) -> dict:
+def lyapunov_check_attrs(model, x, h0, options: SpectraOptions, *, submodule=None, used=None) -> dict:
     """The ``lyapunov_check_*`` attrs of :func:`rnnjac.verify_lyapunov` run with an analysis' options.
 
     The check uses the analysis' ``warmup``, ``tangent_warmup``, ``seed``, ``device`` and ``ci`` (0.95 when the
     intervals are off), float64 for built-in modules and a renormalisation every 10 steps; the attrs hold both
     estimates of lambda_1 (nats/step), their standard errors, the difference, the limit it is compared with,
-    ``lyapunov_check_passed`` (1/0) and ``lyapunov_check_method`` (a sentence).
+    ``lyapunov_check_passed`` (1/0) and ``lyapunov_check_method`` (a sentence). An ``"auto"`` transient takes the
+    steps the analysis chose, from its attrs ``used`` (:func:`transients_used`).
 
     Examples
     --------
@@ -356,12 +419,18 @@ def lyapunov_check_attrs(model, x, h0, options: SpectraOptions, *, submodule=Non
     >>> attrs["lyapunov_check_passed"], attrs["lyapunov_check_ci"]
     (1, 0.95)
     """
+    warmup, tangent_warmup = transients_used(options, used or {})
+    if "auto" in (options.warmup, options.tangent_warmup) and warmup + tangent_warmup + 20 > x.shape[1]:
+        raise ValueError(
+            f"the Lyapunov check needs warmup + tangent_warmup + 20 <= T = {x.shape[1]} steps; the transients chosen "
+            f"by 'auto' are {warmup} + {tangent_warmup} steps: give longer inputs or fixed transients"
+        )
     check = verify_lyapunov(
         model,
         x,
         h0,
-        warmup=options.warmup,
-        tangent_warmup=options.tangent_warmup,
+        warmup=warmup,
+        tangent_warmup=tangent_warmup,
         generator=torch.Generator().manual_seed(options.seed or 0),
         ci=options.ci or 0.95,
         device=options.device,
@@ -376,7 +445,7 @@ def lyapunov_check_attrs(model, x, h0, options: SpectraOptions, *, submodule=Non
     return attrs
 
 
-def _analyze_model(path, inputs, h0, options, model: ModelSpec, load_kwargs, progress, command, device, check):
+def _analyze_model(path, inputs, h0, options, model: ModelSpec, load_kwargs, progress, command, device, check, lag):
     """:func:`analyze_checkpoint` with the user's model class: the submodule on what the model feeds it."""
     extra = sorted(k for k in ("arch", "nonlinearity", "prefix") if load_kwargs.get(k) is not None)
     if extra:
@@ -412,12 +481,13 @@ def _analyze_model(path, inputs, h0, options, model: ModelSpec, load_kwargs, pro
         "training_step": -1 if step is None else int(step),
     }
     h0 = _to(h0, device, dtype)
-    if check:
-        _check_before_work(options, x.shape[1])
+    _check_before_work(options, x.shape[1], check, lag)
     ds = spectra(whole, x.to(device), h0, options=options, submodule=model.submodule, progress=progress, attrs=attrs)
     if check:
-        ds.attrs.update(lyapunov_check_attrs(whole, x.to(device), h0, options, submodule=model.submodule))
-    return ds
+        ds.attrs.update(
+            lyapunov_check_attrs(whole, x.to(device), h0, options, submodule=model.submodule, used=ds.attrs)
+        )
+    return with_sensitivity(ds, whole, x.to(device), h0, options, lag, submodule=model.submodule)
 
 
 def _training_step_of(path):

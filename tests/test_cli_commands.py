@@ -368,3 +368,18 @@ def test_check_lyapunov_bad_use_is_one_line_before_work(tmp_path, chaotic, capsy
     assert main(["verify", str(chaotic), "--check-lyapunov", "--steps", "15"]) == 2
     assert "must fit in the T = 15 steps" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- --sensitivity with --model (#16)
+def test_model_sensitivity_is_that_of_the_submodule_on_what_the_model_feeds_it(tmp_path, encoder_model, capsys):
+    name, net, ckpt, xfile, x = encoder_model
+    out = tmp_path / "s.nc"
+    argv = ["analyze", str(ckpt), "--model", f"{name}:Net", "--model-kwargs", '{"hidden": 8}', "--inputs", str(xfile)]
+    assert main([*argv, "--submodule", "gru", "--sensitivity", "--max-lag", "6", "--no-lyapunov", "-o", str(out)]) == 0
+    ds = rnnjac.open_dataset(out)
+    assert ds.attrs["max_lag"] == 6 and ds.attrs["model"] == f"{name}:Net"
+    ref = rnnjac.sensitivity(net.gru, torch.tanh(net.encoder(x)).detach(), max_lag=6)
+    np.testing.assert_allclose(
+        ds.input_sensitivity_log_norm.values, ref.input_sensitivity_log_norm.values, rtol=1e-5, atol=1e-6
+    )
+    assert np.isnan(ds.input_sensitivity_log_norm.values[:, :6, 6]).all()  # t - lag < 1

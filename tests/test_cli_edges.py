@@ -381,6 +381,16 @@ def test_every_translated_keyword_is_a_real_flag():
             "x.npz holds several arrays ['a', 'b']; choose one with --inputs-key",
         ),
         ("lyapunov=False and singular_values=False", "--no-lyapunov and --no-singular-values"),
+        ("with singular_values=3 and state='h'", "with --singular-values 3 and --state h"),
+        (
+            "singular_values must be True, False or an integer k with 1 <= k <= D = 12 (state='full'); got 99",
+            "--singular-values must be an integer k with 1 <= k <= D = 12 (--state full); got 99",
+        ),
+        (
+            "max_lag must be smaller than the number of steps T = 12; got max_lag=12",
+            "--max-lag must be smaller than the number of steps T = 12; got --max-lag 12",
+        ),
+        ("warmup must be an integer >= 0 or 'auto'; got 'x'", "--warmup must be an integer >= 0 or 'auto'; got 'x'"),
         ("inputs contain NaN/Inf, first at step t=4", "inputs contain NaN/Inf, first at step t=4"),
         ("the model expects input_size=3", "the model expects input_size=3"),
     ],

@@ -10,6 +10,16 @@ from pathlib import Path
 from ._messages import _printable
 from ._output import _command_line, _expand, _open_spectra, _output_folder, _print_table, _write, write_plots
 
+#: what a run chose or was asked for beyond the summary attrs: "auto" transients and QR intervals, sensitivity lags
+RUN_ATTRS = (
+    "warmup_used",
+    "tangent_warmup_used",
+    "reortho_interval_min",
+    "reortho_interval_mean",
+    "reortho_interval_max",
+    "max_lag",
+)
+
 
 # ----------------------------------------------------------------------------- helpers
 def _input_spec(args):
@@ -78,12 +88,12 @@ def _spectra_options(args):
 
     return SpectraOptions(
         k=args.k,
+        singular_values=_singular_values(args),
         warmup=args.warmup,
         tangent_warmup=args.tangent_warmup,
         reortho_every=args.reortho_every,
         eigenvalues=args.eigenvalues,
         end_to_end=args.end_to_end,
-        singular_values=not args.no_singular_values,
         lyapunov=not args.no_lyapunov,
         local_lyapunov=args.local,
         keep_states=args.keep_states,
@@ -94,6 +104,35 @@ def _spectra_options(args):
         seed=args.seed,
         ci=args.ci,
     )
+
+
+def _singular_values(args):
+    """``--singular-values K`` / ``--no-singular-values`` as ``SpectraOptions.singular_values`` (True: all)."""
+    top = args.singular_values
+    if top is None:
+        return not args.no_singular_values
+    if args.no_singular_values:
+        raise ValueError(
+            "--singular-values K keeps the top K singular values and --no-singular-values skips them: give one"
+        )
+    if isinstance(top, str) or top < 1:
+        raise ValueError(f"--singular-values must be an integer K >= 1 (the top K per step); got {top!r}")
+    return top
+
+
+def _max_lag(args, sweep: bool):
+    """``--sensitivity --max-lag L`` as ``L`` (None without them), checked before any work."""
+    if args.sensitivity != (args.max_lag is not None):
+        given, missing = ("--sensitivity", "--max-lag L") if args.sensitivity else ("--max-lag", "--sensitivity")
+        raise ValueError(f"{given} needs {missing}: give both, e.g. --sensitivity --max-lag 20")
+    if args.max_lag is None:
+        return None
+    if sweep:
+        raise ValueError(
+            f"--sensitivity analyses one checkpoint; got a sweep over {sweep}: run 'rnnjac analyze CKPT "
+            "--sensitivity --max-lag L' on each checkpoint, one at a time"
+        )
+    return args.max_lag  # checked against the inputs' T by analyze_checkpoint, before any work
 
 
 def cmd_analyze(args, argv) -> int:
@@ -109,6 +148,7 @@ def cmd_analyze(args, argv) -> int:
     paths = _expand(args.checkpoints)
     out = Path(args.out)
     sweep = len(paths) > 1 or args.scheduler or args.workers
+    max_lag = _max_lag(args, len(paths) if sweep else 0)
     if sweep and args.check_lyapunov:
         raise ValueError(
             f"--check-lyapunov checks one checkpoint; got a sweep over {len(paths)}: run 'rnnjac analyze CKPT "
@@ -141,6 +181,8 @@ def cmd_analyze(args, argv) -> int:
     extra = {} if model is None else {"model": model}
     if args.check_lyapunov:
         extra["check_lyapunov"] = True
+    if max_lag is not None:
+        extra["max_lag"] = max_lag
     ds = analyze_checkpoint(
         paths[0],
         inputs,
@@ -332,9 +374,10 @@ def cmd_info(args, argv) -> int:
         for name, var in ds.data_vars.items():
             desc = f"{var.attrs.get('long_name', '')} [{var.attrs.get('units', '')}]"
             print(f"  {_printable(name)}{var.dims}: {_printable(desc)}")
-        for k in SUMMARY_ATTRS:
+        for k in (*SUMMARY_ATTRS, *(k for k in RUN_ATTRS if k not in SUMMARY_ATTRS)):
             if k in ds.attrs:
-                print(f"{k}: {_printable(ds.attrs[k])}")
+                value = ds.attrs[k]
+                print(f"{k}: {_printable(f'{value:.4g}' if isinstance(value, float) else value)}")
         if "lyapunov_check_passed" in ds.attrs:
             print(lyapunov_check_line(ds.attrs))
         return 0

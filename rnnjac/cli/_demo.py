@@ -22,10 +22,17 @@ DEMO_OPTIONS = {
 
 def _demo_figures(model, x, options) -> list[str]:
     """The plots the demo's Dataset has, from a tiny run with the same options (nothing is written)."""
+    from dataclasses import replace
+
     from .. import plot
     from .._spectra import spectra
     from ..errors import ConvergenceWarning
 
+    # "auto" transients and QR intervals are chosen from the run: the tiny run takes none (same variables, same plots)
+    fixed = {name: 0 for name in ("warmup", "tangent_warmup") if getattr(options, name) == "auto"}
+    if options.reortho_every == "auto":
+        fixed["reortho_every"] = 1
+    options = replace(options, **fixed)
     steps = options.warmup + options.tangent_warmup + 2
     with warnings.catch_warnings():  # two counted steps cannot converge; the real run warns where it matters
         warnings.simplefilter("ignore", ConvergenceWarning)

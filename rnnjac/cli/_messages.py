@@ -49,6 +49,8 @@ FLAGS = {
     "tol": "--tol",
     "max_iter": "--max-iter",
     "check_lyapunov": "--check-lyapunov",
+    "singular_values": "--singular-values",
+    "max_lag": "--max-lag",
 }
 # keywords whose flag is the negation: ``lyapunov=False`` is ``--no-lyapunov``
 NEGATED = {"lyapunov": "--no-lyapunov", "singular_values": "--no-singular-values"}
@@ -62,7 +64,7 @@ _ECHO = re.compile(r"\s*\((?:CLI: *)?--[a-z][a-z0-9-]*\)")  # an old "keyword (-
 
 def _flag_for(name: str, value: str | None) -> str:
     """The command-line spelling of ``name=value`` (``value`` None: the bare ``name=``)."""
-    if name in NEGATED:
+    if name in NEGATED and (name not in FLAGS or value == "False"):  # singular_values=3 is --singular-values 3
         return NEGATED[name] if value in (None, "False") else f"without {NEGATED[name]}"
     flag = FLAGS[name]
     if value in (None, "True", "..."):
@@ -93,7 +95,10 @@ def cli_message(message: str) -> str:
         return verb + _flag_for(m.group(2), m.group(3))
 
     message = _ASSIGN.sub(assign, message)
-    return _SUBJECT.sub(lambda m: _flag_for(m.group(1) or m.group(2), None), message)
+    message = _SUBJECT.sub(lambda m: _flag_for(m.group(1) or m.group(2), None), message)
+    return message.replace(
+        "--singular-values must be True, False or an integer", "--singular-values must be an integer"
+    )
 
 
 def _printable(value) -> str:

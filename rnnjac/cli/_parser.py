@@ -115,9 +115,29 @@ def _add_analyze(sub) -> None:
         "-k", "--num-exponents", dest="k", type=int, metavar="K", help="how many Lyapunov exponents (default all D)"
     )
     a.add_argument("--k", dest="k", type=int, help=argparse.SUPPRESS)  # old name, kept for scripts
-    a.add_argument("--warmup", type=int, default=0, help="steps of state evolution before tangents (default 0)")
-    a.add_argument("--tangent-warmup", type=int, default=0, help="tangent steps not counted (default 0)")
-    a.add_argument("--reortho-every", type=int, default=1, help="steps between QR re-orthonormalisations (default 1)")
+    a.add_argument(
+        "--warmup",
+        type=_int_or_auto,
+        default=0,
+        metavar="N|auto",
+        help="steps of state evolution before tangents, or auto: chosen from the run by the MSER rule, recorded as "
+        "the warmup_used attribute (default 0)",
+    )
+    a.add_argument(
+        "--tangent-warmup",
+        type=_int_or_auto,
+        default=0,
+        metavar="N|auto",
+        help="tangent steps not counted, or auto (recorded as tangent_warmup_used) (default 0)",
+    )
+    a.add_argument(
+        "--reortho-every",
+        type=_int_or_auto,
+        default=1,
+        metavar="N|auto",
+        help="steps between QR re-orthonormalisations, or auto: as rarely as keeps the exponents of a QR every step "
+        "(intervals recorded as reortho_interval_min/_mean/_max) (default 1)",
+    )
     a.add_argument(
         "--ci",
         type=_confidence,
@@ -134,6 +154,21 @@ def _add_analyze(sub) -> None:
     a.add_argument("--local", dest="local", action="store_true", help=argparse.SUPPRESS)  # old name
     a.add_argument("--keep-states", action="store_true", help="also store the states")
     a.add_argument("--no-singular-values", action="store_true", help="skip per-step singular values")
+    a.add_argument(
+        "--singular-values",
+        type=_int_or_auto,
+        metavar="K",
+        help="keep only the top K per-step singular values (cheaper for large models; default all)",
+    )
+    a.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="also the lagged input sensitivities ds_t/dx_(t-lag), lag 0..--max-lag (log norms and singular values; "
+        "one checkpoint)",
+    )
+    a.add_argument(
+        "--max-lag", type=int, metavar="L", help="largest lag of --sensitivity, 0 <= L < the number of steps"
+    )
     a.add_argument("--no-lyapunov", action="store_true", help="skip Lyapunov exponents")
     a.add_argument("--scheduler", metavar="ADDRESS", help="sweeps: a dask.distributed scheduler address")
     a.add_argument("--workers", type=int, metavar="N", help="sweeps: start a local Dask cluster with N workers")
@@ -219,6 +254,18 @@ def _add_fixed_points(sub) -> None:
     _add_threads(f)
     _add_common(f, quiet="print only the counts line, not the table")
     f.set_defaults(func=cmd_fixed_points)
+
+
+def _int_or_auto(text: str):
+    """An integer, ``auto``, or the text itself: :class:`~rnnjac._options.SpectraOptions` (or the command) refuses
+    anything else in one line that names the flag."""
+    word = text.strip()
+    if word.lower() == "auto":
+        return "auto"
+    try:
+        return int(word)
+    except ValueError:
+        return word
 
 
 def _confidence(text: str):
