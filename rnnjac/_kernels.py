@@ -167,7 +167,7 @@ def top_singular_values(
     dtype = lin.s.dtype
     tol = 100 * torch.finfo(dtype).eps if tol is None else tol
     width = min(d, 2 * k)  # block width: the top k converge at the rate of the gap to sigma_{2k}
-    max_blocks = max_blocks or max(1, d // width)
+    max_blocks = max_blocks or math.ceil(d / width)  # the last block may be narrower
     v = initial_basis(d, width, torch.Generator().manual_seed(0), dtype, lin.s.device, n)
     with grad_region():
         inference = torch.is_inference(lin.s) or any(t.is_inference() for t in lin._operands())
@@ -205,10 +205,12 @@ def _grow_gram(gram: Tensor | None, images: list[Tensor]) -> Tensor:
 
 
 def _orthonormal_block(w: Tensor, basis: Tensor) -> Tensor | None:
-    """``w`` made orthogonal to the orthonormal ``basis`` (two block Gram-Schmidt passes) and orthonormalised;
-    None when the basis already fills the space."""
-    if basis.shape[-1] + w.shape[-1] > basis.shape[-2]:
+    """``w`` made orthogonal to the orthonormal ``basis`` (two block Gram-Schmidt passes) and orthonormalised,
+    cut to the columns the space still has room for; None when the basis already fills the space."""
+    room = basis.shape[-2] - basis.shape[-1]
+    if room <= 0:
         return None
+    w = w[..., :room]
     for _ in range(2):
         w = w - basis @ (basis.mT @ w)
     q, _ = torch.linalg.qr(w)

@@ -184,3 +184,17 @@ def test_singular_values_k_through_the_pass():
     want = torch.linalg.svdvals(rnnjac.jacobians(m, x).detach())[..., :4]
     assert out["singular_values"].shape == (2, 12, 4)
     torch.testing.assert_close(out["singular_values"], want, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize(("d", "k"), [(5, 2), (5, 1), (7, 3), (9, 2), (33, 5)])
+def test_top_singular_values_when_the_blocks_do_not_tile_the_space(d, k):
+    """D not a multiple of the block width 2k: the last Krylov block is narrower (it was left out, and a GRU
+    with D=5, k=2 gave 0.667 for a top value of 0.685)."""
+    from rnnjac._dynamics import as_dynamics
+    from rnnjac._kernels import top_singular_values
+
+    torch.manual_seed(d)
+    dyn = as_dynamics(torch.nn.GRU(2, d).double())
+    lin = dyn.linearize(torch.randn(3, d, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64))
+    full = torch.linalg.svdvals(lin.materialize())[:, :k]
+    torch.testing.assert_close(top_singular_values(lin, k), full, rtol=1e-10, atol=1e-12)
