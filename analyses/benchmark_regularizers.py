@@ -7,7 +7,8 @@ one configuration are measured alternating (one of each in turn, ``--repeat`` ro
 thread (``torch.set_num_threads(1)``) unless ``--threads``. With ``--old DIR`` (a copy of a previous
 ``rnnjac`` package, e.g. ``git archive HEAD rnnjac | tar -x -C /tmp/old``) the old code is timed in the same
 rounds for the penalties with a target, one layer (with ``states=`` where it had ``forward_with_states``, else
-``outputs=``).
+``outputs=``). With ``--compile`` every penalty is also timed with ``compile=True`` (its elementwise passes through
+``torch.compile``) in the same rounds; the compile time of the first round is reported separately.
 Where a target is missed, the top operators of one profiled step say where the time goes.
 
 Targets (issue 14): exact Frobenius <= 1.5x (GRU), <= 2.0x (LSTM); spectral (3 power iterations) <= 2.5x;
@@ -15,6 +16,7 @@ Lyapunov (k=8) <= 4x.
 
     python analyses/benchmark_regularizers.py --old /tmp/old/rnnjac   # writes figures/benchmark_regularizers.md
     python analyses/benchmark_regularizers.py --cells gru --hidden 128 --layers 1 --penalties exact  # a subset
+    python analyses/benchmark_regularizers.py --layers 1 --compile --out benchmark_regularizers_compile.md
 
 On a GPU (one H100: about 4 minutes; the stacked exact Frobenius at H=512 is O(B T H^3) but fast there)::
 
@@ -78,9 +80,9 @@ def _steps(cell, hidden, layers, args, old):
         def step():
             if pen is None:
                 out, pen_val = rnn(x)[0], 0.0
-            elif shared == "states":
+            elif shared in ("states", "compile"):
                 out, states = forward_with_states(rnn, x)
-                pen_val = pen(mod, rnn, x, {"states": states})
+                pen_val = pen(mod, rnn, x, {"states": states} | ({"compile": True} if shared == "compile" else {}))
             else:
                 out = rnn(x)[0]
                 pen_val = pen(mod, rnn, x, {"outputs": out} if layers == 1 else {})
@@ -98,6 +100,8 @@ def _steps(cell, hidden, layers, args, old):
             continue
         tgt = target.get(cell) if isinstance(target, dict) else target
         out[name] = (tgt, make(pen, new, "states"))
+        if args.compile:
+            out[name + " [compile]"] = (tgt, make(pen, new, "compile"))
         if (
             old is not None and layers == 1 and target is not None
         ):  # the previous code, same shared forward if it had one
@@ -109,14 +113,15 @@ def _steps(cell, hidden, layers, args, old):
 
 
 def _measure(steps: dict, repeat: int, sync) -> dict:
+    """Median seconds per step over ``repeat`` alternating rounds, and the warm-up round's time per label."""
     times = {k: [] for k in steps}
-    for _ in range(repeat + 1):  # the first round warms up
+    for _ in range(repeat + 1):  # the first round warms up (and compiles)
         for label, (_, fn) in steps.items():
             t0 = time.perf_counter()
             fn()
             sync()
             times[label].append(time.perf_counter() - t0)
-    return {k: statistics.median(v[1:]) for k, v in times.items()}
+    return {k: statistics.median(v[1:]) for k, v in times.items()}, {k: v[0] for k, v in times.items()}
 
 
 def _profile(fn, device) -> str:
@@ -125,7 +130,8 @@ def _profile(fn, device) -> str:
         fn()
     ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in ev) or 1
-    return ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in ev[:3])
+    names = ["compiled graph" if "CompiledFxGraph" in e.key else e.key for e in ev[:3]]
+    return ", ".join(f"{n} {100 * e.self_cpu_time_total / total:.0f}%" for n, e in zip(names, ev[:3], strict=True))
 
 
 def main(argv=None):
@@ -142,16 +148,21 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmark_regularizers.md")
     ap.add_argument("--cells", nargs="+", default=["gru", "lstm"], choices=["gru", "lstm"])
     ap.add_argument("--penalties", nargs="+", default=[""], help="run the penalties whose label contains a word")
+    ap.add_argument("--compile", action="store_true", help="also time every penalty with compile=True")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     old = _load_old(args.old) if args.old else None
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    rows, t_start, load0 = [], time.perf_counter(), os.getloadavg()[0]
+    rows, t_start, load0, compile_s = [], time.perf_counter(), os.getloadavg()[0], {}
     for cell in args.cells:
         for hidden in args.hidden:
             for layers in args.layers:
                 steps = _steps(cell, hidden, layers, args, old)
-                med = _measure(steps, args.repeat, sync)
+                med, first = _measure(steps, args.repeat, sync)
+                for label in steps:
+                    if label.endswith("[compile]"):
+                        print(f"{cell} H={hidden} L={layers} {label}: first step {first[label]:.1f} s", flush=True)
+                        compile_s[cell.upper()] = max(compile_s.get(cell.upper(), 0.0), first[label])
                 for label, (target, fn) in steps.items():
                     ratio = med[label] / med["none"]
                     missed = target is not None and ratio > target
@@ -178,7 +189,16 @@ def main(argv=None):
         "`[old]` rows: the previous code, one layer, same shared forward. Steps of one configuration are timed "
         f"alternating, median of {args.repeat} rounds. Stacked exact Frobenius is run up to H={args.exact_stacked_max}: "
         "its cross-layer block is a product of two step-dependent (H, H) matrices, O(B T H^3) (exact is inherently "
-        f"cubic there: the projection estimator is the fast route).{cudnn}\n\n"
+        f"cubic there: the projection estimator is the fast route).{cudnn}"
+        + (
+            " `[compile]` rows: the same penalty with `compile=True`; the longest warm-up step (which compiles; "
+            "later configurations reuse the compiled code or Inductor's on-disk cache) took "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in compile_s.items())
+            + "."
+            if compile_s
+            else ""
+        )
+        + "\n\n"
         f"{text}\n\nReproduce: `python analyses/benchmark_regularizers.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n",
     )
 

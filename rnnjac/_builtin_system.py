@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._cells import ARCHITECTURES, LayerParams
 from ._linearization import FactoredLinearization, Linearization, StateLayout, frobenius_row_local, normal
 from ._system import System, as_tensor
 
 __all__ = ["BuiltinSystem", "builtin_system"]
+
+_GATES = WeakIdKeyDictionary()
+"""``states -> (version, per-layer gates)`` for the states tensors of ``forward_with_states``: what the forward
+computed that the linearisation needs again (the LSTM gates), kept as long as that tensor lives."""
 
 _PARAM_NAMES = {"w_ih": "weight_ih", "w_hh": "weight_hh", "b_ih": "bias_ih", "b_hh": "bias_hh", "w_hr": "weight_hr"}
 _MODULE_ARCH: dict[type[nn.RNNBase], str] = {nn.RNN: "rnn", nn.GRU: "gru", nn.LSTM: "lstm"}
@@ -205,11 +210,17 @@ class BuiltinSystem(System):
     def sequence_states(self, s0: Tensor, xs: Tensor, outputs: Tensor | None = None, *, unbatched=False) -> Tensor:
         """Differentiable states ``(B, T+1, D)``: for one layer from the caller's ``outputs`` when given (the
         forward is shared with the task loss), else :meth:`fused_states` (any layer count, CPU or GPU)."""
+        return self.sequence_states_and_gates(s0, xs, outputs, unbatched=unbatched)[0]
+
+    def sequence_states_and_gates(self, s0: Tensor, xs: Tensor, outputs=None, *, unbatched=False):
+        """:meth:`sequence_states` and, per layer, the activated gates the forward computed on the way (LSTM:
+        ``(i, f, g, o)``, each ``(B, T, H)``; None for the other cells), for :meth:`linearize_states`."""
         if outputs is None:
-            return self.fused_states(s0, xs)
+            return self.fused_states_and_gates(s0, xs)
         out = self._outputs(outputs, xs, unbatched)  # checks first: one layer only
         ((h0, c0),) = self.split(s0)
-        return self._layer_states(self.layers[0], xs, h0, c0, out)
+        states, gates = self._layer_states(self.layers[0], xs, h0, c0, out)
+        return states, [gates]
 
     def fused_states(self, s0: Tensor, xs: Tensor) -> Tensor:
         """States ``(B, T+1, D)`` of the whole stack from torch's fused recurrent kernel, one layer at a time.
@@ -219,17 +230,57 @@ class BuiltinSystem(System):
         gradients reach the weights exactly as through the module's forward. The LSTM cell states,
         which the op does not return, are rebuilt by :meth:`LSTMArch.cell_sequence`.
         """
-        parts, inp = [], xs
-        for p, (h0, c0) in zip(self.layers, self.split(s0), strict=True):
-            states = self._layer_states(p, inp, h0, c0, self._fused_layer(p, inp, h0, c0))
-            parts.append((states, None) if c0 is None else states.split([h0.shape[-1], c0.shape[-1]], -1))
-            inp = parts[-1][0][:, 1:]
-        return self.join(parts)
+        return self.fused_states_and_gates(s0, xs)[0]
 
-    def _layer_states(self, p: LayerParams, xs: Tensor, h0: Tensor, c0: Tensor | None, out: Tensor) -> Tensor:
-        """One layer's ``[h; c]`` states ``(B, T+1, ·)`` from its outputs ``(B, T, H_out)``."""
+    def fused_states_and_gates(self, s0: Tensor, xs: Tensor) -> tuple[Tensor, list]:
+        """:meth:`fused_states` and the per-layer gates of :meth:`sequence_states_and_gates`."""
+        parts, all_gates, inp = [], [], xs
+        for p, (h0, c0) in zip(self.layers, self.split(s0), strict=True):
+            states, gates = self._layer_states(p, inp, h0, c0, self._fused_layer(p, inp, h0, c0))
+            parts.append((states, None) if c0 is None else states.split([h0.shape[-1], c0.shape[-1]], -1))
+            all_gates.append(gates)
+            inp = parts[-1][0][:, 1:]
+        return self.join(parts), all_gates
+
+    def _layer_states(self, p: LayerParams, xs: Tensor, h0: Tensor, c0: Tensor | None, out: Tensor):
+        """One layer's ``[h; c]`` states ``(B, T+1, ·)`` from its outputs ``(B, T, H_out)``, and its gates."""
         hs = torch.cat([h0.unsqueeze(1), out], 1)
-        return hs if c0 is None else torch.cat([hs, self.cell.cell_sequence(p, xs, hs, c0)], -1)
+        if c0 is None:
+            return hs, None
+        gates = self.cell.gates(p, xs, hs[:, :-1])
+        return torch.cat([hs, self.cell.cell_sequence(p, xs, hs, c0, gates)], -1), gates
+
+    @staticmethod
+    def remember_gates(states: Tensor, gates: list) -> None:
+        """Keep ``gates`` (:meth:`fused_states_and_gates`) for :meth:`recall_gates` of this very ``states``."""
+        if any(g is not None for g in gates):
+            _GATES[states] = (states._version, gates)
+
+    @staticmethod
+    def recall_gates(states: Tensor) -> list | None:
+        """The gates remembered for ``states``, or None (none kept, or ``states`` changed in place since)."""
+        kept = _GATES.get(states)
+        return kept[1] if kept is not None and kept[0] == states._version else None
+
+    def linearize_states(self, states: Tensor, xs: Tensor, steps: slice, gates=None, *, compile=False):
+        """``J_t`` at the steps ``steps`` of a recorded trajectory ``states (B, T+1, D)``, ``xs (B, T, I)``, as a
+        :class:`FactoredLinearization` over ``N = B * len(steps)`` points, equal to :meth:`linearize` at
+        ``(s_{t-1}, x_t)`` but without recomputing what the trajectory holds: each layer's next state (the input
+        of the layer above, and for tanh/relu/LSTM part of the coefficients) is read from ``s_t``, and an LSTM
+        layer's gates come from ``gates`` (:meth:`fused_states_and_gates`) when given. ``compile=True`` runs the
+        elementwise passes through ``torch.compile`` (:mod:`rnnjac._elementwise`)."""
+        b = states.shape[0]
+        prev, nxt = states[:, :-1][:, steps], states[:, 1:][:, steps]
+        n = b * prev.shape[1]
+        s, x = prev.reshape(n, -1), xs[:, steps].reshape(n, -1)
+        coefs, inp, last = [], x, self.num_layers - 1
+        for li, (p, (h, c), (h1, c1)) in enumerate(zip(self.layers, self.split(s), self.split(nxt), strict=True)):
+            g = None if gates is None or gates[li] is None else tuple(t[:, steps].reshape(n, -1) for t in gates[li])
+            h1 = h1.reshape(n, -1) if li < last or self.cell.n_gates == 1 else None  # read only where needed
+            c1 = None if c1 is None else c1.reshape(n, -1)
+            coefs.append(self.cell.linearize_known(p, inp, h, c, h1, c1, g, compile))
+            inp = h1
+        return FactoredLinearization(self.cell, self.layers, self.layout, s, x, coefs, compile=compile)
 
     def _fused_layer(self, p: LayerParams, xs: Tensor, h0: Tensor, c0: Tensor | None) -> Tensor:
         """One layer's outputs ``(B, T, H_out)`` from torch's fused op (batch-first inputs ``(B, T, I)``)."""
@@ -282,10 +333,6 @@ def _rnn_layers(module, num_layers: int, *, cell: bool = False) -> list[LayerPar
             )
         )
     return out
-
-
-def _arch_name(model, base: str) -> str:
-    return f"rnn_{getattr(model, 'nonlinearity', 'tanh')}" if base == "rnn" else base
 
 
 def _arch_name(model, base: str) -> str:

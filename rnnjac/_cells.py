@@ -37,7 +37,6 @@ columns), which gives ``||J||_F^2`` from a ``(K, K)`` Gram matrix per row at O(N
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -45,7 +44,17 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["EYE", "ARCHITECTURES", "LayerParams"]
+from ._elementwise import (
+    _cell_update,
+    elementwise,
+    gru_coefs,
+    gru_rows,
+    linear_recurrence,
+    lstm_coefs,
+    lstm_rows,
+)
+
+__all__ = ["EYE", "ARCHITECTURES", "LayerParams", "linear_recurrence"]
 
 
 class _Eye:
@@ -236,6 +245,13 @@ class RNNArch:
             dphi = (a > 0).to(a.dtype)
         return h_new, None, {"dphi": dphi}
 
+    def linearize_known(self, p, x, h, c, h_new, c_new, gates=None, compile=False):  # noqa: A002
+        """The coefficients of :meth:`linearize` from the known next state ``h_new`` (no GEMM: ``phi'`` is a
+        function of ``phi(a)`` for tanh and relu)."""
+        if self.nonlinearity == "tanh":
+            return {"dphi": 1 - h_new * h_new}
+        return {"dphi": (h_new > 0).to(h_new.dtype)}
+
     def tangent(self, p, coef, dx, dh, dc=None):
         return _lincomb([(coef["dphi"], _gates_tangent(p, dx, dh))]), None
 
@@ -243,7 +259,7 @@ class RNNArch:
         v = coef["dphi"].unsqueeze(-1) * uh
         return _mm(p.w_ih.T, v) if need_x else None, _mm(p.w_hh.T, v), None
 
-    def frobenius_sq(self, p, coef):
+    def frobenius_sq(self, p, coef, compile=False):  # noqa: A002
         # ||diag(a) W||_F^2 = sum_i a_i^2 ||W[i]||^2
         return (coef["dphi"] ** 2 * (p.w_hh**2).sum(-1)).sum(-1)
 
@@ -280,6 +296,14 @@ class GRUArch:
         }
         return h_new, None, coef
 
+    def linearize_known(self, p, x, h, c, h_new, c_new, gates=None, compile=False):  # noqa: A002
+        """The coefficients of :meth:`linearize` without forming ``h_new`` (the caller knows it): two GEMMs for the
+        pre-activations, the rest one elementwise function (:func:`rnnjac._elementwise.gru_coefs`, compiled with
+        ``compile=True``)."""
+        gi, gh = _pre(p, x, h)
+        z, a_z, a_n, a_hn, a_r = elementwise(gru_coefs, compile)(gi, gh, h)
+        return {"z": z, "a_z": a_z, "a_n": a_n, "a_hn": a_hn, "a_r": a_r}
+
     def tangent(self, p, coef, dx, dh, dc=None):
         gi = _mm(p.w_ih, dx)
         gh = _mm(p.w_hh, dh)
@@ -307,62 +331,16 @@ class GRUArch:
         qx = _mm(p.w_ih.T, torch.cat([vr, vz, coef["a_n"].unsqueeze(-1) * uh], -2)) if need_x else None
         return qx, qh, None
 
-    def frobenius_sq(self, p, coef):
+    def frobenius_sq(self, p, coef, compile=False):  # noqa: A002
         # row i: sum_k a_k W_k[i] + z e_i over (r, z, n): a quadratic form in (a_r, a_z, a_hn, z) whose Gram
         # matrix is the rows' Gram bordered by <W_k[i], e_i> = W_k[i, i] and <e_i, e_i> = 1
         a = [coef["a_r"], coef["a_z"], coef["a_hn"], coef["z"]]
         gram, wdiag = _rowgram(p.w_hh, 3), _rowdiag(p.w_hh, 3)  # (H, 3, 3), (H, 3)
         top = torch.cat([gram, wdiag.unsqueeze(-1)], -1)
         bottom = torch.cat([wdiag, torch.ones_like(wdiag[:, :1])], -1).unsqueeze(-2)
+        if compile:
+            return elementwise(gru_rows, True)(*a, torch.cat([top, bottom], -2))
         return row_quadratic(a, torch.cat([top, bottom], -2)).sum(-1)
-
-
-def _cell_update(f: Tensor, c: Tensor, ig: Tensor) -> Tensor:
-    """The LSTM cell-state update ``c' = f c + i g``, with ``ig = i * g`` already formed."""
-    return f * c + ig
-
-
-def linear_recurrence(f: Tensor, u: Tensor, c0: Tensor, block: int | None = None) -> Tensor:
-    """``c_0..c_T`` ``(B, T+1, H)`` of ``c_t = f_t c_{t-1} + u_t`` (:func:`_cell_update`) for ``f, u (B, T, H)``.
-
-    ``block=1`` runs the ``T`` updates in order. A larger block (default ``~sqrt(T)`` on a GPU, where the
-    loop is bound by kernel launches; 1 on the CPU, where it measured faster) is a blocked scan: the steps
-    are cut into blocks of ``L``, every block runs the update from zero together with the running product
-    of its ``f`` (``L`` steps, all blocks at once), the carries between blocks run in order (``T / L``
-    steps), and each block adds its carry times that product: about ``2 sqrt(T)`` kernels instead of ``T``.
-    Only products of the ``f`` themselves are formed (no division, no logarithm), so it is as safe as the
-    loop for forget gates at 0 or 1.
-
-    Examples
-    --------
-    >>> f, u = torch.full((1, 5, 1), 0.5), torch.ones(1, 5, 1)
-    >>> linear_recurrence(f, u, torch.zeros(1, 1), block=2).flatten().tolist()
-    [0.0, 1.0, 1.5, 1.75, 1.875, 1.9375]
-    """
-    b, steps, hid = f.shape
-    size = block or (max(1, math.isqrt(steps)) if f.is_cuda else 1)
-    if size == 1:
-        cs, c = [c0], c0
-        for f_t, u_t in zip(f.unbind(1), u.unbind(1), strict=True):  # unbind: one backward op, not T selects
-            c = _cell_update(f_t, c, u_t)
-            cs.append(c)
-        return torch.stack(cs, 1)
-    n = -(-steps // size)
-    if n * size > steps:  # pad with f = 1, u = 0 (the state carried unchanged)
-        f = torch.cat([f, f.new_ones(b, n * size - steps, hid)], 1)
-        u = torch.cat([u, u.new_zeros(b, n * size - steps, hid)], 1)
-    fb, ub = f.reshape(b, n, size, hid).unbind(2), u.reshape(b, n, size, hid).unbind(2)
-    loc, prod = [ub[0]], [fb[0]]  # per block: the states from a zero start, the products of f
-    for f_j, u_j in zip(fb[1:], ub[1:], strict=True):
-        loc.append(_cell_update(f_j, loc[-1], u_j))
-        prod.append(prod[-1] * f_j)
-    carries, c = [c0], c0
-    for k in range(n - 1):
-        c = _cell_update(prod[-1][:, k], c, loc[-1][:, k])
-        carries.append(c)
-    carry = torch.stack(carries, 1)
-    cs = torch.stack([torch.addcmul(lj, pj, carry) for lj, pj in zip(loc, prod, strict=True)], 2)
-    return torch.cat([c0.unsqueeze(1), cs.reshape(b, n * size, hid)[:, :steps]], 1)
 
 
 class LSTMArch:
@@ -387,12 +365,21 @@ class LSTMArch:
         return self._forward(p, x, h, c)[-2:]
 
     @staticmethod
-    def cell_sequence(p: LayerParams, xs: Tensor, hs: Tensor, c0: Tensor) -> Tensor:
+    def gates(p: LayerParams, xs: Tensor, hs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The activated gates ``(i, f, g, o)`` of all steps, each ``(..., H)``, from the inputs ``xs`` and the
+        states ``hs`` they act on (two GEMMs)."""
+        gi, gh = _pre(p, xs, hs)
+        i, f, g, o = (gi + gh).chunk(4, -1)
+        return torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+
+    @staticmethod
+    def cell_sequence(p: LayerParams, xs: Tensor, hs: Tensor, c0: Tensor, gates=None) -> Tensor:
         """The cell states ``c_0..c_T`` ``(B, T+1, H)`` of one layer from its known outputs.
 
         ``xs`` ``(B, T, I)`` are the layer's inputs and ``hs`` ``(B, T+1, H_out)`` its outputs ``h_0..h_T``
         (e.g. from the module's own forward, which does not return ``c_t``). The gates of all steps come
-        from two GEMMs; the linear recurrence ``c' = f c + i g`` is :func:`linear_recurrence` (a blocked scan).
+        from two GEMMs (or ``gates``, :meth:`gates` of ``xs`` and ``hs[:, :-1]``); the linear recurrence
+        ``c' = f c + i g`` is :func:`linear_recurrence` (a blocked scan).
 
         Examples
         --------
@@ -403,9 +390,8 @@ class LSTMArch:
         >>> cs.shape, bool(torch.allclose(cs[:, -1], c_T[0], atol=1e-6))
         (torch.Size([1, 5, 3]), True)
         """
-        gi, gh = _pre(p, xs, hs[:, :-1])
-        i, f, g, _ = (gi + gh).chunk(4, -1)
-        return linear_recurrence(torch.sigmoid(f), torch.sigmoid(i) * torch.tanh(g), c0)
+        i, f, g, _ = LSTMArch.gates(p, xs, hs[:, :-1]) if gates is None else gates
+        return linear_recurrence(f, i * g, c0)
 
     def linearize(self, p, x, h, c):
         i, f, g, o, tc, h_new, c_new = self._forward(p, x, h, c)
@@ -418,6 +404,14 @@ class LSTMArch:
             "s_m": o * (1 - tc * tc),
         }
         return h_new, c_new, coef
+
+    def linearize_known(self, p, x, h, c, h_new, c_new, gates=None, compile=False):  # noqa: A002
+        """The coefficients of :meth:`linearize` from the known next cell state ``c_new`` and, when given, the
+        activated ``gates`` of the same steps (:meth:`gates`, as the forward computed them): no GEMM then, one
+        elementwise function (:func:`rnnjac._elementwise.lstm_coefs`, compiled with ``compile=True``)."""
+        i, f, g, o = self.gates(p, x, h) if gates is None else gates
+        s_i, s_f, s_g, f, s_o, s_m = elementwise(lstm_coefs, compile)(i, f, g, o, c, c_new)
+        return {"s_i": s_i, "s_f": s_f, "s_g": s_g, "f": f, "s_o": s_o, "s_m": s_m}
 
     def tangent(self, p, coef, dx, dh, dc):
         gates = _gates_tangent(p, dx, dh)
@@ -444,10 +438,12 @@ class LSTMArch:
         qx = _mm(p.w_ih.T, v) if need_x else None
         return qx, _mm(p.w_hh.T, v), (coef["f"].unsqueeze(-1) * u_c if uc is not None else None)
 
-    def frobenius_sq(self, p, coef):
+    def frobenius_sq(self, p, coef, compile=False):  # noqa: A002
         # (callers check System.frobenius_closed_form: a projection mixes rows, no row-local form)
         s_i, s_f, s_g, s_o, s_m, f = (coef[k] for k in ("s_i", "s_f", "s_g", "s_o", "s_m", "f"))
         gram = _rowgram(p.w_hh, 4)
+        if compile:
+            return elementwise(lstm_rows, True)(s_i, s_f, s_g, f, s_o, s_m, gram)
         # row i of dc'/dh is c_i = sum_k a_k W_k[i] over (i, f, g); row i of dh'/dh is s_m c_i + s_o W_o[i],
         # so ||.||^2 = (1 + s_m^2) c^T G c + 2 s_m s_o (c . G_o) + s_o^2 G_oo, per row
         # the f^2 (1 + s_m^2) term is the diagonal c-columns: diag(f), diag(s_m f); as a bordered quadratic form
@@ -476,7 +472,11 @@ class CellArch(Protocol):
         self, p: LayerParams, coef: dict[str, Tensor], uh: Tensor, uc: Tensor | None, need_x: bool
     ) -> tuple[Tensor | None, Tensor, Tensor | None]: ...
 
-    def frobenius_sq(self, p: LayerParams, coef: dict[str, Tensor]) -> Tensor: ...
+    def linearize_known(
+        self, p: LayerParams, x: Tensor, h: Tensor, c, h_new: Tensor, c_new, gates=None, compile: bool = False
+    ) -> dict[str, Tensor]: ...
+
+    def frobenius_sq(self, p: LayerParams, coef: dict[str, Tensor], compile: bool = False) -> Tensor: ...
 
 
 ARCHITECTURES: dict[str, CellArch] = {

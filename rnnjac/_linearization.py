@@ -239,16 +239,28 @@ class FactoredLinearization(Linearization):
         The points ``(N, D)``, ``(N, I)``.
     coefs : list of dict
         Per layer, the coefficients of its linearised step.
+    compile : bool
+        Whether :meth:`frobenius_sq` runs its row forms through ``torch.compile`` (:mod:`rnnjac._elementwise`).
     """
 
     factored = True
 
-    def __init__(self, cell: CellArch, layers: list[LayerParams], layout: StateLayout, s: Tensor, x: Tensor, coefs):
+    def __init__(
+        self,
+        cell: CellArch,
+        layers: list[LayerParams],
+        layout: StateLayout,
+        s: Tensor,
+        x: Tensor,
+        coefs,
+        *,
+        compile: bool = False,  # noqa: A002
+    ):
         self.cell, self.layers, self.layout = cell, layers, layout
-        self.s, self.x, self.coefs = s, x, coefs
+        self.s, self.x, self.coefs, self.compile = s, x, coefs, compile
 
     def _with(self, layers, s, x, coefs) -> FactoredLinearization:
-        return FactoredLinearization(self.cell, layers, self.layout, s, x, coefs)
+        return FactoredLinearization(self.cell, layers, self.layout, s, x, coefs, compile=self.compile)
 
     def unbind(self, steps: int) -> list[Linearization]:
         s, x = _split_steps(self.s, steps), _split_steps(self.x, steps)
@@ -356,7 +368,7 @@ class FactoredLinearization(Linearization):
         """``||J||_F^2`` per step, ``(N,)``; O(N K^2 H) for a single layer without projection, a stack's own
         blocks in the same row form plus its cross-layer blocks by :meth:`_stacked_frobenius_sq`."""
         if frobenius_row_local(self.cell, self.layers, state):
-            return self.cell.frobenius_sq(self.layers[0], self.coefs[0])
+            return self.cell.frobenius_sq(self.layers[0], self.coefs[0], self.compile)
         if state == "full" and all(frobenius_row_local(self.cell, [p], state) for p in self.layers):
             return self._stacked_frobenius_sq()
         return super().frobenius_sq(state)
@@ -367,7 +379,7 @@ class FactoredLinearization(Linearization):
         layer below over all its columns); nothing else is materialised."""
         total, below, n_layers = None, None, len(self.layers)
         for li, (p, coef) in enumerate(zip(self.layers, self.coefs, strict=True)):
-            own = self.cell.frobenius_sq(p, coef)
+            own = self.cell.frobenius_sq(p, coef, self.compile)
             total = own if total is None else total + own
             cross = None
             if below is not None:

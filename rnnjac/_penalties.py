@@ -15,7 +15,23 @@ def _time_index(steps: int, stride: int) -> Tensor:
     return torch.arange(0, steps, stride)
 
 
-def _linearize(problem, states: Tensor, t_idx: Tensor):
+def _as_slice(t_idx: Tensor) -> slice | None:
+    """``t_idx`` (an arithmetic progression of steps, as the penalties build them) as a slice, else None."""
+    if len(t_idx) == 0:
+        return None
+    start, step = int(t_idx[0]), int(t_idx[1] - t_idx[0]) if len(t_idx) > 1 else 1
+    if step < 1 or not torch.equal(t_idx, torch.arange(start, start + step * len(t_idx), step)):
+        return None
+    return slice(start, start + step * (len(t_idx) - 1) + 1, step)
+
+
+def _linearize(problem, states: Tensor, t_idx: Tensor, gates=None, compile=False):  # noqa: A002
+    """``J_t`` at the steps ``t_idx`` of ``states``: for built-in modules from the recorded trajectory itself
+    (``System.linearize_states``, reusing the next states and the forward's ``gates``), else ``System.linearize``
+    at the gathered ``(s_{t-1}, x_t)``."""
+    steps = _as_slice(t_idx)
+    if problem.method == "analytic" and steps is not None and hasattr(problem.dyn, "linearize_states"):
+        return problem.dyn.linearize_states(states, problem.xs, steps, gates, compile=compile)
     b = problem.batch
     s_prev = states[:, :-1][:, t_idx].reshape(b * len(t_idx), -1)
     x = problem.xs[:, t_idx].reshape(b * len(t_idx), -1)
@@ -33,7 +49,18 @@ def _sphere(shape, generator, like: Tensor) -> Tensor:
     return u / u.norm(dim=-2, keepdim=True)
 
 
-def _per_step(problem, states, kind, estimator, n_proj, n_iter, t_idx, generator) -> Tensor:
+def _per_step(
+    problem,
+    states,
+    kind,
+    estimator,
+    n_proj,
+    n_iter,
+    t_idx,
+    generator,
+    gates=None,
+    compile=False,  # noqa: A002
+) -> Tensor:
     """Per-step values ``(B, len(t_idx))`` of ``||J||_F^2`` or ``sigma_max^2``."""
     b, d, state = problem.batch, problem.dyn.size(problem.state), problem.state
     closed = problem.method == "analytic" and problem.dyn.frobenius_closed_form(state)
@@ -47,7 +74,7 @@ def _per_step(problem, states, kind, estimator, n_proj, n_iter, t_idx, generator
     out = []
     for c0 in range(0, len(t_idx), per_chunk):
         idx = t_idx[c0 : c0 + per_chunk]
-        lin = _linearize(problem, states, idx)
+        lin = _linearize(problem, states, idx, gates, compile)
         n = lin.s.shape[0]
         if kind == "frobenius" and estimator == "exact":
             val = lin.frobenius_sq(state)
@@ -66,9 +93,9 @@ def _per_step(problem, states, kind, estimator, n_proj, n_iter, t_idx, generator
     return torch.cat(out, 1)
 
 
-def _end_to_end(problem, states, estimator, n_proj, generator) -> Tensor:
+def _end_to_end(problem, states, estimator, n_proj, generator, gates=None, compile=False) -> Tensor:  # noqa: A002
     b, steps, d, state = problem.batch, problem.steps, problem.dyn.size(problem.state), problem.state
-    per_step = _linearize(problem, states, torch.arange(steps)).unbind(steps)
+    per_step = _linearize(problem, states, torch.arange(steps), gates, compile).unbind(steps)
     if estimator == "exact":
         p = torch.eye(d, dtype=states.dtype, device=states.device).expand(b, d, d)
         for lin_t in per_step:

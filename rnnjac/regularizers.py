@@ -39,7 +39,12 @@ full-size elementwise passes of autograd's), itself differentiable, so second de
 trajectory of a built-in module comes from torch's fused kernel, one layer at a time (:func:`forward_with_states`
 shares it with the task loss; ``outputs=`` does for one layer); a custom cell's from its step. Everything after the
 states is parallel over time: the gate pre-activations of all steps are two GEMMs per layer over ``(B T, ·)``,
-and only the end-to-end product and the Lyapunov QR chain run step by step.
+and only the end-to-end product and the Lyapunov QR chain run step by step. Nothing the forward computed is
+computed again: each layer's next state is read from the trajectory (the input of the layer above; all of
+``phi'`` for tanh/relu), and the LSTM gates the forward formed to rebuild the cell states are kept with the states
+(those of :func:`forward_with_states` as long as that tensor is unchanged) and reused. ``compile=True`` fuses the
+remaining elementwise passes with ``torch.compile`` (first-order gradients; one warning and the eager code where it
+cannot compile).
 """
 
 from __future__ import annotations
@@ -95,15 +100,25 @@ def _prepare(model, inputs, h0, state, batch_first, outputs, submodule, states=N
 
 
 def _states(problem, outputs=None, states=None) -> Tensor:
+    """The states of :func:`_states_and_gates`."""
+    return _states_and_gates(problem, outputs, states)[0]
+
+
+def _states_and_gates(problem, outputs=None, states=None) -> tuple[Tensor, list | None]:
     """Differentiable states ``(B, T+1, D)``, checked finite: the caller's ``states`` (:func:`forward_with_states`)
     or ``System.sequence_states`` (from the caller's own ``outputs`` of a single-layer module, else the fused
-    forward of a built-in module, else the step)."""
+    forward of a built-in module, else the step); and, for a built-in module, the gates its forward computed
+    (``BuiltinSystem.sequence_states_and_gates``), which the linearisation reuses, else None."""
+    dyn, gates = problem.dyn, None
     if states is not None:
         _check_given_states(problem, states)
+        gates = dyn.recall_gates(states) if hasattr(dyn, "recall_gates") else None
+    elif hasattr(dyn, "sequence_states_and_gates"):
+        states, gates = dyn.sequence_states_and_gates(problem.s0, problem.xs, outputs, unbatched=problem.unbatched)
     else:
-        states = problem.dyn.sequence_states(problem.s0, problem.xs, outputs, unbatched=problem.unbatched)
+        states = dyn.sequence_states(problem.s0, problem.xs, outputs, unbatched=problem.unbatched)
     check_states_finite(states.detach())
-    return states
+    return states, gates
 
 
 def _check_given_states(problem, states) -> None:
@@ -118,6 +133,11 @@ def _check_given_states(problem, states) -> None:
     s0 = problem.s0.to(dtype=states.dtype, device=states.device)
     if not torch.allclose(states[:, 0].detach(), s0.detach(), rtol=1e-5, atol=1e-6):
         raise ValueError("states[:, 0] is not the initial state of h0: pass the h0 given to forward_with_states")
+
+
+def _check_compile(compile) -> None:  # noqa: A002
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile= must be True or False; got {compile!r}")
 
 
 def forward_with_states(model, inputs, h0=None, *, batch_first: bool | None = None) -> tuple[Tensor, Tensor]:
@@ -165,7 +185,8 @@ def forward_with_states(model, inputs, h0=None, *, batch_first: bool | None = No
             "model(inputs) and call the penalty without states="
         )
     problem = prepare(model, inputs, h0, batch_first=batch_first)
-    states = problem.dyn.fused_states(problem.s0, problem.xs)
+    states, gates = problem.dyn.fused_states_and_gates(problem.s0, problem.xs)
+    problem.dyn.remember_gates(states, gates)  # the LSTM gates, for the penalty's linearisation
     out = problem.dyn.split(states[:, 1:])[-1][0]
     if problem.unbatched:
         out = out.squeeze(0)
@@ -190,6 +211,7 @@ def jacobian_penalty(
     outputs: Tensor | None = None,
     submodule=None,
     states: Tensor | None = None,
+    compile: bool = False,  # noqa: A002
 ) -> Tensor:
     """A differentiable penalty on the step (or end-to-end) Jacobians; see the module docstring.
 
@@ -220,6 +242,13 @@ def jacobian_penalty(
     states : Tensor, optional
         The states returned by :func:`forward_with_states` (any number of layers): the penalty reuses that
         forward, shared with the task loss. Not with ``outputs`` or ``submodule``.
+    compile : bool
+        Run the elementwise passes of a built-in module's linearisation (its coefficients and the row forms of
+        ``||J||_F^2``) through ``torch.compile``, which fuses each into a few loops, forward and backward. The
+        first call compiles (tens of seconds on a CPU, once per process and input layout); the compiled graphs
+        support first-order gradients only (no double backward: leave it False for gradgradcheck or
+        Hessian-vector products). Where ``torch.compile`` is unavailable or fails, the eager code runs instead,
+        with one :class:`~rnnjac.errors.RnnjacWarning`. No effect on custom cells.
 
     Returns
     -------
@@ -240,14 +269,15 @@ def jacobian_penalty(
     check_positive_int("n_proj", n_proj)
     check_positive_int("n_iter", n_iter)
     check_positive_int("time_stride", time_stride)
+    _check_compile(compile)
     problem = _prepare(model, inputs, h0, state, batch_first, outputs, submodule, states)
-    states = _states(problem, outputs, states)
+    states, gates = _states_and_gates(problem, outputs, states)
     if kind == "end_to_end":
-        vals = _end_to_end(problem, states, estimator, n_proj, generator)
+        vals = _end_to_end(problem, states, estimator, n_proj, generator, gates, compile)
         _raise_nonfinite(vals, None, kind)
         return vals.mean()
     t_idx = _time_index(problem.steps, time_stride)
-    vals = _per_step(problem, states, kind, estimator, n_proj, n_iter, t_idx, generator)
+    vals = _per_step(problem, states, kind, estimator, n_proj, n_iter, t_idx, generator, gates, compile)
     _raise_nonfinite(vals, t_idx, kind)
     return vals.mean()
 
@@ -268,13 +298,14 @@ def lyapunov_penalty(
     outputs: Tensor | None = None,
     submodule=None,
     states: Tensor | None = None,
+    compile: bool = False,  # noqa: A002
 ) -> Tensor:
     """Mean over the batch and the top ``k`` exponents of ``(lambda_i - target)^2``, differentiable.
 
     The exponents are computed as in :func:`rnnjac.lyapunov_spectrum` (same transients and
     ``reortho_every``) with gradients flowing through every ``J_t Q`` and QR ("gradient flossing",
-    Engelken 2023); they are divided by the number of counted steps. ``outputs``, ``states``, ``submodule``: as
-    in :func:`jacobian_penalty`.
+    Engelken 2023); they are divided by the number of counted steps. ``outputs``, ``states``, ``submodule``,
+    ``compile`` (the linearisations' elementwise passes): as in :func:`jacobian_penalty`.
 
     Examples
     --------
@@ -285,12 +316,13 @@ def lyapunov_penalty(
     """
     if not isinstance(target, (int, float)) or not math.isfinite(target):
         raise ValueError(f"target must be a finite number; got {target!r}")
+    _check_compile(compile)
     problem = _prepare(model, inputs, h0, state, batch_first, outputs, submodule, states)
     check_lyapunov_options(problem, k, warmup, tangent_warmup, reortho_every, k_required=True)
     d = problem.dyn.size(problem.state)
-    states = _states(problem, outputs, states)
+    states, gates = _states_and_gates(problem, outputs, states)
     steps, b, state = problem.steps, problem.batch, problem.state
-    per_step = _linearize(problem, states, torch.arange(warmup, steps)).unbind(steps - warmup)
+    per_step = _linearize(problem, states, torch.arange(warmup, steps), gates, compile).unbind(steps - warmup)
     q0 = initial_basis(d, k, generator, states.dtype, states.device, b)
     acc = LyapunovQR(
         q0, steps, warmup=warmup, tangent_warmup=tangent_warmup, reortho_every=reortho_every, differentiable=True

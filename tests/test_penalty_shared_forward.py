@@ -1,0 +1,188 @@
+"""The penalties' linearisation from the recorded trajectory (``BuiltinSystem.linearize_states``): nothing the
+forward computed is computed again (next states read from the trajectory, the LSTM gates kept from the forward),
+with values and derivatives checked against independent references (``linearize`` at the gathered points, the
+step loop with autograd Jacobians, finite differences); and the ``compile=`` option with its fallback."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from problems import Problem
+
+import rnnjac
+import rnnjac._cells as cells
+import rnnjac._elementwise as elementwise_mod
+from rnnjac._builtin_system import BuiltinSystem
+from rnnjac._checks import prepare
+from rnnjac.errors import RnnjacWarning
+from rnnjac.regularizers import JacobianPenalty, forward_with_states, jacobian_penalty, lyapunov_penalty
+
+F64 = torch.float64
+CONFIGS = [
+    (arch, layers, proj)
+    for arch in ("rnn_tanh", "rnn_relu", "gru", "lstm")
+    for layers in (1, 2)
+    for proj in (0, 2)
+    if proj == 0 or arch == "lstm"
+]
+
+
+def _ids(c):
+    return f"{c[0]}-L{c[1]}" + (f"-proj{c[2]}" if c[2] else "")
+
+
+def _setup(arch, layers, proj, batch=3, steps=6):
+    p = Problem(arch, layers=layers, proj=proj, input_size=2, hidden=4)
+    return p.module(seed=3), p.inputs(batch=batch, steps=steps, seed=4)
+
+
+def _reference(model, x, fn, **kw):
+    """``fn`` on the model's step as a custom cell: trajectory by the step loop, Jacobians by autograd."""
+    problem = prepare(model, x)
+    dyn = problem.dyn
+    cell = rnnjac.CustomCell(lambda s, xt: dyn.step(s, xt))
+    return fn(cell, problem.xs, problem.s0, batch_first=True, **kw)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+@pytest.mark.parametrize("steps", [slice(0, 6), slice(1, 6, 2)], ids=["all", "stride2"])
+def test_linearize_states_equals_linearize_at_the_gathered_points(config, steps):
+    m, x = _setup(*config)
+    problem = prepare(m, x)
+    states, gates = problem.dyn.fused_states_and_gates(problem.s0, problem.xs)
+    s = states[:, :-1][:, steps].reshape(-1, states.shape[-1])
+    want = problem.dyn.linearize(s, problem.xs[:, steps].reshape(s.shape[0], -1))
+    for g in (gates, None):
+        got = problem.dyn.linearize_states(states, problem.xs, steps, g)
+        for c_got, c_want in zip(got.coefs, want.coefs, strict=True):
+            assert c_got.keys() == c_want.keys()
+            for k in c_want:
+                torch.testing.assert_close(c_got[k], c_want[k], rtol=1e-12, atol=1e-12, msg=k)
+        torch.testing.assert_close(got.materialize(), want.materialize(), rtol=1e-12, atol=1e-12)
+
+
+def test_lstm_penalty_reuses_the_forwards_gates(monkeypatch):
+    m, x = _setup("lstm", 2, 2)
+    out, states = forward_with_states(m, x)
+    assert BuiltinSystem.recall_gates(states) is not None
+    calls = []
+    real = cells._pre
+    monkeypatch.setattr(cells, "_pre", lambda *a: calls.append(1) or real(*a))
+    got = jacobian_penalty(m, x, states=states)
+    assert calls == []  # no gate GEMM: the forward's gates and next states are reused
+    torch.testing.assert_close(got, _reference(m, x, jacobian_penalty), rtol=1e-10, atol=1e-10)
+    # a view or an in-place change of the states: the gates are not trusted, recomputed from the states
+    assert BuiltinSystem.recall_gates(states.detach()) is None
+    states2 = states.detach().clone()
+    BuiltinSystem.remember_gates(states2, [None, None])  # nothing to keep: not registered
+    assert BuiltinSystem.recall_gates(states2) is None
+    _, states3 = forward_with_states(m, x)
+    with torch.no_grad():
+        states3.add_(0.0)
+    assert BuiltinSystem.recall_gates(states3) is None
+    calls.clear()
+    torch.testing.assert_close(jacobian_penalty(m, x, states=states3), got, rtol=1e-12, atol=1e-12)
+    assert len(calls) == 2  # recomputed: one _pre per layer
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+def test_values_and_gradients_of_every_kind_equal_the_step_loop(config):
+    m, x = _setup(*config)
+    _, states = forward_with_states(m, x)
+    params = list(m.parameters())
+    for fn, kw in (
+        (jacobian_penalty, {}),
+        (jacobian_penalty, {"time_stride": 2}),
+        (jacobian_penalty, {"kind": "spectral", "n_iter": 3}),
+        (jacobian_penalty, {"kind": "end_to_end"}),
+        (lyapunov_penalty, {"k": 2, "warmup": 1}),
+    ):
+        if config[0] == "rnn_relu" and fn is lyapunov_penalty:
+            continue  # this relu net has a step with J = 0 (every unit off): log 0, the reference raises too
+        got = fn(m, x, states=states, generator=torch.Generator().manual_seed(5), **kw)
+        want = _reference(m, x, fn, generator=torch.Generator().manual_seed(5), **kw)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"{fn.__name__} {kw}")
+        # relu: phi' is piecewise constant, so W_ih, b_ih and b_hh may not reach the value at all (gradient 0)
+        g_got = torch.autograd.grad(got, params, retain_graph=True, allow_unused=True)
+        g_want = torch.autograd.grad(want, params, allow_unused=True)
+        for a, b, p in zip(g_got, g_want, params, strict=True):
+            a, b = (torch.zeros_like(p) if g is None else g for g in (a, b))
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"{fn.__name__} {kw}")
+    if config[1] == 1:  # the caller's own forward (outputs=): the same gates are rebuilt once
+        got = jacobian_penalty(m, x, outputs=m(x)[0])
+        torch.testing.assert_close(got, _reference(m, x, jacobian_penalty), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c[0] != "rnn_relu"], ids=_ids)
+def test_gradcheck_and_gradgradcheck_through_the_shared_forward(config):
+    m, x = _setup(*config, batch=2, steps=3)
+    x = x.clone().requires_grad_(True)
+    names = ["weight_ih_l0", "weight_hh_l0"] + ([f"weight_hr_l{config[1] - 1}"] if config[2] else [])
+    ws = [getattr(m, n).detach().clone().requires_grad_(True) for n in names]
+
+    def f(x, *ws, lyapunov=True):
+        params = dict(m.named_parameters()) | dict(zip(names, ws, strict=True))
+        with torch.nn.utils.stateless._reparametrize_module(m, params):
+            _, states = forward_with_states(m, x)
+            pen = jacobian_penalty(m, x, states=states)
+            if lyapunov:
+                pen = pen + lyapunov_penalty(m, x, states=states, k=2, generator=torch.Generator().manual_seed(0))
+            return pen
+
+    assert torch.autograd.gradcheck(f, (x, *ws))
+    assert torch.autograd.gradgradcheck(lambda *a: f(*a, lyapunov=False), (x, *ws))
+
+
+def _fresh_compile_state(monkeypatch):
+    monkeypatch.setattr(elementwise_mod, "_COMPILED", {})
+    monkeypatch.setattr(elementwise_mod, "_FAILED", {})
+
+
+@pytest.mark.parametrize("where", ["wrap", "call"])
+def test_compile_falls_back_with_one_warning(monkeypatch, where):
+    _fresh_compile_state(monkeypatch)
+
+    def broken(fn, **kw):
+        if where == "wrap":
+            raise RuntimeError("no compiler here")
+        return lambda *a: (_ for _ in ()).throw(RuntimeError("C++ compile failed"))
+
+    monkeypatch.setattr(torch, "compile", broken)
+    m, x = _setup("gru", 1, 0)
+    _, states = forward_with_states(m, x)
+    want = jacobian_penalty(m, x, states=states)
+    with pytest.warns(RnnjacWarning, match="could not compile gru_coefs.*run eagerly"):
+        got = jacobian_penalty(m, x, states=states, compile=True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert set(elementwise_mod._FAILED) == {elementwise_mod.gru_coefs, elementwise_mod.gru_rows}
+    got2 = JacobianPenalty("frobenius", compile=True)(m, x, states=states)  # no second warning (error filter)
+    torch.testing.assert_close(got2, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="compile= must be True or False; got 'yes'"):
+        jacobian_penalty(m, x, compile="yes")
+
+
+@pytest.mark.slow
+def test_compiled_path_equals_eager_on_the_smallest_case(monkeypatch):
+    """Compiling takes ~30 s per function on a 2-core CPU: one GRU layer only (coefficients and row form)."""
+    _fresh_compile_state(monkeypatch)
+    m, x = _setup("gru", 1, 0, batch=2, steps=3)
+    params = list(m.parameters())
+    values, grads = [], []
+    compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    for compile in (False, True):  # a fresh forward each: the compiled backward runs once (first order only)
+        _, states = forward_with_states(m, x)
+        if compile and not compiler:  # a machine without a C++ compiler: the documented fallback, one warning
+            with pytest.warns(RnnjacWarning, match="could not compile"):
+                values.append(jacobian_penalty(m, x, states=states, compile=compile))
+        else:
+            values.append(jacobian_penalty(m, x, states=states, compile=compile))
+        grads.append(torch.autograd.grad(values[-1], params))
+    if compiler:
+        assert elementwise_mod._FAILED == {}, elementwise_mod._FAILED
+        assert set(elementwise_mod._COMPILED) == {elementwise_mod.gru_coefs, elementwise_mod.gru_rows}
+    torch.testing.assert_close(values[1], values[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
