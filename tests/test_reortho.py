@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import importlib.resources
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
 import rnnjac
-from rnnjac._lyapunov_qr import MAX_INTERVAL, LyapunovQR, condition_target, initial_basis
+from rnnjac._lyapunov_qr import (
+    MAX_INTERVAL,
+    WIDENED_TARGET,
+    LyapunovQR,
+    condition_target,
+    householder_diag,
+    initial_basis,
+)
 from rnnjac._uncertainty import mser_truncation
 from rnnjac.tasks import flipflop
 
@@ -286,3 +294,58 @@ def test_auto_tangent_warmup_drops_little_without_a_transient():
     assert res.blocks.qrs == res.counted_qrs == 2000 - 10 - used
     want = np.log(mu.numpy()) + 0.1 * x[:, 10 + used :].mean(1).numpy()
     np.testing.assert_allclose(res.exponents, want, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- the in-place QR and its dtype
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("k", [3, 7])
+def test_householder_diag_is_a_qr_with_the_abs_diagonal_of_linalg_qr(dtype, k):
+    a = torch.randn(4, 7, k, generator=gen(0), dtype=F64)
+    q, d = householder_diag(a.to(dtype))
+    _, r = torch.linalg.qr(a)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(d.double(), torch.diagonal(r, dim1=-2, dim2=-1).abs(), rtol=tol, atol=0)
+    torch.testing.assert_close((q.mT @ q).double(), torch.eye(k, dtype=F64).expand(4, k, k), rtol=0, atol=10 * tol)
+    r_back = q.double().mT @ a  # upper triangular, diagonal |R_ii| up to the columns' signs
+    torch.testing.assert_close(r_back.tril(-1), torch.zeros_like(r_back), rtol=0, atol=10 * tol)
+    torch.testing.assert_close(torch.diagonal(r_back, dim1=-2, dim2=-1).abs(), d.double(), rtol=tol, atol=0)
+
+
+def test_a_float32_dense_chain_runs_in_float64_with_a_wider_condition_bound():
+    """``partial(torch.bmm, J)`` of float32 ``J`` on float32 tangents: the chain is kept in float64, so "auto" takes
+    a wider bound (fewer QRs than float32's) and the exponents are those of the float32 ``J`` in float64 (eigenvalues
+    of a non-normal linear map) to 1e-9, where a float32 chain (any other ``apply``) misses by 1e-7 or more."""
+    mu = torch.tensor([1.5, -0.9, 0.6, 0.25, -0.1], dtype=F64)
+    s, s_inv = nonnormal(mu, cond=1e2)
+    j32 = (s @ torch.diag(mu) @ s_inv).float().expand(2, 5, 5).contiguous()
+    want = torch.linalg.eigvals(j32[0].double()).abs().log().sort(descending=True).values.expand(2, 5)
+    q0 = initial_basis(5, 5, gen(1), torch.float32, batch=2)
+    runs = {}
+    for name, make in (("dense", lambda: partial(torch.bmm, j32)), ("lambda", lambda: lambda q: j32 @ q)):
+        acc = LyapunovQR(q0, 400, tangent_warmup=100, reortho_every="auto")
+        for t in range(1, 401):
+            acc.step(t, make())
+        runs[name] = (acc, acc.result())
+    (dense, r_dense), (plain, r_plain) = runs["dense"], runs["lambda"]
+    assert dense.widened and dense.q.dtype == F64 and not plain.widened and plain.q.dtype == torch.float32
+    assert r_dense.exponents.dtype == r_plain.exponents.dtype == torch.float32
+    # the transient of the eigen-directions decays as (0.9/1.5)^t: after 100 steps, 1e-22; the rest is 1/300 steps
+    torch.testing.assert_close(r_dense.exponents.double(), want, rtol=0, atol=2e-7)
+    # a spread of log(15) per step and cond(S) = 100: float32's bound (30) allows one step, the float64 chain's
+    # (WIDENED_TARGET, 1e7) four
+    assert r_plain.attrs["reortho_interval_max"] == 1 and r_dense.attrs["reortho_interval_max"] == 4
+    assert r_dense.attrs["lyapunov_qr_count"] < r_plain.attrs["lyapunov_qr_count"] / 2
+
+
+def test_a_float32_model_s_auto_exponents_equal_a_float64_every_step_reference():
+    """Through the public API: a float32 GRU's "auto" spectrum (its J_t chain in float64) equals the float64 model's
+    every-step spectrum to float32's rounding of J_t, with fewer than half the QRs."""
+    model, x = bundled_gru(), flipflop(2, 300, generator=gen(0))[0]
+    kw = dict(warmup=20, ci=None)
+    ref = rnnjac.lyapunov_spectrum(model, x, dtype=F64, generator=gen(0), **kw).lyapunov_exponents.values
+    auto = rnnjac.lyapunov_spectrum(model, x, reortho_every="auto", generator=gen(0), **kw)
+    assert auto.lyapunov_exponents.dtype == np.float32
+    assert auto.attrs["lyapunov_mean_log10_condition"] <= np.log10(WIDENED_TARGET) + 1e-9
+    np.testing.assert_allclose(auto.lyapunov_exponents.values[:, :4], ref[:, :4], rtol=0, atol=2e-7)
+    np.testing.assert_allclose(auto.lyapunov_exponents.values, ref, rtol=0, atol=3e-5)
+    assert auto.attrs["lyapunov_qr_count"] < 280 / 2
