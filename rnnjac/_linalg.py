@@ -281,7 +281,8 @@ class EndToEnd:
         # rows the scaled product handles as is: finite scale, no ratio beyond the clamp, a usable norm
         plain = finite & ~(torch.triu(ratio) > lim).any(-1) & (norms > 0) & torch.isfinite(norms)
         zero_rows = (jq == 0).all(-1)
-        if not bool(torch.cat([zero_rows, ~plain], -1).any()):  # one host sync per step
+        zero_diag = torch.diagonal(r, dim1=-2, dim2=-1) == 0  # a direction lost exactly: deflate it below
+        if not bool(torch.cat([zero_rows, ~plain, zero_diag], -1).any()):  # one host sync per step
             self.k = k / norms.unsqueeze(-1)
             self.log_e = le + torch.log(norms)
             self.q = q
