@@ -345,6 +345,9 @@ class _SpectraPass:
             n_chunk = time_chunk
         elif self.materialise or self.top_sv is not None:  # Jacobians (or Krylov bases) that stay in cache
             n_chunk = time_chunk_for(b, d, steps, CACHE_CHUNK_BYTES // itemsize)
+            # small models: at least 64 steps a chunk while that stays within 8 cache chunks (each chunk has a
+            # fixed cost; a rate network with B=1, D=100 ran 20% faster with 64 steps than with 13)
+            n_chunk = max(n_chunk, min(steps, 64, time_chunk_for(b, d, steps, 8 * CACHE_CHUNK_BYTES // itemsize)))
         else:
             n_chunk = min(steps, 256)
         if self.on_steps is not None and not self.sequential and time_chunk is None:
