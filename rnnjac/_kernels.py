@@ -32,7 +32,8 @@ from ._checks import NonFiniteError, Problem, check_states_finite
 from ._dynamics import Linearization, grad_region
 from ._linalg import EndToEnd, kaplan_yorke, svdvals
 from ._lyapunov_qr import LyapunovQR, initial_basis
-from ._uncertainty import BlockStats, convergence, lyapunov_uncertainty, mser_truncation
+from ._transients import mser_truncation
+from ._uncertainty import BlockStats, convergence, lyapunov_uncertainty
 
 __all__ = [
     "Chunk",
@@ -255,7 +256,7 @@ def spectra_tensors(problem: Problem, options, *, generator=None, on_steps: OnSt
 
 def auto_warmup(states: Tensor, limit: int) -> int:
     """The state warm-up of a trajectory ``states (B, T+1, D)`` (``s_0..s_T``), at most ``limit`` steps: the
-    shortest over the batch of the transients that the MSER rule (:func:`rnnjac._uncertainty.mser_truncation`,
+    shortest over the batch of the transients that the MSER rule (:func:`rnnjac._transients.mser_truncation`,
     White 1997) finds in each sample's ``||s_t|| / sqrt(D)``, t = 1..T.
 
     Per sample, then the smallest: MSER errs on one side, past the transient: a chaotic state's norm fluctuates

@@ -39,7 +39,7 @@ published algorithm in float32 misses the float64 answer by 1e-4 on these models
 returned in the model's dtype.
 
 ``tangent_warmup="auto"`` counts from the end of ``warmup`` and afterwards drops the leading blocks of ``log R_ii``
-that the MSER rule (:func:`rnnjac._uncertainty.transient_blocks`) finds to be transient.
+that the MSER rule (:func:`rnnjac._transients.transient_blocks`) finds to be transient.
 
 The rule for ``-inf`` exponents is that of :func:`rnnjac._linalg.collapse_floor`. Internal (not a public API).
 """
@@ -56,7 +56,8 @@ import torch
 from torch import Tensor
 
 from ._linalg import collapse_floor, qr_positive, qr_schedule
-from ._uncertainty import BlockAccumulator, BlockStats, transient_blocks
+from ._transients import transient_blocks
+from ._uncertainty import BlockAccumulator, BlockStats
 from .errors import ConditioningWarning
 
 __all__ = ["LyapunovQR", "LyapunovResult", "condition_target", "householder_diag", "initial_basis", "tangent_dtype"]

@@ -24,7 +24,7 @@ from rnnjac._lyapunov_qr import (
     householder_diag,
     initial_basis,
 )
-from rnnjac._uncertainty import mser_truncation
+from rnnjac._transients import mser_truncation
 from rnnjac.tasks import flipflop
 
 F64 = torch.float64
