@@ -133,6 +133,12 @@ SUMMARY_ATTRS = (
     "warmup",
     "tangent_warmup",
     "reortho_every",
+    "warmup_used",  # what "auto" chose, and the lags of the sensitivities
+    "tangent_warmup_used",
+    "reortho_interval_min",
+    "reortho_interval_mean",
+    "reortho_interval_max",
+    "max_lag",
     "seed",
     "ci",
     "created_at",

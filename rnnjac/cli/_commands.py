@@ -10,16 +10,6 @@ from pathlib import Path
 from ._messages import _printable
 from ._output import _command_line, _expand, _open_spectra, _output_folder, _print_table, _write, write_plots
 
-#: what a run chose or was asked for beyond the summary attrs: "auto" transients and QR intervals, sensitivity lags
-RUN_ATTRS = (
-    "warmup_used",
-    "tangent_warmup_used",
-    "reortho_interval_min",
-    "reortho_interval_mean",
-    "reortho_interval_max",
-    "max_lag",
-)
-
 
 # ----------------------------------------------------------------------------- helpers
 def _input_spec(args):
@@ -374,7 +364,7 @@ def cmd_info(args, argv) -> int:
         for name, var in ds.data_vars.items():
             desc = f"{var.attrs.get('long_name', '')} [{var.attrs.get('units', '')}]"
             print(f"  {_printable(name)}{var.dims}: {_printable(desc)}")
-        for k in (*SUMMARY_ATTRS, *(k for k in RUN_ATTRS if k not in SUMMARY_ATTRS)):
+        for k in SUMMARY_ATTRS:
             if k in ds.attrs:
                 value = ds.attrs[k]
                 print(f"{k}: {_printable(f'{value:.4g}' if isinstance(value, float) else value)}")
