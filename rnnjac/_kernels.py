@@ -439,14 +439,16 @@ class _SpectraPass:
         state, lyap, e2e, on_steps = self.problem.state, self.lyap, self.e2e, self.on_steps
         if self.structured:
             applies = [partial(lin_t.apply, state=state) for lin_t in lin.unbind(n)]
+            matrices = [None] * n
         else:
             assert jac is not None
-            applies = [partial(torch.bmm, jt) for jt in jac.reshape(self.b, n, self.d, self.d).unbind(1)]
+            matrices = jac.reshape(self.b, n, self.d, self.d).unbind(1)
+            applies = [partial(torch.bmm, jt) for jt in matrices]
         e2e_out = self.out.get("end_to_end_log_singular_values")
-        for j, apply in enumerate(applies):
+        for j, (apply, matrix) in enumerate(zip(applies, matrices, strict=True)):
             t = t0 + j + 1
             if lyap is not None:
-                finite = lyap.step(t, apply)
+                finite = lyap.step(t, apply, matrix=matrix)
                 if finite is not None:
                     ok[j] &= finite
             if e2e is not None:

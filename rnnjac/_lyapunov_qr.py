@@ -27,16 +27,16 @@ bundled GRU: 3e-7 from float64 with "auto", 2e-7 with a QR every step; 1e-4 with
 ill-conditioned steps (a spike that a QR at every step meets as well) are not predictable; they raise the
 maximum condition estimate, not the typical one, and cost ``u kappa`` once.
 
-**A float32 model's dense chain runs in float64** (in place, on the CPU, D <= :data:`WIDEN_MAX_SIZE`, when the
-steps come as ``partial(torch.bmm, J_t)``): ``J_t`` is widened as it is applied and ``Q``, the QRs and the sums are
-float64, so "auto" keeps the tangent block under :data:`WIDENED_TARGET` (1e7: an added error of about ``c u kappa``
-= 1e-8 per QR in float64, a thousand times below what float32's rounding of ``J_t`` itself costs, 1e-5 on the
-bundled GRU, and below float64's warning limit ``u^-1/2``) instead of float32's 30. With exponents 2-3 nats per
-step apart (a tanh RNN, an LSTM's h->h map) float32's bound leaves one QR per step, this one a QR every 3-7 steps;
-a float64 QR is no slower on this BLAS up to D = 128 (geqrf + householder_product, B = 8, D = 64: 459 us against
-591 us in float32). The exponents are those of the float32 ``J_t`` without float32's rounding in the chain (the
-published algorithm in float32 misses the float64 answer by 1e-4 on these models; rnnjac by 1e-6 to 1e-5),
-returned in the model's dtype.
+**A float32 model's dense chain runs in float64** (in place, on the CPU, D <= :data:`WIDEN_MAX_SIZE`, when the steps
+come with their matrix, ``step(t, apply, matrix=J_t)``): ``J_t`` is widened as it is applied and ``Q``, the QRs and
+the sums are float64, so "auto" keeps the tangent block under :data:`WIDENED_TARGET` (1e7: an added error of about ``c
+u kappa`` = 1e-8 per QR in float64, a thousand times below what float32's rounding of ``J_t`` itself costs, 1e-5 on
+the bundled GRU, and below float64's warning limit ``u^-1/2``) instead of float32's 30. With exponents 2-3 nats per
+step apart (a tanh RNN, an LSTM's h->h map) float32's bound leaves one QR per step, this one a QR every 3-7 steps; a
+float64 QR is no slower on this BLAS up to D = 128 (geqrf + householder_product, B = 8, D = 64: 459 us against 591 us
+in float32). The exponents are those of the float32 ``J_t`` without float32's rounding in the chain (the published
+algorithm in float32 misses the float64 answer by 1e-4 on these models; rnnjac by 1e-6 to 1e-5), returned in the
+model's dtype.
 
 ``tangent_warmup="auto"`` counts from the end of ``warmup`` and afterwards drops the leading blocks of ``log R_ii``
 that the MSER rule (:func:`rnnjac._transients.transient_blocks`) finds to be transient.
@@ -49,7 +49,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -174,7 +173,7 @@ class LyapunovQR:
     0-dim bool tensor "diag(R) is finite" (no host sync, except one per QR with ``reortho_every="auto"``). The
     tangent block's condition is tracked (module docstring) and, with ``reortho_every != 1``, :meth:`result`
     warns (:class:`rnnjac.errors.ConditioningWarning`) when it exceeded ``u^-1/2``. A float32 dense chain
-    (``apply`` a ``partial(torch.bmm, J_t)``) runs in float64 on the CPU (module docstring); the results keep the
+    (steps given with ``matrix=J_t``) runs in float64 on the CPU (module docstring); the results keep the
     dtype of ``q0``.
 
     ``blocks=True`` (in-place mode) also streams ``log R_ii`` into block sums for the errors of
@@ -244,23 +243,21 @@ class LyapunovQR:
         self.dtype = q0.dtype  # of the results; the tangents may be widened at the first step (_first_step)
         self.widened: bool | None = None
 
-    def _first_step(self, apply: Apply) -> None:
-        """In place, a dense chain (``apply`` is ``partial(torch.bmm, J_t)``) of float32 tangents on the CPU runs in
-        float64 (:func:`tangent_dtype`): ``J_t`` is widened (once per chunk when the caller passes it widened,
-        else per step), the QRs are no slower, and ``reortho_every="auto"`` keeps the bound :data:`WIDENED_TARGET`."""
+    def _first_step(self, matrix: Tensor | None) -> None:
+        """In place, a dense chain (steps given with ``matrix=J_t``) of float32 tangents on the CPU runs in float64
+        (:func:`tangent_dtype`): ``J_t`` is widened as it is applied, the QRs are no slower, and
+        ``reortho_every="auto"`` keeps the bound :data:`WIDENED_TARGET`."""
         wide = tangent_dtype(self.q.dtype, self.q.device, self.q.shape[-2])
-        dense = not self.differentiable and _dense_matrix(apply) is not None
-        self.widened = dense and wide != self.q.dtype
+        self.widened = not self.differentiable and matrix is not None and wide != self.q.dtype
         if self.widened:
             self.q, self.log_sum, self.log_cond = self.q.to(wide), self.log_sum.to(wide), self.log_cond.to(wide)
 
-    def _apply(self, apply: Apply) -> Tensor:
-        """``J_t Q`` of a widened chain (a non-dense ``apply`` runs in the results' dtype)."""
-        j = _dense_matrix(apply)
-        if j is None:
+    def _apply(self, apply: Apply, matrix: Tensor | None) -> Tensor:
+        """``J_t Q`` of a widened chain (a step without its matrix runs in the results' dtype)."""
+        if matrix is None:
             return apply(self.q.to(self.dtype)).to(self.q.dtype)
         # (Q^T J^T)^T: the product column-major, as LAPACK's QR and the column norms read it (1.1-9x faster)
-        return torch.bmm(self.q.mT, j.to(self.q.dtype).mT).mT
+        return torch.bmm(self.q.mT, matrix.to(self.q.dtype).mT).mT
 
     def _due(self, t: int) -> int | None:
         """The steps covered by a QR after step ``t``, or None when no QR is due."""
@@ -270,13 +267,15 @@ class LyapunovQR:
             return t - self.last_qr
         return None
 
-    def step(self, t: int, apply: Apply) -> Tensor | None:
-        """Step ``t`` (1-based): ``Q <- apply(Q)`` (``apply(Q) = J_t Q``), then the QR if one is due."""
+    def step(self, t: int, apply: Apply, *, matrix: Tensor | None = None) -> Tensor | None:
+        """Step ``t`` (1-based): ``Q <- apply(Q)`` (``apply(Q) = J_t Q``), then the QR if one is due; ``matrix``:
+        ``J_t`` itself ``(B, D, D)`` when the step is a dense matrix (``apply`` is then ``bmm`` with it), which lets
+        a float32 chain run in float64 (class docstring)."""
         if t <= self.warmup:
             return None
         if self.widened is None:
-            self._first_step(apply)
-        q = self._apply(apply) if self.widened else apply(self.q)
+            self._first_step(matrix)
+        q = self._apply(apply, matrix) if self.widened else apply(self.q)
         cover = self._due(t)
         if cover is None:
             self.q = q
@@ -460,10 +459,3 @@ class LyapunovQR:
         blocks = stats.sorted(order.cpu()) if stats is not None and self.want_blocks else None
         exps = torch.gather(lam, -1, order)
         return LyapunovResult(exps, local, counted, self.counted_qrs, blocks, self._attrs(dropped))
-
-
-def _dense_matrix(apply: Apply) -> Tensor | None:
-    """``J`` when ``apply`` is ``partial(torch.bmm, J)`` (the spectra's dense chain), else None."""
-    if isinstance(apply, partial) and apply.func is torch.bmm and len(apply.args) == 1 and not apply.keywords:
-        return apply.args[0]
-    return None

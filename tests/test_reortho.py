@@ -312,7 +312,7 @@ def test_householder_diag_is_a_qr_with_the_abs_diagonal_of_linalg_qr(dtype, k):
 
 
 def test_a_float32_dense_chain_runs_in_float64_with_a_wider_condition_bound():
-    """``partial(torch.bmm, J)`` of float32 ``J`` on float32 tangents: the chain is kept in float64, so "auto" takes
+    """Steps given with ``matrix=J`` (float32) on float32 tangents: the chain is kept in float64, so "auto" takes
     a wider bound (fewer QRs than float32's) and the exponents are those of the float32 ``J`` in float64 (eigenvalues
     of a non-normal linear map) to 1e-9, where a float32 chain (any other ``apply``) misses by 1e-7 or more."""
     mu = torch.tensor([1.5, -0.9, 0.6, 0.25, -0.1], dtype=F64)
@@ -321,10 +321,10 @@ def test_a_float32_dense_chain_runs_in_float64_with_a_wider_condition_bound():
     want = torch.linalg.eigvals(j32[0].double()).abs().log().sort(descending=True).values.expand(2, 5)
     q0 = initial_basis(5, 5, gen(1), torch.float32, batch=2)
     runs = {}
-    for name, make in (("dense", lambda: partial(torch.bmm, j32)), ("lambda", lambda: lambda q: j32 @ q)):
+    for name, matrix in (("dense", j32), ("lambda", None)):
         acc = LyapunovQR(q0, 400, tangent_warmup=100, reortho_every="auto")
         for t in range(1, 401):
-            acc.step(t, make())
+            acc.step(t, partial(torch.bmm, j32) if matrix is not None else (lambda q: j32 @ q), matrix=matrix)
         runs[name] = (acc, acc.result())
     (dense, r_dense), (plain, r_plain) = runs["dense"], runs["lambda"]
     assert dense.widened and dense.q.dtype == F64 and not plain.widened and plain.q.dtype == torch.float32
