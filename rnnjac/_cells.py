@@ -54,7 +54,7 @@ from ._elementwise import (
     lstm_rows,
 )
 
-__all__ = ["EYE", "ARCHITECTURES", "LayerParams", "linear_recurrence"]
+__all__ = ["EYE", "ARCHITECTURES", "LayerParams"]
 
 
 class _Eye:

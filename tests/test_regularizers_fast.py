@@ -10,8 +10,8 @@ from problems import Problem
 from torch import nn
 
 import rnnjac
-from rnnjac._cells import linear_recurrence
 from rnnjac._checks import prepare
+from rnnjac._elementwise import linear_recurrence
 from rnnjac.regularizers import JacobianPenalty, forward_with_states, jacobian_penalty, lyapunov_penalty
 
 F64 = torch.float64
