@@ -32,7 +32,7 @@ from ._checks import NonFiniteError, Problem, check_states_finite
 from ._dynamics import Linearization, grad_region
 from ._linalg import EndToEnd, kaplan_yorke, svdvals
 from ._lyapunov_qr import LyapunovQR, initial_basis
-from ._transients import mser_truncation
+from ._transients import auto_warmup
 from ._uncertainty import BlockStats, convergence, lyapunov_uncertainty
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "linearization_stream",
     "run_states",
     "spectra_tensors",
-    "auto_warmup",
     "h_jacobian",
     "step_spectra",
     "time_chunk_for",
@@ -252,31 +251,6 @@ def spectra_tensors(problem: Problem, options, *, generator=None, on_steps: OnSt
         for chunk in run.stream():
             run.consume(chunk)
         return run.finish()
-
-
-def auto_warmup(states: Tensor, limit: int) -> int:
-    """The state warm-up of a trajectory ``states (B, T+1, D)`` (``s_0..s_T``), at most ``limit`` steps: the
-    shortest over the batch of the transients that the MSER rule (:func:`rnnjac._transients.mser_truncation`,
-    White 1997) finds in each sample's ``||s_t|| / sqrt(D)``, t = 1..T.
-
-    Per sample, then the smallest: MSER errs on one side, past the transient: a chaotic state's norm fluctuates
-    slowly, and on one series the rule sometimes cuts at such a fluctuation long after the transient has gone
-    (measured on random tanh rate networks at g = 1.5: up to 6x the transient), while it does not cut before a
-    transient that stands out of the fluctuations. The samples are taken to share their transient (the same
-    model and a comparable distance of ``h0`` from the attractor): give ``warmup`` an int when they do not. A
-    trajectory that settles on a fixed point with no input noise has no stationary fluctuation, and MSER then
-    cuts at its maximum, half the run.
-
-    Examples
-    --------
-    >>> t = torch.arange(201.0)
-    >>> noise = 0.01 * torch.randn(2, 201, 3, generator=torch.Generator().manual_seed(0))
-    >>> states = (1 + 4 * torch.exp(-t / 10))[None, :, None] + noise
-    >>> 30 <= auto_warmup(states, 150) <= 100
-    True
-    """
-    norms = torch.linalg.vector_norm(states[:, 1:].double(), dim=-1) / math.sqrt(states.shape[-1])
-    return min(min(mser_truncation(series) for series in norms), limit)
 
 
 def h_jacobian(lin: Linearization) -> Tensor:

@@ -1,8 +1,8 @@
 r"""Initial transients by the MSER rule (White 1997), part of the tensor core: what ``warmup="auto"`` and
 ``tangent_warmup="auto"`` drop.
 
-- :func:`mser_truncation`: the transient of one series (a per-step state statistic:
-  :func:`rnnjac._kernels.auto_warmup`);
+- :func:`mser_truncation`: the transient of one series; :func:`auto_warmup`: the state warm-up of a batch of
+  trajectories from it (``warmup="auto"``);
 - :func:`transient_blocks`: one cut for every sample and exponent of the streamed block means of ``log R_ii``
   (:class:`rnnjac._uncertainty.BlockStats`), for :class:`rnnjac._lyapunov_qr.LyapunovQR`.
 
@@ -11,12 +11,14 @@ White, "An effective truncation heuristic for bias reduction in simulation outpu
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ._uncertainty import BlockStats
 
-__all__ = ["mser_truncation", "transient_blocks"]
+__all__ = ["auto_warmup", "mser_truncation", "transient_blocks"]
 
 
 def mser_truncation(series: Tensor, *, batch_size: int = 1) -> int:
@@ -105,3 +107,28 @@ def transient_blocks(stats: BlockStats) -> int:
     if not bool(ok.any()):
         return 0
     return _mser_index(z[:, ok], 1 / var[ok])
+
+
+def auto_warmup(states: Tensor, limit: int) -> int:
+    """The state warm-up of a trajectory ``states (B, T+1, D)`` (``s_0..s_T``), at most ``limit`` steps: the
+    shortest over the batch of the transients that the MSER rule (:func:`rnnjac._transients.mser_truncation`,
+    White 1997) finds in each sample's ``||s_t|| / sqrt(D)``, t = 1..T.
+
+    Per sample, then the smallest: MSER errs on one side, past the transient: a chaotic state's norm fluctuates
+    slowly, and on one series the rule sometimes cuts at such a fluctuation long after the transient has gone
+    (measured on random tanh rate networks at g = 1.5: up to 6x the transient), while it does not cut before a
+    transient that stands out of the fluctuations. The samples are taken to share their transient (the same
+    model and a comparable distance of ``h0`` from the attractor): give ``warmup`` an int when they do not. A
+    trajectory that settles on a fixed point with no input noise has no stationary fluctuation, and MSER then
+    cuts at its maximum, half the run.
+
+    Examples
+    --------
+    >>> t = torch.arange(201.0)
+    >>> noise = 0.01 * torch.randn(2, 201, 3, generator=torch.Generator().manual_seed(0))
+    >>> states = (1 + 4 * torch.exp(-t / 10))[None, :, None] + noise
+    >>> 30 <= auto_warmup(states, 150) <= 100
+    True
+    """
+    norms = torch.linalg.vector_norm(states[:, 1:].double(), dim=-1) / math.sqrt(states.shape[-1])
+    return min(min(mser_truncation(series) for series in norms), limit)

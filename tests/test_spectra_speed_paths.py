@@ -13,8 +13,9 @@ from problems import Problem
 import rnnjac
 from rnnjac._checks import prepare
 from rnnjac._dynamics import as_dynamics
-from rnnjac._kernels import auto_warmup, h_jacobian, spectra_tensors, top_singular_values
+from rnnjac._kernels import h_jacobian, spectra_tensors, top_singular_values
 from rnnjac._options import SpectraOptions
+from rnnjac._transients import auto_warmup
 
 F64 = torch.float64
 
