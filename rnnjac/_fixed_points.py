@@ -399,7 +399,6 @@ def _newton(problem, s, x, tol, max_iter, bar):
     status[~torch.isfinite(q)] = NONFINITE
     mu = torch.full_like(q, float("nan"))
     flat = torch.zeros(q.shape, dtype=torch.int64, device=s.device)  # iterations without real progress
-    eye = torch.eye(s.shape[1], dtype=s.dtype, device=s.device)
     iters = 0
     per_chunk = _points_per_chunk(s.shape[1])
     for it in range(max_iter):
@@ -420,7 +419,7 @@ def _newton(problem, s, x, tol, max_iter, bar):
             status[act] = torch.where(stalled & (done != CONVERGED), STALLED, done)
         bar.update(1)
         bar.set_postfix(active=int((status == ITER_LIMIT).sum()), refresh=False)
-    _polish(dyn, jm, s, x, r, q, status == CONVERGED, eye)
+    _polish(dyn, jm, s, x, r, q, status == CONVERGED)
     return s, q, status, iters
 
 
@@ -483,7 +482,7 @@ def _points_per_chunk(d: int) -> int:
     return max(1, MAX_JACOBIAN_ELEMENTS // (d * d))
 
 
-def _polish(dyn, jm, s, x, r, q, mask, eye) -> None:
+def _polish(dyn, jm, s, x, r, q, mask) -> None:
     """One undamped Newton step at the converged points, kept where it lowers q (in place)."""
     for idx in torch.nonzero(mask).squeeze(1).split(_points_per_chunk(s.shape[1])):
         _polish_points(dyn, jm, s, x, r, q, idx)
