@@ -32,7 +32,7 @@ from torch import Tensor
 from ._cells import EYE
 from ._checks import Problem, check_states_finite
 from ._kernels import linearization_stream
-from ._linearization import FactoredLinearization, Linearization, StateLayout, grad_region, normal
+from ._linearization import FactoredLinearization, Linearization, grad_region, normal
 from ._system import System, autograd_jacobian
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "readout_jacobians",
     "sensitivity_tensors",
     "step_input_jacobians",
-    "top_h_index",
 ]
 
 
@@ -116,12 +115,6 @@ def input_jacobian_stream(
         yield InputChunk(chunk.t0, chunk.lin, jac.reshape(b, n, *jac.shape[1:]), chunk.states)
 
 
-def top_h_index(layout: StateLayout, device=None) -> Tensor:
-    """Positions of the top layer's h (what a module outputs, what a readout reads) inside the full state."""
-    off = sum(n for layer in layout.parts[:-1] for _, n in layer)
-    return torch.arange(off, off + layout.parts[-1][0][1], device=device)
-
-
 def readout_jacobians(readout: Callable[[Tensor], Tensor], h: Tensor) -> Tensor:
     """``dy/dh`` ``(N, O, H)`` of ``readout`` (``(n, H) -> (n, O)``) at each row of ``h (N, H)``, without graph.
 
@@ -179,7 +172,7 @@ def sensitivity_tensors(
     """
     dyn, steps, lags = problem.dyn, problem.steps, max_lag + 1
     h_idx = dyn.h_index(problem.xs.device) if problem.state == "h" else None
-    top = top_h_index(dyn.layout, problem.xs.device) if readout is not None else None
+    top = dyn.layout.top_h_index(problem.xs.device) if readout is not None else None
     out: dict[str, Tensor] = {}
     window = scale = None
     with torch.no_grad():

@@ -92,6 +92,11 @@ class StateLayout:
                 off += n
         return torch.tensor(idx, dtype=torch.long, device=device)
 
+    def top_h_index(self, device=None) -> Tensor:
+        """Positions of the top layer's h (what a module outputs, what a readout reads) inside the full state."""
+        off = sum(n for layer in self.parts[:-1] for _, n in layer)
+        return torch.arange(off, off + self.parts[-1][0][1], device=device)
+
     def split(self, s: Tensor) -> list[tuple[Tensor, Tensor | None]]:
         """Full state ``(..., D)`` -> per layer ``(h, c)`` (``c`` is None without a cell state)."""
         out, off = [], 0

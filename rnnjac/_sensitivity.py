@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ._checks import check_positive_int, prepare
 from ._datasets import LAG, build_dataset
-from ._input_jacobians import input_jacobian_stream, sensitivity_tensors, top_h_index
+from ._input_jacobians import input_jacobian_stream, sensitivity_tensors
 from ._kernels import time_chunk_for
 
 __all__ = ["input_jacobians", "memory_profile", "sensitivity"]
@@ -100,7 +100,7 @@ def _check_readout(readout, problem) -> str:
     if not callable(readout):
         raise TypeError(f"readout must be an nn.Module or a callable on states (..., H) -> (..., O); got {readout!r}")
     dyn = problem.dyn
-    h = problem.s0.index_select(-1, top_h_index(dyn.layout, problem.s0.device))
+    h = problem.s0.index_select(-1, dyn.layout.top_h_index(problem.s0.device))
     with torch.no_grad():
         y = readout(h)
     if not isinstance(y, Tensor) or not y.is_floating_point():
