@@ -99,11 +99,6 @@ def _prepare(model, inputs, h0, state, batch_first, outputs, submodule, states=N
     return problem
 
 
-def _states(problem, outputs=None, states=None) -> Tensor:
-    """The states of :func:`_states_and_gates`."""
-    return _states_and_gates(problem, outputs, states)[0]
-
-
 def _states_and_gates(problem, outputs=None, states=None) -> tuple[Tensor, list | None]:
     """Differentiable states ``(B, T+1, D)``, checked finite: the caller's ``states`` (:func:`forward_with_states`)
     or ``System.sequence_states`` (from the caller's own ``outputs`` of a single-layer module, else the fused
