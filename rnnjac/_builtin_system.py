@@ -8,6 +8,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._cells import ARCHITECTURES, LayerParams
 from ._linearization import FactoredLinearization, Linearization, StateLayout, frobenius_row_local, normal
+from ._recurrence import gru_layer, lstm_layer
 from ._system import System, as_tensor
 
 __all__ = ["BuiltinSystem", "builtin_system"]
@@ -223,12 +224,13 @@ class BuiltinSystem(System):
         return states, [gates]
 
     def fused_states(self, s0: Tensor, xs: Tensor) -> Tensor:
-        """States ``(B, T+1, D)`` of the whole stack from torch's fused recurrent kernel, one layer at a time.
+        """States ``(B, T+1, D)`` of the whole stack, one layer at a time.
 
-        Each layer runs through the op its module's forward uses (``torch._VF.gru``...) with that layer's own
-        weights, no dropout and ``train=True``, with cuDNN off (its backward cannot be differentiated again), so
-        gradients reach the weights exactly as through the module's forward. The LSTM cell states,
-        which the op does not return, are rebuilt by :meth:`LSTMArch.cell_sequence`.
+        On the CPU a GRU or LSTM layer without projection runs :mod:`rnnjac._recurrence` (states and gates from one
+        autograd Function). Any other layer runs the op its module's forward uses (``torch._VF.gru``...) with that
+        layer's own weights, no dropout and ``train=True``, with cuDNN off (its backward cannot be differentiated
+        again). Either way gradients reach the weights exactly as through the module's forward. The LSTM cell
+        states, which the fused op does not return, are rebuilt by :meth:`LSTMArch.cell_sequence`.
         """
         return self.fused_states_and_gates(s0, xs)[0]
 
@@ -236,11 +238,28 @@ class BuiltinSystem(System):
         """:meth:`fused_states` and the per-layer gates of :meth:`sequence_states_and_gates`."""
         parts, all_gates, inp = [], [], xs
         for p, (h0, c0) in zip(self.layers, self.split(s0), strict=True):
-            states, gates = self._layer_states(p, inp, h0, c0, self._fused_layer(p, inp, h0, c0))
-            parts.append((states, None) if c0 is None else states.split([h0.shape[-1], c0.shape[-1]], -1))
+            if self._gated_loop(p, inp):
+                part, gates = self._gated_layer(p, inp, h0, c0)
+            else:
+                states, gates = self._layer_states(p, inp, h0, c0, self._fused_layer(p, inp, h0, c0))
+                part = (states, None) if c0 is None else states.split([h0.shape[-1], c0.shape[-1]], -1)
+            parts.append(part)
             all_gates.append(gates)
             inp = parts[-1][0][:, 1:]
         return self.join(parts), all_gates
+
+    def _gated_loop(self, p: LayerParams, xs: Tensor) -> bool:
+        """Whether a layer runs through :mod:`rnnjac._recurrence` (CPU GRU/LSTM without projection: the gates come
+        with the states, so a penalty forms no gate GEMM of its own) rather than torch's fused op."""
+        return xs.device.type == "cpu" and self.arch in ("gru", "lstm") and p.w_hr is None
+
+    def _gated_layer(self, p: LayerParams, xs: Tensor, h0: Tensor, c0: Tensor | None):
+        """One layer's ``(h, c)`` states ``(B, T+1, ·)`` (``c`` None for a GRU) and its gates."""
+        if c0 is None:
+            hs, gates = gru_layer(xs, h0, p)
+            return (hs, None), gates
+        hs, cs, gates = lstm_layer(xs, h0, c0, p)
+        return (hs, cs), gates
 
     def _layer_states(self, p: LayerParams, xs: Tensor, h0: Tensor, c0: Tensor | None, out: Tensor):
         """One layer's ``[h; c]`` states ``(B, T+1, ·)`` from its outputs ``(B, T, H_out)``, and its gates."""

@@ -48,6 +48,7 @@ from ._elementwise import (
     _cell_update,
     elementwise,
     gru_coefs,
+    gru_gate_coefs,
     gru_rows,
     linear_recurrence,
     lstm_coefs,
@@ -297,11 +298,14 @@ class GRUArch:
         return h_new, None, coef
 
     def linearize_known(self, p, x, h, c, h_new, c_new, gates=None, compile=False):  # noqa: A002
-        """The coefficients of :meth:`linearize` without forming ``h_new`` (the caller knows it): two GEMMs for the
-        pre-activations, the rest one elementwise function (:func:`rnnjac._elementwise.gru_coefs`, compiled with
+        """The coefficients of :meth:`linearize` without forming ``h_new`` (the caller knows it): from the gates
+        ``(r, z, n, gh_n)`` of the forward when given (:func:`rnnjac._recurrence.gru_layer`), else two GEMMs for
+        the pre-activations; the rest is one elementwise function (:mod:`rnnjac._elementwise`, compiled with
         ``compile=True``)."""
-        gi, gh = _pre(p, x, h)
-        z, a_z, a_n, a_hn, a_r = elementwise(gru_coefs, compile)(gi, gh, h)
+        if gates is not None:
+            z, a_z, a_n, a_hn, a_r = elementwise(gru_gate_coefs, compile)(*gates, h)
+        else:
+            z, a_z, a_n, a_hn, a_r = elementwise(gru_coefs, compile)(*_pre(p, x, h), h)
         return {"z": z, "a_z": a_z, "a_n": a_n, "a_hn": a_hn, "a_r": a_r}
 
     def tangent(self, p, coef, dx, dh, dc=None):

@@ -23,7 +23,15 @@ from torch import Tensor
 
 from .errors import RnnjacWarning
 
-__all__ = ["elementwise", "gru_coefs", "lstm_coefs", "quadratic_rows", "lstm_rows", "linear_recurrence"]
+__all__ = [
+    "elementwise",
+    "gru_coefs",
+    "gru_gate_coefs",
+    "lstm_coefs",
+    "quadratic_rows",
+    "lstm_rows",
+    "linear_recurrence",
+]
 
 
 def gru_coefs(gi: Tensor, gh: Tensor, h: Tensor) -> tuple[Tensor, ...]:
@@ -41,6 +49,20 @@ def gru_coefs(gi: Tensor, gh: Tensor, h: Tensor) -> tuple[Tensor, ...]:
     r = torch.sigmoid(gi_r + gh_r)
     z = torch.sigmoid(gi_z + gh_z)
     n = torch.tanh(gi_n + r * gh_n)
+    a_n = (1 - z) * (1 - n * n)
+    return z, (h - n) * z * (1 - z), a_n, a_n * r, a_n * gh_n * r * (1 - r)
+
+
+def gru_gate_coefs(r: Tensor, z: Tensor, n: Tensor, gh_n: Tensor, h: Tensor) -> tuple[Tensor, ...]:
+    """:func:`gru_coefs` from the activated gates ``r, z, n`` and ``gh_n = W_hn h + b_hn`` the forward kept
+    (:func:`rnnjac._recurrence.gru_layer`): no pre-activation to recompute.
+
+    Examples
+    --------
+    >>> half, zero, one = torch.full((1, 1), 0.5), torch.zeros(1, 1), torch.ones(1, 1)
+    >>> [t.item() for t in gru_gate_coefs(half, half, zero, zero, one)]
+    [0.5, 0.25, 0.5, 0.25, 0.0]
+    """
     a_n = (1 - z) * (1 - n * n)
     return z, (h - n) * z * (1 - z), a_n, a_n * r, a_n * gh_n * r * (1 - r)
 

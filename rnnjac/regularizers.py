@@ -36,13 +36,15 @@ per weight matrix, so a power iteration is two GEMMs per layer over all ``B T`` 
 ``torch.func.vjp`` for custom cells, never ``.backward()``, so no parameter's ``.grad`` changes until the caller
 backpropagates the total loss. The row forms of ``||J||_F^2`` have a hand-written backward (about half the
 full-size elementwise passes of autograd's), itself differentiable, so second derivatives stay exact. The
-trajectory of a built-in module comes from torch's fused kernel, one layer at a time (:func:`forward_with_states`
-shares it with the task loss; ``outputs=`` does for one layer); a custom cell's from its step. Everything after the
-states is parallel over time: the gate pre-activations of all steps are two GEMMs per layer over ``(B T, ·)``,
-and only the end-to-end product and the Lyapunov QR chain run step by step. Nothing the forward computed is
-computed again: each layer's next state is read from the trajectory (the input of the layer above; all of
-``phi'`` for tanh/relu), and the LSTM gates the forward formed to rebuild the cell states are kept with the states
-(those of :func:`forward_with_states` as long as that tensor is unchanged) and reused. ``compile=True`` fuses the
+trajectory of a built-in module comes with its gates (:func:`forward_with_states` shares it with the task loss;
+``outputs=`` does for one layer): CPU GRU/LSTM layers run as autograd Functions that return states and gates and
+take gradients for both (:mod:`rnnjac._recurrence`), so the penalty's gradient on the gates joins the task loss's
+backward recurrence and no GEMM is run twice; other layers run torch's fused kernel, one layer at a time, and
+their gates (LSTM) are two GEMMs over ``(B T, ·)``. A custom cell's trajectory comes from its step. Everything after
+the states is parallel over time; only the end-to-end product and the Lyapunov QR chain run step by step. Nothing
+the forward computed is computed again: each layer's next state is read from the trajectory (the input of the
+layer above; all of ``phi'`` for tanh/relu), and the gates are kept with the states (those of
+:func:`forward_with_states` as long as that tensor is unchanged) and reused. ``compile=True`` fuses the
 remaining elementwise passes with ``torch.compile`` (first-order gradients; one warning and the eager code where it
 cannot compile).
 """
@@ -138,8 +140,10 @@ def _check_compile(compile) -> None:  # noqa: A002
 def forward_with_states(model, inputs, h0=None, *, batch_first: bool | None = None) -> tuple[Tensor, Tensor]:
     """Run a built-in recurrent module once, returning its outputs and the states every penalty needs.
 
-    The layers run one at a time through torch's fused kernel with the module's own weights (no inter-layer
-    dropout), so gradients reach the weights exactly as through ``model(inputs, h0)``. Use ``outputs`` for the
+    The layers run one at a time with the module's own weights (no inter-layer dropout), so gradients reach the
+    weights exactly as through ``model(inputs, h0)``: on the CPU a GRU or LSTM layer (no projection) runs as one
+    autograd Function that also keeps its gates for the penalty (:mod:`rnnjac._recurrence`), anything else through
+    torch's fused kernel. Use ``outputs`` for the
     task loss and pass ``states=states`` to :func:`jacobian_penalty` / :func:`lyapunov_penalty` (or
     :class:`JacobianPenalty`): the trajectory is then computed once per training step, for any number of layers.
 

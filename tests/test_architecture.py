@@ -14,7 +14,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "rnnjac"
 
 #: lowest first; a module may import from its own layer and the layers below
 LAYERS = [
-    ("foundations", {"_version", "errors", "_elementwise", "_cells", "_linalg", "_io", "_submodule", "tasks"}),
+    (
+        "foundations",
+        {"_version", "errors", "_elementwise", "_cells", "_recurrence", "_linalg", "_io", "_submodule", "tasks"},
+    ),
     ("model protocol", {"_linearization", "_system", "_builtin_system", "_custom_system", "_dynamics", "_datasets"}),
     ("checks and options", {"_checks", "_options"}),
     (

@@ -63,8 +63,9 @@ def test_linearize_states_equals_linearize_at_the_gathered_points(config, steps)
         torch.testing.assert_close(got.materialize(), want.materialize(), rtol=1e-12, atol=1e-12)
 
 
-def test_lstm_penalty_reuses_the_forwards_gates(monkeypatch):
-    m, x = _setup("lstm", 2, 2)
+@pytest.mark.parametrize("config", [("lstm", 2, 2), ("lstm", 2, 0), ("gru", 2, 0)], ids=_ids)
+def test_penalty_reuses_the_forwards_gates(monkeypatch, config):
+    m, x = _setup(*config)
     out, states = forward_with_states(m, x)
     assert BuiltinSystem.recall_gates(states) is not None
     calls = []
@@ -154,10 +155,10 @@ def test_compile_falls_back_with_one_warning(monkeypatch, where):
     m, x = _setup("gru", 1, 0)
     _, states = forward_with_states(m, x)
     want = jacobian_penalty(m, x, states=states)
-    with pytest.warns(RnnjacWarning, match="could not compile gru_coefs.*run eagerly"):
+    with pytest.warns(RnnjacWarning, match="could not compile gru_gate_coefs.*run eagerly"):
         got = jacobian_penalty(m, x, states=states, compile=True)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    assert set(elementwise_mod._FAILED) == {elementwise_mod.gru_coefs, elementwise_mod.gru_rows}
+    assert set(elementwise_mod._FAILED) == {elementwise_mod.gru_gate_coefs, elementwise_mod.gru_rows}
     got2 = JacobianPenalty("frobenius", compile=True)(m, x, states=states)  # no second warning (error filter)
     torch.testing.assert_close(got2, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(TypeError, match="compile= must be True or False; got 'yes'"):
@@ -182,7 +183,7 @@ def test_compiled_path_equals_eager_on_the_smallest_case(monkeypatch):
         grads.append(torch.autograd.grad(values[-1], params))
     if compiler:
         assert elementwise_mod._FAILED == {}, elementwise_mod._FAILED
-        assert set(elementwise_mod._COMPILED) == {elementwise_mod.gru_coefs, elementwise_mod.gru_rows}
+        assert set(elementwise_mod._COMPILED) == {elementwise_mod.gru_gate_coefs, elementwise_mod.gru_rows}
     torch.testing.assert_close(values[1], values[0], rtol=1e-12, atol=1e-12)
     for a, b in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,292 @@
+r"""GRU and LSTM layers that return their gates: one autograd Function per layer, for the penalties' shared forward.
+
+torch's fused CPU kernels (``mkldnn_rnn_layer``) return the outputs only. A Jacobian penalty needs each step's
+gates, and recomputing them from the states costs one GEMM over all ``B T`` steps forward and two more backward: as
+much as the training step itself. :func:`gru_layer` and :func:`lstm_layer` run the recurrence as a loop over time
+(the input projections of all steps are one GEMM before it), keep the gates, and accept gradients for the gates as
+well as for the states: their backward adds what the penalty contributes to each step's gate gradients and runs the
+recurrence once, so the penalty shares every GEMM with the task loss and only its elementwise work is its own.
+
+The loops keep the per-step work to a few operators on preallocated buffers: the forward is one GEMM and five
+(GRU) or seven (LSTM) elementwise operators per step; the backward's per-step coefficients are computed for all
+steps at once beforehand, leaving one GEMM and two (GRU) or four (LSTM) operators per step; the weight gradients
+are one GEMM each over all steps afterwards. Formulas as in :mod:`rnnjac._cells` (PyTorch's gate orders).
+
+A backward that must itself be differentiated (``create_graph=True``: double backward, ``gradgradcheck``)
+differentiates a plain step loop of the same layer instead (:meth:`rnnjac._cells.GRUArch.step`), so every order of
+derivative is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._cells import ARCHITECTURES, LayerParams
+
+__all__ = ["gru_layer", "lstm_layer"]
+
+
+def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
+    """``x W_ih^T + bias`` for all steps at once: ``(T, B, G)`` from time-major ``x (T, B, I)``."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())
+    return out.view(x.shape[0], x.shape[1], -1)
+
+
+def _linear_grads(need: tuple, x: Tensor, w: Tensor, dpre: Tensor) -> tuple:
+    """``(dx, dW, db)`` of ``pre = x W^T + b`` over all steps from ``dpre (T, B, G)``, one GEMM each; ``need``: which
+    of the three are wanted."""
+    flat = dpre.reshape(-1, dpre.shape[-1])
+    dx = (flat @ w).view(*dpre.shape[:2], -1) if need[0] else None
+    dw = flat.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
+    return dx, dw, (flat.sum(0) if need[2] else None)
+
+
+def _or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _double_backward(arch: str, inputs: tuple, outputs_of, grads: tuple) -> tuple:
+    """The input gradients of a layer as a differentiable graph (``create_graph=True``): a plain step loop of the
+    same layer, differentiated by autograd."""
+    wanted = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
+    with torch.enable_grad():
+        outs = outputs_of(ARCHITECTURES[arch], *inputs)
+        pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None]
+        got = torch.autograd.grad(
+            [o for o, _ in pairs],
+            [inputs[i] for i in wanted],
+            [g for _, g in pairs],
+            create_graph=True,
+            allow_unused=True,
+        )
+    out = [None] * len(inputs)
+    for i, g in zip(wanted, got, strict=True):
+        out[i] = g
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------------- GRU
+def _gru_reference(cell, x, h0, w_ih, w_hh, b_ih, b_hh):
+    """:class:`_GRULayer`'s outputs by a differentiable step loop of :class:`rnnjac._cells.GRUArch`."""
+    p = LayerParams(w_ih, w_hh, b_ih, b_hh)
+    hs, gates, ghns, h = [h0], [], [], h0
+    for x_t in x:
+        r, z, n, gh_n, h = cell._forward(p, x_t, h)
+        hs.append(h)
+        gates.append(torch.cat([r, z, n], -1))
+        ghns.append(gh_n)
+    return torch.stack(hs), torch.stack(gates), torch.stack(ghns)
+
+
+class _GRULayer(torch.autograd.Function):
+    """Time-major ``x (T, B, I)`` -> ``hs (T+1, B, H)``, gates ``(T, B, 3H)`` (r, z, n) and ``gh_n (T, B, H)``."""
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh):
+        ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no work for them
+        steps, b, _ = x.shape
+        hid = h0.shape[-1]
+        gi = _input_projection(x, w_ih, b_ih)
+        hs, gh = x.new_empty(steps + 1, b, hid), x.new_empty(steps, b, 3 * hid)
+        gates = x.new_empty(steps, b, 3 * hid)
+        hs[0] = h0
+        wt = w_hh.t()
+        for t in range(steps):
+            h, g_t, gi_t = hs[t], gates[t], gi[t]
+            gh_t = torch.mm(h, wt, out=gh[t]) if b_hh is None else torch.addmm(b_hh, h, wt, out=gh[t])
+            torch.add(gi_t[:, : 2 * hid], gh_t[:, : 2 * hid], out=g_t[:, : 2 * hid]).sigmoid_()
+            n_t = torch.addcmul(gi_t[:, 2 * hid :], g_t[:, :hid], gh_t[:, 2 * hid :], out=g_t[:, 2 * hid :]).tanh_()
+            torch.lerp(n_t, h, g_t[:, hid : 2 * hid], out=hs[t + 1])
+        gh_n = gh[..., 2 * hid :]
+        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, hs, gates, gh_n)
+        return hs, gates, gh_n
+
+    @staticmethod
+    def backward(ctx, dhs, dgates, dghn):
+        x, h0, w_ih, w_hh, b_ih, b_hh, hs, gates, gh_n = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            inputs = (x, h0, w_ih, w_hh, b_ih, b_hh)
+            return _double_backward("gru", inputs, _gru_reference, (dhs, dgates, dghn))
+        steps, b, hid = gh_n.shape
+        coef, ext = _gru_coefficients(hs, gates, gh_n, dgates, dghn)
+        dhs = _or_zeros(dhs, hs)
+        z = gates[..., hid : 2 * hid]
+        dpre, dh = x.new_empty(steps, b, 4 * hid), x.new_empty(steps, b, hid)  # dh[t]: total d/dh_{t+1}
+        dh[-1] = dhs[-1]
+        for t in range(steps - 1, -1, -1):
+            dh_t = dh[t]
+            dh4 = torch.cat([dh_t, dh_t, dh_t, dh_t], 1)
+            if ext is None:
+                torch.mul(coef[t], dh4, out=dpre[t])
+            else:
+                torch.addcmul(ext[t], coef[t], dh4, out=dpre[t])
+            base = torch.addcmul(dhs[t], dh_t, z[t])
+            if t:
+                torch.addmm(base, dpre[t, :, : 3 * hid], w_hh, out=dh[t - 1])
+            else:
+                dh0 = torch.addmm(base, dpre[0, :, : 3 * hid], w_hh)
+        need = ctx.needs_input_grad
+        dpre_in = torch.cat([dpre[..., : 2 * hid], dpre[..., 3 * hid :]], -1)
+        dx, dw_ih, db_ih = _linear_grads((need[0], need[2], need[4]), x, w_ih, dpre_in)
+        _, dw_hh, db_hh = _linear_grads((False, need[3], need[5]), hs[:-1], w_hh, dpre[..., : 3 * hid])
+        return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
+
+
+def _gru_coefficients(hs, gates, gh_n, dgates, dghn) -> tuple[Tensor, Tensor | None]:
+    """Per step, blocks (r, z, hidden n, input n): the derivatives of the pre-activations by ``h_{t+1}`` (the
+    Jacobian's coefficients, :mod:`rnnjac._cells`), and the gates' own gradients (a penalty's) carried to the
+    pre-activations (None when there are none); each ``(T, B, 4H)``."""
+    r, z, n = gates.chunk(3, -1)
+    coef = gates.new_empty(*gates.shape[:2], 4 * n.shape[-1])
+    c_r, c_z, c_hn, c_n = coef.chunk(4, -1)
+    dtanh = torch.mul(n, n, out=c_n).neg_().add_(1)
+    ext = None if dgates is None and dghn is None else _gru_external(r, z, gh_n, dtanh, dgates, dghn)
+    one_minus = torch.rsub(z, 1)
+    c_n.mul_(one_minus)  # (1 - z)(1 - n^2)
+    torch.sub(hs[:-1], n, out=c_z).mul_(z).mul_(one_minus)
+    torch.mul(c_n, r, out=c_hn)
+    torch.mul(r, -1, out=one_minus).add_(1)
+    torch.mul(c_hn, gh_n, out=c_r).mul_(one_minus)
+    return coef, ext
+
+
+def _gru_external(r, z, gh_n, dtanh, dgates, dghn) -> Tensor:
+    ext = torch.zeros(*r.shape[:2], 4 * r.shape[-1], dtype=r.dtype, device=r.device)
+    e_r, e_z, e_hn, e_n = ext.chunk(4, -1)
+    if dgates is not None:
+        d_r, d_z, d_n = dgates.chunk(3, -1)
+        torch.mul(d_n, dtanh, out=e_n)
+        torch.mul(e_n, r, out=e_hn)
+        torch.addcmul(d_r, e_n, gh_n, out=e_r).mul_(r).mul_(1 - r)
+        torch.mul(d_z, z, out=e_z).mul_(1 - z)
+    if dghn is not None:
+        e_hn.add_(dghn)
+    return ext
+
+
+def gru_layer(x: Tensor, h0: Tensor, p: LayerParams) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """A GRU layer's states ``h_0..h_T`` ``(B, T+1, H)`` and gates ``(r, z, n, gh_n)``, each ``(B, T, H)``.
+
+    ``x`` is batch-first ``(B, T, I)``; ``gh_n = W_hn h + b_hn`` is the recurrent part of the candidate's
+    pre-activation. Gradients flow to ``x``, ``h0`` and the weights from both outputs, sharing one backward
+    recurrence (module docstring). The outputs are views of time-major buffers.
+
+    Examples
+    --------
+    >>> gru = torch.nn.GRU(2, 3, batch_first=True)
+    >>> x = torch.randn(4, 5, 2)
+    >>> p = LayerParams(gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+    >>> hs, (r, z, n, gh_n) = gru_layer(x, torch.zeros(4, 3), p)
+    >>> bool(torch.allclose(hs[:, 1:], gru(x)[0], atol=1e-6)), r.shape
+    (True, torch.Size([4, 5, 3]))
+    """
+    xt = x.transpose(0, 1).contiguous()
+    hs, gates, gh_n = _GRULayer.apply(xt, h0, p.w_ih, p.w_hh, p.b_ih, p.b_hh)
+    r, z, n = gates.transpose(0, 1).chunk(3, -1)
+    return hs.transpose(0, 1), (r, z, n, gh_n.transpose(0, 1))
+
+
+# ----------------------------------------------------------------------------------------------------- LSTM
+def _lstm_reference(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+    """:class:`_LSTMLayer`'s outputs by a differentiable step loop of :class:`rnnjac._cells.LSTMArch`."""
+    p = LayerParams(w_ih, w_hh, b_ih, b_hh)
+    hs, cs, gates, h, c = [h0], [c0], [], h0, c0
+    for x_t in x:
+        i, f, g, o, _, h, c = cell._forward(p, x_t, h, c)
+        hs.append(h)
+        cs.append(c)
+        gates.append(torch.cat([i, f, g, o], -1))
+    return torch.stack(hs), torch.stack(cs), torch.stack(gates)
+
+
+class _LSTMLayer(torch.autograd.Function):
+    """Time-major ``x (T, B, I)`` -> ``hs, cs (T+1, B, H)`` and activated gates ``(T, B, 4H)`` (i, f, g, o)."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        ctx.set_materialize_grads(False)
+        steps, b, _ = x.shape
+        hid = h0.shape[-1]
+        gi = _input_projection(x, w_ih, None if b_ih is None else b_ih + b_hh)
+        hs, cs = x.new_empty(steps + 1, b, hid), x.new_empty(steps + 1, b, hid)
+        gates, tc = x.new_empty(steps, b, 4 * hid), x.new_empty(steps, b, hid)
+        hs[0], cs[0] = h0, c0
+        wt = w_hh.t()
+        for t in range(steps):
+            g_t = torch.addmm(gi[t], hs[t], wt, out=gates[t])
+            g_t[:, : 2 * hid].sigmoid_()
+            g_t[:, 2 * hid : 3 * hid].tanh_()
+            g_t[:, 3 * hid :].sigmoid_()
+            torch.mul(g_t[:, :hid], g_t[:, 2 * hid : 3 * hid], out=cs[t + 1]).addcmul_(g_t[:, hid : 2 * hid], cs[t])
+            torch.mul(g_t[:, 3 * hid :], torch.tanh(cs[t + 1], out=tc[t]), out=hs[t + 1])
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, hs, cs, gates, tc)
+        return hs, cs, gates
+
+    @staticmethod
+    def backward(ctx, dhs, dcs, dgates):
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, hs, cs, gates, tc = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+            return _double_backward("lstm", inputs, _lstm_reference, (dhs, dcs, dgates))
+        steps, b, hid = tc.shape
+        coef, s_m, ext = _lstm_coefficients(cs, gates, tc, dgates)
+        f = gates[..., hid : 2 * hid]
+        dhs, dcs = _or_zeros(dhs, hs), _or_zeros(dcs, cs)
+        dpre = x.new_empty(steps, b, 4 * hid)
+        dh, dc_carry = dhs[-1], dcs[-1]
+        for t in range(steps - 1, -1, -1):
+            dc = torch.addcmul(dc_carry, dh, s_m[t])
+            both = torch.cat([dc, dc, dc, dh], 1)
+            if ext is None:
+                torch.mul(coef[t], both, out=dpre[t])
+            else:
+                torch.addcmul(ext[t], coef[t], both, out=dpre[t])
+            dc_carry = torch.addcmul(dcs[t], dc, f[t])
+            dh = torch.addmm(dhs[t], dpre[t], w_hh)
+        need = ctx.needs_input_grad
+        dx, dw_ih, db = _linear_grads((need[0], need[3], need[5] or need[6]), x, w_ih, dpre)
+        _, dw_hh, _ = _linear_grads((False, need[4], False), hs[:-1], w_hh, dpre)
+        return dx, dh, dc_carry, dw_ih, dw_hh, db if need[5] else None, db if need[6] else None
+
+
+def _lstm_coefficients(cs, gates, tc, dgates) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per step: the derivatives of the pre-activations (i, f, g) by ``c_{t+1}`` and of o by ``h_{t+1}``
+    ``(T, B, 4H)``; ``d c_{t+1} / d h_{t+1}`` through ``m = o tanh c`` ``(T, B, H)``; and the gates' own gradients
+    carried to the pre-activations (None when there are none)."""
+    i, _, g, o = gates.chunk(4, -1)
+    coef = torch.rsub(gates, 1).mul_(gates)  # sigmoid' of i, f, o
+    c_i, c_f, c_g, c_o = coef.chunk(4, -1)
+    torch.mul(g, g, out=c_g).neg_().add_(1)  # tanh' of g
+    ext = None if dgates is None else dgates * coef
+    c_i.mul_(g)
+    c_f.mul_(cs[:-1])
+    c_g.mul_(i)
+    c_o.mul_(tc)
+    s_m = torch.mul(tc, tc).neg_().add_(1).mul_(o)
+    return coef, s_m, ext
+
+
+def lstm_layer(
+    x: Tensor, h0: Tensor, c0: Tensor, p: LayerParams
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """An LSTM layer's states ``h_0..h_T``, ``c_0..c_T`` (each ``(B, T+1, H)``) and activated gates
+    ``(i, f, g, o)``, each ``(B, T, H)``, from batch-first ``x (B, T, I)``; no projection (``proj_size=0``).
+    The outputs are views of time-major buffers.
+
+    Examples
+    --------
+    >>> lstm = torch.nn.LSTM(2, 3, batch_first=True)
+    >>> x = torch.randn(4, 5, 2)
+    >>> p = LayerParams(lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
+    >>> hs, cs, (i, f, g, o) = lstm_layer(x, torch.zeros(4, 3), torch.zeros(4, 3), p)
+    >>> out, (h_T, c_T) = lstm(x)
+    >>> bool(torch.allclose(hs[:, 1:], out, atol=1e-6)), bool(torch.allclose(cs[:, -1], c_T[0], atol=1e-6))
+    (True, True)
+    """
+    if p.w_hr is not None:
+        raise ValueError("lstm_layer has no projection: use torch's fused op for proj_size > 0")
+    xt = x.transpose(0, 1).contiguous()
+    hs, cs, gates = _LSTMLayer.apply(xt, h0, c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh)
+    return hs.transpose(0, 1), cs.transpose(0, 1), tuple(gates.transpose(0, 1).chunk(4, -1))
