@@ -112,15 +112,15 @@ def _steps(cell, hidden, layers, args, old):
     return out
 
 
-def _measure(steps: dict, repeat: int, sync) -> dict:
+def _measure(steps: dict, repeat: int, sync, clock=time.perf_counter) -> dict:
     """Median seconds per step over ``repeat`` alternating rounds, and the warm-up round's time per label."""
     times = {k: [] for k in steps}
     for _ in range(repeat + 1):  # the first round warms up (and compiles)
         for label, (_, fn) in steps.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync()
-            times[label].append(time.perf_counter() - t0)
+            times[label].append(clock() - t0)
     return {k: statistics.median(v[1:]) for k, v in times.items()}, {k: v[0] for k, v in times.items()}
 
 
@@ -149,6 +149,12 @@ def main(argv=None):
     ap.add_argument("--cells", nargs="+", default=["gru", "lstm"], choices=["gru", "lstm"])
     ap.add_argument("--penalties", nargs="+", default=[""], help="run the penalties whose label contains a word")
     ap.add_argument("--compile", action="store_true", help="also time every penalty with compile=True")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time each step by this thread's CPU time (time.thread_time) instead of the wall clock: on a shared "
+        "machine the time the thread waited for a core is left out (one thread, CPU only)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     old = _load_old(args.old) if args.old else None
@@ -158,7 +164,8 @@ def main(argv=None):
         for hidden in args.hidden:
             for layers in args.layers:
                 steps = _steps(cell, hidden, layers, args, old)
-                med, first = _measure(steps, args.repeat, sync)
+                clock = time.thread_time if args.cpu_time else time.perf_counter
+                med, first = _measure(steps, args.repeat, sync, clock)
                 for label in steps:
                     if label.endswith("[compile]"):
                         print(f"{cell} H={hidden} L={layers} {label}: first step {first[label]:.1f} s", flush=True)
@@ -182,7 +189,9 @@ def main(argv=None):
     write(
         args.out,
         f"# One training step with penalties: B={args.batch}, T={args.steps}, {dev}\n\n"
-        f"Machine: {machine()}; {args.threads} thread(s) (torch.set_num_threads); total {time.perf_counter() - t_start:.0f} s; "
+        f"Machine: {machine()}; {args.threads} thread(s) (torch.set_num_threads); "
+        + ("times are the stepping thread's CPU time (`--cpu-time`); " if args.cpu_time else "")
+        + f"total {time.perf_counter() - t_start:.0f} s; "
         f"1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (a shared machine slows "
         "the memory-bound elementwise passes more than the recurrent kernel: compare ratios of one run only)."
         "\n\nEvery regularised step shares its forward with the task loss (`forward_with_states`, `states=`); "

@@ -301,6 +301,21 @@ class BuiltinSystem(System):
             inp = h1
         return FactoredLinearization(self.cell, self.layers, self.layout, s, x, coefs, compile=compile)
 
+    def frobenius_from_gates(self, states: Tensor, steps: slice, gates, state: str) -> Tensor | None:
+        """``||J_t||_F^2`` ``(N,)`` at the steps ``steps`` of a recorded trajectory (as :meth:`linearize_states`
+        orders them) of a single CPU GRU/LSTM layer straight from the ``gates`` its forward kept
+        (:mod:`rnnjac._fused_rows`: no coefficients, cache-sized blocks); None where that does not apply (other
+        cells, stacks, projections, no gates, CUDA), for the caller to linearise instead."""
+        usable = gates is not None and gates[0] is not None and hasattr(self.cell, "frobenius_from_gates")
+        if not usable or states.device.type != "cpu" or not frobenius_row_local(self.cell, self.layers, state):
+            return None
+        b = states.shape[0]
+        prev, nxt = states[:, :-1][:, steps], states[:, 1:][:, steps]
+        n = b * prev.shape[1]
+        g = [t[:, steps].reshape(n, -1) for t in gates[0]]
+        ((h, c),), ((_, c_new),) = self.split(prev.reshape(n, -1)), self.split(nxt.reshape(n, -1))
+        return self.cell.frobenius_from_gates(self.layers[0], g, h, c, c_new)
+
     def _fused_layer(self, p: LayerParams, xs: Tensor, h0: Tensor, c0: Tensor | None) -> Tensor:
         """One layer's outputs ``(B, T, H_out)`` from torch's fused op (batch-first inputs ``(B, T, I)``)."""
         bias = p.b_ih is not None

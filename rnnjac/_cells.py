@@ -54,6 +54,7 @@ from ._elementwise import (
     lstm_coefs,
     lstm_rows,
 )
+from ._fused_rows import gru_frobenius_rows, lstm_frobenius_rows
 
 __all__ = ["EYE", "ARCHITECTURES", "LayerParams"]
 
@@ -335,16 +336,26 @@ class GRUArch:
         qx = _mm(p.w_ih.T, torch.cat([vr, vz, coef["a_n"].unsqueeze(-1) * uh], -2)) if need_x else None
         return qx, qh, None
 
-    def frobenius_sq(self, p, coef, compile=False):  # noqa: A002
-        # row i: sum_k a_k W_k[i] + z e_i over (r, z, n): a quadratic form in (a_r, a_z, a_hn, z) whose Gram
-        # matrix is the rows' Gram bordered by <W_k[i], e_i> = W_k[i, i] and <e_i, e_i> = 1
-        a = [coef["a_r"], coef["a_z"], coef["a_hn"], coef["z"]]
+    @staticmethod
+    def _bordered_gram(p) -> Tensor:
+        """Row ``i`` of ``J`` is ``sum_k a_k W_k[i] + z e_i`` over (r, z, n): a quadratic form in
+        ``(a_r, a_z, a_hn, z)`` whose Gram matrix ``(H, 4, 4)`` is the rows' Gram bordered by
+        ``<W_k[i], e_i> = W_k[i, i]`` and ``<e_i, e_i> = 1``."""
         gram, wdiag = _rowgram(p.w_hh, 3), _rowdiag(p.w_hh, 3)  # (H, 3, 3), (H, 3)
         top = torch.cat([gram, wdiag.unsqueeze(-1)], -1)
         bottom = torch.cat([wdiag, torch.ones_like(wdiag[:, :1])], -1).unsqueeze(-2)
+        return torch.cat([top, bottom], -2)
+
+    def frobenius_sq(self, p, coef, compile=False):  # noqa: A002
+        a = [coef["a_r"], coef["a_z"], coef["a_hn"], coef["z"]]
         if compile:
-            return elementwise(gru_rows, True)(*a, torch.cat([top, bottom], -2))
-        return row_quadratic(a, torch.cat([top, bottom], -2)).sum(-1)
+            return elementwise(gru_rows, True)(*a, self._bordered_gram(p))
+        return row_quadratic(a, self._bordered_gram(p)).sum(-1)
+
+    def frobenius_from_gates(self, p, gates, h, c, c_new) -> Tensor:
+        """:meth:`frobenius_sq` from the forward's gates ``(r, z, n, gh_n)`` and the state ``h`` they act on,
+        without the coefficients (:func:`rnnjac._fused_rows.gru_frobenius_rows`)."""
+        return gru_frobenius_rows(*gates, h, self._bordered_gram(p))
 
 
 class LSTMArch:
@@ -441,6 +452,11 @@ class LSTMArch:
         )
         qx = _mm(p.w_ih.T, v) if need_x else None
         return qx, _mm(p.w_hh.T, v), (coef["f"].unsqueeze(-1) * u_c if uc is not None else None)
+
+    def frobenius_from_gates(self, p, gates, h, c, c_new) -> Tensor:
+        """:meth:`frobenius_sq` (no projection) from the forward's gates ``(i, f, g, o)`` and the cell states
+        ``c, c_new``, without the coefficients (:func:`rnnjac._fused_rows.lstm_frobenius_rows`)."""
+        return lstm_frobenius_rows(*gates, c, c_new, _rowgram(p.w_hh, 4))
 
     def frobenius_sq(self, p, coef, compile=False):  # noqa: A002
         # (callers check System.frobenius_closed_form: a projection mixes rows, no row-local form)

@@ -38,6 +38,15 @@ def _linearize(problem, states: Tensor, t_idx: Tensor, gates=None, compile=False
     return problem.dyn.linearize(s_prev, x, problem.method)
 
 
+def _frobenius_from_gates(problem, states: Tensor, t_idx: Tensor, gates) -> Tensor | None:
+    """``||J_t||_F^2`` of a single built-in layer straight from its forward's gates
+    (``BuiltinSystem.frobenius_from_gates``), or None where that does not apply."""
+    steps = _as_slice(t_idx)
+    if steps is None or not hasattr(problem.dyn, "frobenius_from_gates"):
+        return None
+    return problem.dyn.frobenius_from_gates(states, steps, gates, problem.state)
+
+
 def _sphere(shape, generator, like: Tensor) -> Tensor:
     """Random unit columns: drawn where ``like`` lives (torch's global random state, or a ``generator`` on that
     device), or, with a generator on another device (a CPU generator for a CUDA model), drawn there in float64
@@ -74,6 +83,11 @@ def _per_step(
     out = []
     for c0 in range(0, len(t_idx), per_chunk):
         idx = t_idx[c0 : c0 + per_chunk]
+        if kind == "frobenius" and estimator == "exact" and closed and not compile:
+            val = _frobenius_from_gates(problem, states, idx, gates)
+            if val is not None:
+                out.append(val.reshape(b, len(idx)))
+                continue
         lin = _linearize(problem, states, idx, gates, compile)
         n = lin.s.shape[0]
         if kind == "frobenius" and estimator == "exact":

@@ -16,7 +16,18 @@ PACKAGE = Path(__file__).resolve().parent.parent / "rnnjac"
 LAYERS = [
     (
         "foundations",
-        {"_version", "errors", "_elementwise", "_cells", "_recurrence", "_linalg", "_io", "_submodule", "tasks"},
+        {
+            "_version",
+            "errors",
+            "_elementwise",
+            "_fused_rows",
+            "_cells",
+            "_recurrence",
+            "_linalg",
+            "_io",
+            "_submodule",
+            "tasks",
+        },
     ),
     ("model protocol", {"_linearization", "_system", "_builtin_system", "_custom_system", "_dynamics", "_datasets"}),
     ("checks and options", {"_checks", "_options"}),
