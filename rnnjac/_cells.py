@@ -108,6 +108,13 @@ def _lincomb(terms, diag=None):
     return acc
 
 
+def _gate_blocks(g, n_gates: int) -> list:
+    """The gate blocks of ``g`` (``(..., n_gates * H, k)``, or None for zero) along its rows: one ``split``, whose
+    backward is one concatenation (separate slices would each scatter their gradient into a zero tensor of the
+    whole size)."""
+    return [None] * n_gates if g is None else list(g.chunk(n_gates, dim=-2))
+
+
 def _add(*terms):
     out = None
     for t in terms:
@@ -310,19 +317,14 @@ class GRUArch:
         return {"z": z, "a_z": a_z, "a_n": a_n, "a_hn": a_hn, "a_r": a_r}
 
     def tangent(self, p, coef, dx, dh, dc=None):
-        gi = _mm(p.w_ih, dx)
-        gh = _mm(p.w_hh, dh)
-        hid = coef["z"].shape[-1]
-
-        def blk(g, k):
-            return None if g is None else g[..., k * hid : (k + 1) * hid, :]
-
+        gi_r, gi_z, gi_n = _gate_blocks(_mm(p.w_ih, dx), 3)
+        gh_r, gh_z, gh_n = _gate_blocks(_mm(p.w_hh, dh), 3)
         out = _lincomb(
             [
-                (coef["a_r"], _add(blk(gi, 0), blk(gh, 0))),
-                (coef["a_z"], _add(blk(gi, 1), blk(gh, 1))),
-                (coef["a_n"], blk(gi, 2)),
-                (coef["a_hn"], blk(gh, 2)),
+                (coef["a_r"], _add(gi_r, gh_r)),
+                (coef["a_z"], _add(gi_z, gh_z)),
+                (coef["a_n"], gi_n),
+                (coef["a_hn"], gh_n),
             ],
             diag=(coef["z"], dh),
         )
@@ -429,14 +431,9 @@ class LSTMArch:
         return {"s_i": s_i, "s_f": s_f, "s_g": s_g, "f": f, "s_o": s_o, "s_m": s_m}
 
     def tangent(self, p, coef, dx, dh, dc):
-        gates = _gates_tangent(p, dx, dh)
-        hid = coef["f"].shape[-1]
-
-        def blk(k):
-            return None if gates is None else gates[..., k * hid : (k + 1) * hid, :]
-
-        dc_new = _lincomb([(coef["s_i"], blk(0)), (coef["s_f"], blk(1)), (coef["s_g"], blk(2))], diag=(coef["f"], dc))
-        dm = _lincomb([(coef["s_o"], blk(3)), (coef["s_m"], dc_new)])
+        d_i, d_f, d_g, d_o = _gate_blocks(_gates_tangent(p, dx, dh), 4)
+        dc_new = _lincomb([(coef["s_i"], d_i), (coef["s_f"], d_f), (coef["s_g"], d_g)], diag=(coef["f"], dc))
+        dm = _lincomb([(coef["s_o"], d_o), (coef["s_m"], dc_new)])
         dh_new = dm if p.w_hr is None else _mm(p.w_hr, dm)
         return dh_new, dc_new
 
