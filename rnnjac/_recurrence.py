@@ -37,7 +37,7 @@ def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
 def _linear_grads(need: tuple, x: Tensor, w: Tensor, dpre: Tensor) -> tuple:
     """``(dx, dW, db)`` of ``pre = x W^T + b`` over all steps from ``dpre (T, B, G)``, one GEMM each; ``need``: which
     of the three are wanted."""
-    flat = dpre.reshape(-1, dpre.shape[-1])
+    flat = dpre.flatten(0, 1)  # a view also for a block of columns of a larger buffer (a strided GEMM operand)
     dx = (flat @ w).view(*dpre.shape[:2], -1) if need[0] else None
     dw = flat.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
     return dx, dw, (flat.sum(0) if need[2] else None)
@@ -128,8 +128,13 @@ class _GRULayer(torch.autograd.Function):
             else:
                 dh0 = torch.addmm(base, dpre[0, :, : 3 * hid], w_hh)
         need = ctx.needs_input_grad
-        dpre_in = torch.cat([dpre[..., : 2 * hid], dpre[..., 3 * hid :]], -1)
-        dx, dw_ih, db_ih = _linear_grads((need[0], need[2], need[4]), x, w_ih, dpre_in)
+        # the input pre-activations' gradients are blocks (r, z) and (input n) of dpre: two GEMMs each, no copy
+        rz = _linear_grads((need[0], need[2], need[4]), x, w_ih[: 2 * hid], dpre[..., : 2 * hid])
+        n_in = _linear_grads((need[0], need[2], need[4]), x, w_ih[2 * hid :], dpre[..., 3 * hid :])
+        dx = rz[0].add_(n_in[0]) if need[0] else None
+        dw_ih, db_ih = (
+            torch.cat([a, b]) if need[k] else None for k, a, b in ((2, rz[1], n_in[1]), (4, rz[2], n_in[2]))
+        )
         _, dw_hh, db_hh = _linear_grads((False, need[3], need[5]), hs[:-1], w_hh, dpre[..., : 3 * hid])
         return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
 
@@ -153,7 +158,8 @@ def _gru_coefficients(hs, gates, gh_n, dgates, dghn) -> tuple[Tensor, Tensor | N
 
 
 def _gru_external(r, z, gh_n, dtanh, dgates, dghn) -> Tensor:
-    ext = torch.zeros(*r.shape[:2], 4 * r.shape[-1], dtype=r.dtype, device=r.device)
+    shape = (*r.shape[:2], 4 * r.shape[-1])
+    ext = r.new_empty(shape) if dgates is not None else r.new_zeros(shape)  # every block written, or only e_hn
     e_r, e_z, e_hn, e_n = ext.chunk(4, -1)
     if dgates is not None:
         d_r, d_z, d_n = dgates.chunk(3, -1)
