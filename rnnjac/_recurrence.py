@@ -43,6 +43,11 @@ def _linear_grads(need: tuple, x: Tensor, w: Tensor, dpre: Tensor) -> tuple:
     return dx, dw, (flat.sum(0) if need[2] else None)
 
 
+def _affine_into(out: Tensor, coef: Tensor, v: Tensor, shift: Tensor | None) -> Tensor:
+    """``out = coef * v + shift`` (``shift`` None: zero), written into ``out``."""
+    return torch.mul(coef, v, out=out) if shift is None else torch.addcmul(shift, coef, v, out=out)
+
+
 def _or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if grad is None else grad
 
@@ -117,11 +122,7 @@ class _GRULayer(torch.autograd.Function):
         dh[-1] = dhs[-1]
         for t in range(steps - 1, -1, -1):
             dh_t = dh[t]
-            dh4 = torch.cat([dh_t, dh_t, dh_t, dh_t], 1)
-            if ext is None:
-                torch.mul(coef[t], dh4, out=dpre[t])
-            else:
-                torch.addcmul(ext[t], coef[t], dh4, out=dpre[t])
+            _affine_into(dpre[t], coef[t], torch.cat([dh_t, dh_t, dh_t, dh_t], 1), None if ext is None else ext[t])
             base = torch.addcmul(dhs[t], dh_t, z[t])
             if t:
                 torch.addmm(base, dpre[t, :, : 3 * hid], w_hh, out=dh[t - 1])
@@ -244,11 +245,7 @@ class _LSTMLayer(torch.autograd.Function):
         dh, dc_carry = dhs[-1], dcs[-1]
         for t in range(steps - 1, -1, -1):
             dc = torch.addcmul(dc_carry, dh, s_m[t])
-            both = torch.cat([dc, dc, dc, dh], 1)
-            if ext is None:
-                torch.mul(coef[t], both, out=dpre[t])
-            else:
-                torch.addcmul(ext[t], coef[t], both, out=dpre[t])
+            _affine_into(dpre[t], coef[t], torch.cat([dc, dc, dc, dh], 1), None if ext is None else ext[t])
             dc_carry = torch.addcmul(dcs[t], dc, f[t])
             dh = torch.addmm(dhs[t], dpre[t], w_hh)
         need = ctx.needs_input_grad
