@@ -19,9 +19,17 @@ Issue 18 (one thread, the two sides alternated in one run, median of 3):
    rnnjac with a closed-form ``CustomCell``.
 7. Top-16 per-step singular values at H=1024 (GRU, B=8): block Krylov on the factored ``J`` against full SVDs.
 
-    python analyses/benchmark_spectra.py               # sections 5-7 (about 5 minutes on one core)
+    python analyses/benchmark_spectra.py               # sections 5-8 (about 8 minutes on one core)
     python analyses/benchmark_spectra.py --legacy      # sections 1-4 as well
     python analyses/benchmark_spectra.py --quick       # smaller shapes (smoke test)
+    python analyses/benchmark_spectra.py --sections 5 6 --hidden 64 --old   # a subset; --old also times rnnjac
+                                                       # with every QR by Householder (the route before issue 18)
+
+One thread everywhere: torch's, and NumPy's BLAS (``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS``/``MKL_NUM_THREADS``
+default to 1 here, set before NumPy loads; pass them explicitly to override).
+
+8. The default ``reortho_every=1``: rnnjac's QRs (one CholeskyQR pass where it keeps the answer) against
+   Householder QRs only, RNN/GRU/LSTM H=64.
 
 Sections not run keep their text from the previous ``figures/benchmark_spectra.md``.
 """
@@ -32,19 +40,24 @@ import argparse
 import copy
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
 import time
 
-import numpy as np
-import torch
-from _bench import FIGURES, machine, table, timeit, write
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # before NumPy loads its BLAS
+    os.environ.setdefault(_var, "1")
 
-import rnnjac
-from rnnjac._dynamics import as_dynamics
-from rnnjac._linalg import qr_positive
-from rnnjac._lyapunov_qr import initial_basis
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _bench import FIGURES, machine, table, timeit, write  # noqa: E402
+
+import rnnjac  # noqa: E402
+import rnnjac._lyapunov_qr as lyapunov_qr  # noqa: E402
+from rnnjac._dynamics import as_dynamics  # noqa: E402
+from rnnjac._linalg import qr_positive  # noqa: E402
+from rnnjac._lyapunov_qr import initial_basis  # noqa: E402
 
 
 def gru(hidden, seed=0):
@@ -215,20 +228,33 @@ def legacy(args, sections: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------- issue 18
-def alternate(fa, fb, repeat: int = 3) -> tuple[float, float]:
-    """Medians of ``repeat`` timings of ``fa`` and ``fb``, the two run in turn. A first round warms up; it
-    counts as one of the ``repeat`` when the two together took over 2 s (one-time costs are then negligible)."""
-    ta, tb = [], []
+def alternate(*fns, repeat: int = 3) -> tuple[float, ...]:
+    """Medians of ``repeat`` timings of each of ``fns``, run in turn. A first round warms up; it counts as one of
+    the ``repeat`` when the round took over 2 s (one-time costs are then negligible)."""
+    times: list[list[float]] = [[] for _ in fns]
     for r in range(repeat + 1):
-        for fn, out in ((fa, ta), (fb, tb)):
+        for fn, out in zip(fns, times, strict=True):
             t0 = time.perf_counter()
             fn()
             out.append(time.perf_counter() - t0)
-        if r == 0 and ta[0] + tb[0] <= 2.0:
-            ta, tb = [], []
-        if len(ta) == repeat:
+        if r == 0 and sum(t[0] for t in times) <= 2.0:
+            times = [[] for _ in fns]
+        if len(times[0]) == repeat:
             break
-    return statistics.median(ta), statistics.median(tb)
+    return tuple(statistics.median(t) for t in times)
+
+
+def householder_only(fn):
+    """``fn`` with every Lyapunov QR by Householder (``rnnjac._lyapunov_qr.QR_METHOD``), the route before issue 18."""
+
+    def run():
+        lyapunov_qr.QR_METHOD = "householder"
+        try:
+            return fn()
+        finally:
+            lyapunov_qr.QR_METHOD = "auto"
+
+    return run
 
 
 def _w(m, name, layer):
@@ -339,28 +365,17 @@ def published_section(args) -> str:
         ref = published_lyapunov(kind, copy.deepcopy(m).double(), x.double(), h_only)
         err_pub = (published_lyapunov(kind, m, x, h_only).double() - ref).abs().max().item()
         err_ours = (rnnjac_lyapunov(m, x, state).double() - ref).abs().max().item()
-        t_pub, t_ours = alternate(lambda: published_lyapunov(kind, m, x, h_only), lambda: rnnjac_lyapunov(m, x, state))
+        fns = [lambda: published_lyapunov(kind, m, x, h_only), lambda: rnnjac_lyapunov(m, x, state)]
+        times = alternate(*fns, *([householder_only(fns[1])] if args.old else []))
+        t_pub, t_ours = times[:2]
         conv = "" if kind != "lstm" else (" (h only)" if h_only else " (full [h; c])")
-        rows.append(
-            [
-                f"{kind.upper()}{conv} {layers}L H={hid}",
-                f"{t_pub:.3f}",
-                f"{t_ours:.3f}",
-                f"{t_pub / t_ours:.2f}x",
-                f"{err_pub:.1e}",
-                f"{err_ours:.1e}",
-            ]
-        )
+        old = [f"{times[2]:.3f}", f"{t_pub / times[2]:.2f}x"] if args.old else []
+        row = [f"{kind.upper()}{conv} {layers}L H={hid}", f"{t_pub:.3f}", f"{t_ours:.3f}", f"{t_pub / t_ours:.2f}x"]
+        rows.append([*row, *old, f"{err_pub:.1e}", f"{err_ours:.1e}"])
         print(rows[-1], flush=True)
-    head = [
-        f"model (B=8, T={steps}, all exponents, float32)",
-        "published algorithm [s]",
-        "rnnjac [s]",
-        "speed-up",
-        "published: max abs error [nats/step]",
-        "rnnjac: max abs error",
-    ]
-    return table(rows, head)
+    head = [f"model (B=8, T={steps}, all exponents, float32)", "published algorithm [s]", "rnnjac [s]", "speed-up"]
+    head += ["rnnjac, Householder QRs only [s]", "speed-up"] if args.old else []
+    return table(rows, [*head, "published: max abs error [nats/step]", "rnnjac: max abs error"])
 
 
 def rate_network(n: int, gain: float = 2.0, seed: int = 0):
@@ -371,14 +386,16 @@ def rate_network(n: int, gain: float = 2.0, seed: int = 0):
 
 
 def numpy_rate(w, h0, steps: int, dt: float = 0.1, every: int = 10):
-    """The NumPy loop of the issue: ``h <- (1-dt) h + dt W tanh(h)``, ``D_t Q``, QR every ``every`` steps."""
+    """The NumPy loop of the issue: ``h <- (1-dt) h + dt W tanh(h)``, ``D_t Q``, QR every ``every`` steps
+    (``D_t`` formed as the CustomCell below forms it: ``dt W`` scaled by columns, ``1 - dt`` added to the diagonal)."""
     n = len(h0)
     h, q, log_sum = h0.copy(), np.linalg.qr(np.random.default_rng(1).standard_normal((n, n)))[0], np.zeros(n)
-    eye = np.eye(n)
+    dtw, diag = dt * w, np.arange(n)
     for t in range(1, steps + 1):
         th = np.tanh(h)
-        d = (1 - dt) * eye + dt * w * (1 - th * th)[None, :]
-        h = (1 - dt) * h + dt * (w @ th)
+        d = dtw * (1 - th * th)[None, :]
+        d[diag, diag] += 1 - dt
+        h = (1 - dt) * h + dtw @ th
         q = d @ q
         if t % every == 0 or t == steps:
             q, r = np.linalg.qr(q)
@@ -386,16 +403,17 @@ def numpy_rate(w, h0, steps: int, dt: float = 0.1, every: int = 10):
     return np.sort(log_sum / steps)[::-1]
 
 
-def rnnjac_rate(w, h0, steps: int, dt: float = 0.1, every: int = 10):
-    wt = torch.from_numpy(w)
-    eye = torch.eye(len(h0), dtype=torch.float64)
+def rnnjac_rate(w, h0, steps: int, dt: float = 0.1, every: int | str = 10):
+    dtw = torch.from_numpy(dt * w)
 
     def step(s, x):
-        return (1 - dt) * s + dt * torch.tanh(s) @ wt.T
+        return torch.addmm(s, torch.tanh(s), dtw.T, beta=1 - dt)  # (1 - dt) s + dt W tanh(s), batched
 
     def jacobian(s, x):
         th = torch.tanh(s)
-        return (1 - dt) * eye + dt * wt * (1 - th * th)[:, None, :]
+        jac = dtw * (1 - th * th)[:, None, :]
+        jac.diagonal(dim1=-2, dim2=-1).add_(1 - dt)
+        return jac
 
     cell = rnnjac.CustomCell(step, jacobian, name="rate")
     xs = torch.zeros(1, steps, 1, dtype=torch.float64)
@@ -410,28 +428,19 @@ def rate_section(args) -> str:
     rows = []
     for n, steps in ((100, 10_000), (500, 1_000)) if not args.quick else ((50, 500),):
         w, h0 = rate_network(n)
-        top = abs(numpy_rate(w, h0, steps)[0] - rnnjac_rate(w, h0, steps)[0])
-        t_np, t_ours = alternate(lambda: numpy_rate(w, h0, steps), lambda: rnnjac_rate(w, h0, steps))
-        rows.append(
-            [
-                f"N={n}, {steps} steps, all exponents, float64",
-                f"{t_np:.3f}",
-                f"{t_ours:.3f}",
-                f"{t_np / t_ours:.2f}x",
-                f"{top:.1e}",
-            ]
-        )
+        ref = numpy_rate(w, h0, steps)
+        err = max(abs(ref[0] - rnnjac_rate(w, h0, steps, every=e)[0]) for e in (10, "auto"))
+        fns = [lambda: numpy_rate(w, h0, steps), lambda: rnnjac_rate(w, h0, steps)]
+        fns += [lambda: rnnjac_rate(w, h0, steps, every="auto")]
+        times = alternate(*fns, *([householder_only(fns[1])] if args.old else []))
+        row = [f"N={n}, {steps} steps, all exponents, float64", f"{times[0]:.3f}"]
+        row += [f"{t:.3f} ({times[0] / t:.2f}x)" for t in times[1:]]
+        rows.append([*row, f"{err:.1e}"])
         print(rows[-1], flush=True)
-    return table(
-        rows,
-        [
-            "rate network (dt=0.1, QR every 10 steps)",
-            "NumPy loop [s]",
-            "rnnjac CustomCell [s]",
-            "speed-up",
-            "abs difference of lambda_1",
-        ],
-    )
+    head = ["rate network (dt=0.1)", "NumPy loop, QR every 10 steps [s]", "rnnjac CustomCell, every 10 (speed-up)"]
+    head += ['rnnjac, reortho_every="auto"']
+    head += ["rnnjac every 10, Householder QRs only"] if args.old else []
+    return table(rows, [*head, "abs difference of lambda_1 (other initial basis)"])
 
 
 def topk_section(args) -> str:
@@ -450,6 +459,29 @@ def topk_section(args) -> str:
     return table(
         [row], ["case", "full per-step SVD [s]", "top-16 block Krylov [s]", "speed-up", "max relative difference"]
     )
+
+
+def cholesky_section(args) -> str:
+    """Section 8: the default ``reortho_every=1`` (a QR every step), CholeskyQR where it keeps the answer against
+    Householder QRs only (the route before issue 18), one row per model (B=8, T=500, all exponents, float32)."""
+    steps, hid = (500, args.hidden[0]) if not args.quick else (60, 16)
+    rows = []
+    for kind, layers in (("rnn", 1), ("gru", 1), ("gru", 2), ("lstm", 1)):
+        torch.manual_seed(0)
+        m = getattr(torch.nn, kind.upper())(16, hid, num_layers=layers, batch_first=True)
+        x = torch.randn(8, steps, 16, generator=torch.Generator().manual_seed(1))
+        state = "h" if kind == "lstm" else "full"
+
+        def ours(m=m, x=x, state=state):
+            return rnnjac_lyapunov(m, x, state, reortho_every=1)
+
+        diff = (ours() - householder_only(ours)()).abs().max().item()
+        t_new, t_old = alternate(ours, householder_only(ours))
+        name = f"{kind.upper()}{' (h only)' if kind == 'lstm' else ''} {layers}L H={hid}"
+        rows.append([name, f"{t_old:.3f}", f"{t_new:.3f}", f"{t_old / t_new:.2f}x", f"{diff:.1e}"])
+        print(rows[-1], flush=True)
+    head = [f"model (B=8, T={steps}, reortho_every=1, float32)", "Householder QRs only [s]", "rnnjac now [s]"]
+    return table(rows, [*head, "speed-up", "max abs difference of the exponents"])
 
 
 def merged(previous: str, new: dict[str, str]) -> str:
@@ -471,6 +503,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="smaller shapes (smoke test)")
     ap.add_argument("--legacy", action="store_true", help="run sections 1-4 (issue 4) as well")
     ap.add_argument("--hidden", type=int, nargs="+", default=[64, 128], help="H of section 5")
+    ap.add_argument("--sections", type=int, nargs="+", default=[5, 6, 7, 8], choices=[5, 6, 7, 8], help="which of 5-8")
+    ap.add_argument("--old", action="store_true", help="also time rnnjac with Householder QRs only (sections 5-6)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     new: dict[str, str] = {}
@@ -486,19 +520,22 @@ def main(argv=None):
         f"# Spectra benchmarks\n\nMachine: {machine()}; one thread, shared machine (noisy). Sections not rerun "
         "(sections 1-4 without --legacy) keep the text of the earlier run that measured them (2 threads).\n\n"
     )
-    tail = "\nReproduce: `python analyses/benchmark_spectra.py [--legacy] [--hidden 64 128]`\n"
+    tail = "\nReproduce: `python analyses/benchmark_spectra.py [--legacy] [--hidden 64 128] [--sections 5 6 7 8] [--old]`\n"
     name = "benchmark_spectra.md" if not args.quick else "benchmark_spectra_quick.md"
     t0 = time.perf_counter()
-    for title, section in (
-        ("Against the published algorithm (issue 18, target >= 3x)", published_section),
-        ("Rate network against a NumPy loop (issue 18, target >= 2x)", rate_section),
-        ("Top-16 per-step singular values, H=1024 (issue 18, target >= 10x, 1e-5)", topk_section),
+    for number, title, section in (
+        (5, "Against the published algorithm (issue 18, target >= 3x)", published_section),
+        (6, "Rate network against a NumPy loop (issue 18, target >= 2x)", rate_section),
+        (7, "Top-16 per-step singular values, H=1024 (issue 18, target >= 10x, 1e-5)", topk_section),
+        (8, "The default reortho_every=1: CholeskyQR where it keeps the answer (issue 18)", cholesky_section),
     ):
+        if number not in args.sections:
+            continue
         new[title] = section(args)
         write(
             name, head + merged(previous.replace(tail, ""), new) + tail
         )  # after each section: a partial run keeps what it measured
-    print(f"sections 5-7: {time.perf_counter() - t0:.0f} s")
+    print(f"sections {args.sections}: {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

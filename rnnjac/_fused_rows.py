@@ -191,7 +191,7 @@ def lstm_frobenius_rows(i: Tensor, f: Tensor, g: Tensor, o: Tensor, c: Tensor, c
     --------
     >>> half, zero = torch.full((1, 1), 0.5), torch.zeros(1, 1)
     >>> lstm_frobenius_rows(half, half, zero, half, zero, zero, torch.eye(4).expand(1, 4, 4)).tolist()
-    [1.5]
+    [0.625]
     """
     return _LSTMRows.apply(i, f, g, o, c, c_new, gram)
 

@@ -42,6 +42,7 @@ unchanged; :class:`Interrupted` (a ``KeyboardInterrupt`` subclass) carries a one
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -534,7 +535,11 @@ def save(ds: xr.Dataset, path, *, overwrite: bool = False) -> Path:
         # zarr format 2: string coordinates (``part``) have no stable v3 encoding yet
         def write(tmp):
             with _local_dask():
-                ds.to_zarr(tmp, mode="w-", zarr_format=2, consolidated=True)
+                try:
+                    ds.to_zarr(tmp, mode="w-", zarr_format=2, consolidated=True)
+                except BaseException:
+                    _settle_zarr()  # before the temporary store is removed
+                    raise
     else:
 
         def write(tmp):
@@ -543,6 +548,33 @@ def save(ds: xr.Dataset, path, *, overwrite: bool = False) -> Path:
             _write_bytes(tmp, data)
 
     return _write_checked(path, write, overwrite, DATASET_SUFFIXES)
+
+
+def _settle_zarr(timeout: float = 60.0) -> None:
+    """Wait until no write is in flight on zarr's I/O event loop.
+
+    zarr 3 writes a store's keys concurrently (``asyncio.gather`` on its own loop thread). When one write fails,
+    the error reaches the caller while the sibling writes go on, and they can re-create files in the temporary
+    store after it was removed. zarr 2 writes synchronously and needs no wait.
+    """
+    try:
+        from zarr.core.sync import sync
+    except ImportError:
+        return
+
+    async def drain():
+        me = asyncio.current_task()
+        deadline = time.monotonic() + timeout
+        while others := [t for t in asyncio.all_tasks() if t is not me and not t.done()]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.wait(others, timeout=left)
+
+    try:
+        sync(drain())
+    except Exception as err:  # noqa: BLE001 - the original write error is what the caller must see
+        log.debug("could not wait for zarr's pending writes: %s", err)
 
 
 @contextmanager

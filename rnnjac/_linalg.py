@@ -55,9 +55,9 @@ def _cholesky_qr(a: Tensor, shift: bool) -> tuple[Tensor, Tensor]:
 
 
 def cholesky_qr_diag(a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One unshifted CholeskyQR pass of a tall ``a (..., m, n)``: ``G = a^T a = L L^T``, ``Q = a L^{-T}``.
+    """One unshifted CholeskyQR pass of a tall ``a (..., m, n)``: ``G = a^T a = R^T R``, ``Q = a R^{-1}``.
 
-    Returns ``(Q, diag R, column norms of a, failed)`` with ``R = L^T`` (``diag R > 0``) and ``failed`` a 0-dim
+    Returns ``(Q, diag R, column norms of a, failed)`` (``diag R > 0``) and ``failed`` a 0-dim
     bool tensor, true when a Cholesky factorisation broke down (``a`` numerically rank deficient). Half the cost
     of Householder QR (one Gram GEMM, a Cholesky and a triangular solve), but the relative error of ``R_ii`` and
     the loss of orthogonality of ``Q`` are about ``u cond(a)^2`` (Yamamoto, Nakatsukasa, Yanagisawa & Fukaya
@@ -72,10 +72,11 @@ def cholesky_qr_diag(a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     ([5.0, 0.4], [5.0, 2.2360679775], False)
     """
     g = a.mT @ a
-    low, info = torch.linalg.cholesky_ex(g)
-    q = torch.linalg.solve_triangular(low, a.mT, upper=False).mT
+    r, info = torch.linalg.cholesky_ex(g, upper=True)
+    # Q column-major, as Householder's: the next J Q reads it 1.5-2x faster (B = 8, D = 64, one thread)
+    q = torch.linalg.solve_triangular(r, a, upper=True, left=False)
     norms = torch.diagonal(g, dim1=-2, dim2=-1).sqrt()
-    return q, torch.diagonal(low, dim1=-2, dim2=-1), norms, (info != 0).any()
+    return q, torch.diagonal(r, dim1=-2, dim2=-1), norms, (info != 0).any()
 
 
 def cholesky_qr3(a: Tensor) -> tuple[Tensor, Tensor]:

@@ -43,10 +43,11 @@ CholeskyQR pass (:func:`rnnjac._linalg.cholesky_qr_diag`: a Gram GEMM, a Cholesk
 faster than geqrf + householder_product at B = 8, D = 64-128 and at B = 1, D = 100-500, one thread) whenever that
 is as accurate: its ``R_ii`` carry relative errors of about ``u kappa^2`` (Yamamoto et al. 2015), so the pass is
 kept only when the condition estimate of its own result (the larger of ``||m_i|| / R_ii`` and ``max_j R_jj / R_ii``,
-as above) is at most :data:`CHOLESKY_MAX_CONDITION` (``u kappa^2 <= 1e-10`` in float64: 674), and the QR is
+as above) is at most :data:`CHOLESKY_MAX_CONDITION` (``u kappa^2 <= 1e-10`` in float64: 671), and the QR is
 repeated by Householder when the Cholesky factorisation breaks down or the estimate is larger (a rank-deficient
 or ill-conditioned block, a NaN). The next interval's condition is predicted from the last accepted one (its log
-grows linearly with the steps covered); after a fallback, Cholesky is tried again only after 1, 2, 4 ... 64 QRs.
+grows linearly with the steps covered; with ``reortho_every="auto"`` from the condition measured at every QR);
+after a fallback, Cholesky is tried again only after 1, 2, 4 ... 64 QRs.
 In practice: a QR every step or every few steps of a slowly separating spectrum (the default ``reortho_every=1``,
 a rate network every 10 steps) takes the Cholesky route; ``reortho_every="auto"`` plans for a condition of 1e6-1e7
 and keeps Householder. The differentiable pass keeps :func:`rnnjac._linalg.qr_positive`.
@@ -197,6 +198,10 @@ class LyapunovQR:
     (steps given with ``matrix=J_t``) runs in float64 on the CPU (module docstring); the results keep the
     dtype of ``q0``.
 
+    ``qr_method`` (in-place mode): ``"auto"`` orthonormalises a float64 block on the CPU by one CholeskyQR pass
+    when that keeps the answer, else by Householder (module docstring; :attr:`qr_counts` counts the routes);
+    ``"householder"``: always Householder. None: :data:`QR_METHOD`.
+
     ``blocks=True`` (in-place mode) also streams ``log R_ii`` into block sums for the errors of
     :mod:`rnnjac._uncertainty` (memory independent of T: :data:`rnnjac._uncertainty.MAX_BLOCKS` float64 numbers
     per sample and exponent).
@@ -267,6 +272,7 @@ class LyapunovQR:
         self._transient: tuple[int, BlockStats] | None = None
         self.dtype = q0.dtype  # of the results; the tangents may be widened at the first step (_first_step)
         self.widened: bool | None = None
+        self._wide: Tensor | None = None  # J_t widened to the tangents' dtype
         self.qr_method = qr_method
         #: QRs taken by each route (in place): "cholesky" kept, "householder" (of which "fallback" after a rejected
         #: Cholesky pass)
@@ -286,8 +292,11 @@ class LyapunovQR:
         """``J_t Q`` of a widened chain (a step without its matrix runs in the results' dtype)."""
         if matrix is None:
             return apply(self.q.to(self.dtype)).to(self.q.dtype)
+        if self._wide is None or self._wide.shape != matrix.shape:
+            self._wide = torch.empty(matrix.shape, dtype=self.q.dtype, device=matrix.device)
+        wide = self._wide.copy_(matrix)  # into one buffer: half the cost of a fresh .to() (B = 8, D = 128)
         # (Q^T J^T)^T: the product column-major, as LAPACK's QR and the column norms read it (1.1-9x faster)
-        return torch.bmm(self.q.mT, matrix.to(self.q.dtype).mT).mT
+        return torch.bmm(self.q.mT, wide.mT).mT
 
     def _due(self, t: int) -> int | None:
         """The steps covered by a QR after step ``t``, or None when no QR is due."""
@@ -320,12 +329,12 @@ class LyapunovQR:
     def _qr_in_place(self, t: int, q: Tensor, cover: int) -> Tensor:
         counted = t > self.start
         measure = self.reortho_every != 1 and (self.schedule is not None or self.skip == 0)
+        self.q, r, norms = self._orthonormalise(q, cover)  # norms: (B, k) column norms before the QR, or None
         if measure:
-            norms = torch.linalg.vector_norm(q, dim=-2)  # (B, k) column norms before the QR
+            norms = torch.linalg.vector_norm(q, dim=-2) if norms is None else norms
             floor = collapse_floor(torch.linalg.vector_norm(norms, dim=-1), q.shape[-2], cover)
         elif counted:
             floor = collapse_floor(torch.linalg.vector_norm(q, dim=(-2, -1)), q.shape[-2], cover)
-        self.q, r = self._orthonormalise(q, cover)
         finite = torch.isfinite(r).all()  # a NaN/Inf in J_t Q reaches diag(R)
         if not (counted or measure):
             self._plan(t, cover, None)
@@ -356,17 +365,18 @@ class LyapunovQR:
             return False
         if self._chol_wait > 0:
             self._chol_wait -= 1
-            if self._chol_wait == 0:
-                self._chol_rate = 0.0  # try again whatever the old prediction
+            if self._chol_wait == 0 and self.schedule is not None:
+                self._chol_rate = 0.0  # try again whatever the old prediction ("auto" measures it at every QR)
             return False
         if self._chol_rate * cover > math.log(CHOLESKY_MAX_CONDITION):
-            self._chol_wait, self._chol_backoff = self._chol_backoff, min(2 * self._chol_backoff, CHOLESKY_MAX_WAIT)
+            if self.schedule is not None:
+                self._chol_wait, self._chol_backoff = self._chol_backoff, min(2 * self._chol_backoff, CHOLESKY_MAX_WAIT)
             return False
         return True
 
-    def _orthonormalise(self, q: Tensor, cover: int) -> tuple[Tensor, Tensor]:
-        """``(Q, |diag R|)`` of ``q``: CholeskyQR when due and its result is well conditioned (one host sync),
-        else Householder (:func:`householder_diag`)."""
+    def _orthonormalise(self, q: Tensor, cover: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(Q, |diag R|, column norms or None)`` of ``q`` (left intact): CholeskyQR when due and its result is
+        well conditioned (one host sync; the norms come with it), else Householder (:func:`householder_diag`)."""
         if self._cholesky_due(q, cover):
             q1, r, norms, failed = cholesky_qr_diag(q)
             log_r = torch.log(r)
@@ -375,11 +385,11 @@ class LyapunovQR:
             if worst <= math.log(CHOLESKY_MAX_CONDITION):  # False for NaN
                 self._chol_rate, self._chol_backoff = max(worst, 0.0) / cover, 1
                 self.qr_counts["cholesky"] += 1
-                return q1, r
+                return q1, r, norms
             self.qr_counts["fallback"] += 1
             self._chol_wait, self._chol_backoff = self._chol_backoff, min(2 * self._chol_backoff, CHOLESKY_MAX_WAIT)
         self.qr_counts["householder"] += 1
-        return householder_diag(q)
+        return (*householder_diag(q), None)
 
     def _track(self, log_cond: Tensor, cover: int) -> None:
         """Record a counted QR's condition estimate ``(B, k)`` (no host sync)."""
@@ -410,6 +420,7 @@ class LyapunovQR:
         log_cond, log_r, resolved = measured
         growth = torch.where(resolved, log_r.abs(), 0.0)
         cond, size = torch.stack([log_cond.amax(), growth.amax()]).tolist()
+        self._chol_rate = cond / cover  # the Cholesky route's prediction (_cholesky_due)
         dtype = log_r.dtype
         target = WIDENED_TARGET if self.widened else condition_target(dtype)
         by_cond = math.log(target) * cover / cond if cond > 0 else math.inf
