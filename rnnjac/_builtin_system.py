@@ -203,6 +203,9 @@ class BuiltinSystem(System):
     def factored(self, method: str) -> bool:
         return method == "analytic"
 
+    def factored_apply_cheap(self, method: str) -> bool:
+        return self.factored(method) and self.cell.n_gates == 1
+
     def frobenius_closed_form(self, state: str, *, stacked: bool = False) -> bool:
         if stacked:  # every layer's own block in row form, the cross-layer blocks as (H, H) products
             return state == "full" and all(frobenius_row_local(self.cell, [p], state) for p in self.layers)

@@ -81,6 +81,9 @@ def _mm(w: Tensor, v):
         # one (m, n) @ (n, N k) GEMM beats N small ones for narrow tangent blocks
         n, k = v.shape[0], v.shape[-1]
         return (w @ v.transpose(0, 1).reshape(v.shape[1], n * k)).reshape(w.shape[0], n, k).transpose(0, 1)
+    if v.dim() == 3 and v.stride(-2) == 1 and v.stride(0) == v.shape[-1] * v.stride(-1) and v.shape[-2] > 1:
+        # a column-major block (a QR's Q): one (N k, n) @ (n, m) GEMM, and the product column-major as well
+        return (v.mT @ w.T).mT
     return torch.matmul(w, v)
 
 

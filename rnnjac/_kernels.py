@@ -31,7 +31,7 @@ from ._cells import EYE
 from ._checks import NonFiniteError, Problem, check_states_finite
 from ._dynamics import Linearization, grad_region
 from ._linalg import EndToEnd, kaplan_yorke, svdvals
-from ._lyapunov_qr import LyapunovQR, initial_basis
+from ._lyapunov_qr import LyapunovQR, initial_basis, tangent_dtype
 from ._transients import auto_warmup
 from ._uncertainty import BlockStats, convergence, lyapunov_uncertainty
 
@@ -286,11 +286,15 @@ class _SpectraPass:
         self.top_sv = None if isinstance(sv, bool) or sv >= self.d else int(sv)  # Krylov top-k per step
         self.per_step = bool(sv) or options.eigenvalues
         self.sequential = options.lyapunov or options.end_to_end  # a sequential per-step loop reports each step
-        # J Q with the shared weights wins for narrow tangent blocks; for wide ones (k > D/16, and the
+        # J Q with the shared weights wins for narrow tangent blocks, and for any width when it is as much GEMM
+        # work as J_t @ Q (an Elman RNN: no J_t to form); for wide blocks of gated cells (k > D/16, and the
         # end-to-end product) materialising J_t and one bmm is faster (analyses/benchmark_spectra.py)
-        self.structured = (not options.end_to_end) and dyn.factored(problem.method) and k * 16 <= self.d
+        narrow = k * 16 <= self.d or dyn.factored_apply_cheap(problem.method)
+        self.structured = (not options.end_to_end) and dyn.factored(problem.method) and narrow
         dense_sv = bool(sv) and self.top_sv is None
         self.materialise = dense_sv or options.eigenvalues or (self.sequential and not self.structured)
+        # a wide factored chain (k > D/16) is widened as a dense one would be (LyapunovQR, "wide=True")
+        self.wide = tangent_dtype(problem.xs.dtype, problem.xs.device, self.d) if k * 16 > self.d else problem.xs.dtype
         self.attrs: dict = {}
         self.states: Tensor | None = None  # the whole trajectory, when warmup="auto" ran it first
         self.warmup = self._resolve_warmup()
@@ -411,7 +415,10 @@ class _SpectraPass:
         """The sequential part, one step at a time on the chunk's precomputed ``J_t`` (or factored pieces):
         ``apply`` is a bound ``bmm`` (or ``apply``) per step, made once per chunk."""
         state, lyap, e2e, on_steps = self.problem.state, self.lyap, self.e2e, self.on_steps
+        wide = False
         if self.structured:
+            if lyap is not None and e2e is None and self.wide != lin.s.dtype:  # the chain runs in float64
+                lin, wide = lin.to(self.wide), True
             applies = [partial(lin_t.apply, state=state) for lin_t in lin.unbind(n)]
             matrices = [None] * n
         else:
@@ -422,7 +429,7 @@ class _SpectraPass:
         for j, (apply, matrix) in enumerate(zip(applies, matrices, strict=True)):
             t = t0 + j + 1
             if lyap is not None:
-                finite = lyap.step(t, apply, matrix=matrix)
+                finite = lyap.step(t, apply, matrix=matrix, wide=wide)
                 if finite is not None:
                     ok[j] &= finite
             if e2e is not None:

@@ -187,6 +187,15 @@ class Linearization(ABC):
         return out if keep_graph else out.detach()
 
 
+def _join_rows(blocks: list[Tensor]) -> Tensor:
+    """``torch.cat(blocks, -2)``, column-major when the blocks are (the layout LAPACK's QR reads without a copy)."""
+    if len(blocks) == 1:
+        return blocks[0]
+    if blocks[0].dim() < 2 or not all(b.stride(-2) == 1 and b.shape[-2] > 1 for b in blocks):
+        return torch.cat(blocks, -2)
+    return torch.cat([b.mT for b in blocks], -1).mT
+
+
 def _split_steps(t: Tensor, steps: int):
     return t.reshape(-1, steps, *t.shape[1:]).unbind(1)
 
@@ -287,6 +296,12 @@ class FactoredLinearization(Linearization):
     def _operands(self) -> list[Tensor]:
         return [v for c in self.coefs for v in c.values()] + [t for p in self.layers for t in p.tensors()]
 
+    def to(self, dtype: torch.dtype) -> FactoredLinearization:
+        """The same linearisation with every operand (weights, coefficients, points) converted to ``dtype``."""
+        coefs = [{k: v.to(dtype) for k, v in c.items()} for c in self.coefs]
+        layers = [p.map(lambda t: t.to(dtype)) for p in self.layers]
+        return self._with(layers, self.s.to(dtype), self.x.to(dtype), coefs)
+
     def apply(self, q: Tensor, state: str = "full") -> Tensor:
         out, dx, off = [], None, 0
         for p, coef, parts in zip(self.layers, self.coefs, self.layout.parts, strict=False):
@@ -302,7 +317,7 @@ class FactoredLinearization(Linearization):
             if dc is not None and state == "full":
                 out.append(dc)
             dx = dh
-        return torch.cat(out, -2)
+        return _join_rows(out)
 
     def apply_transpose(self, u: Tensor, state: str = "full") -> Tensor:
         """``J^T U`` in closed form (:meth:`CellArch.tangent_transpose`): the layers from the top down, each one

@@ -279,17 +279,20 @@ class LyapunovQR:
         self.qr_counts = {"cholesky": 0, "householder": 0, "fallback": 0}
         self._chol_rate, self._chol_wait, self._chol_backoff = 0.0, 0, 1  # log-condition per step; retry backoff
 
-    def _first_step(self, matrix: Tensor | None) -> None:
-        """In place, a dense chain (steps given with ``matrix=J_t``) of float32 tangents on the CPU runs in float64
-        (:func:`tangent_dtype`): ``J_t`` is widened as it is applied, the QRs are no slower, and
-        ``reortho_every="auto"`` keeps the bound :data:`WIDENED_TARGET`."""
+    def _first_step(self, matrix: Tensor | None, wide_apply: bool) -> None:
+        """In place, a dense chain (steps given with ``matrix=J_t``, or with ``wide=True``) of float32 tangents on
+        the CPU runs in float64 (:func:`tangent_dtype`): ``J_t`` is widened as it is applied, the QRs are no
+        slower, and ``reortho_every="auto"`` keeps the bound :data:`WIDENED_TARGET`."""
         wide = tangent_dtype(self.q.dtype, self.q.device, self.q.shape[-2])
-        self.widened = not self.differentiable and matrix is not None and wide != self.q.dtype
+        dense = matrix is not None or wide_apply
+        self.widened = not self.differentiable and dense and wide != self.q.dtype
         if self.widened:
             self.q, self.log_sum, self.log_cond = self.q.to(wide), self.log_sum.to(wide), self.log_cond.to(wide)
 
-    def _apply(self, apply: Apply, matrix: Tensor | None) -> Tensor:
-        """``J_t Q`` of a widened chain (a step without its matrix runs in the results' dtype)."""
+    def _apply(self, apply: Apply, matrix: Tensor | None, wide_apply: bool) -> Tensor:
+        """``J_t Q`` of a widened chain (a step without its matrix, not ``wide``, runs in the results' dtype)."""
+        if wide_apply:
+            return apply(self.q)
         if matrix is None:
             return apply(self.q.to(self.dtype)).to(self.q.dtype)
         if self._wide is None or self._wide.shape != matrix.shape:
@@ -306,15 +309,17 @@ class LyapunovQR:
             return t - self.last_qr
         return None
 
-    def step(self, t: int, apply: Apply, *, matrix: Tensor | None = None) -> Tensor | None:
+    def step(self, t: int, apply: Apply, *, matrix: Tensor | None = None, wide: bool = False) -> Tensor | None:
         """Step ``t`` (1-based): ``Q <- apply(Q)`` (``apply(Q) = J_t Q``), then the QR if one is due; ``matrix``:
         ``J_t`` itself ``(B, D, D)`` when the step is a dense matrix (``apply`` is then ``bmm`` with it), which lets
-        a float32 chain run in float64 (class docstring)."""
+        a float32 chain run in float64 (class docstring). ``wide=True``: ``apply`` takes and returns tangents in
+        :func:`tangent_dtype` (a factored step whose operands the caller widened), and the chain is widened as for
+        a matrix."""
         if t <= self.warmup:
             return None
         if self.widened is None:
-            self._first_step(matrix)
-        q = self._apply(apply, matrix) if self.widened else apply(self.q)
+            self._first_step(matrix, wide)
+        q = self._apply(apply, matrix, wide) if self.widened else apply(self.q)
         cover = self._due(t)
         if cover is None:
             self.q = q

@@ -266,6 +266,11 @@ class System(ABC):
         """Whether ``linearize(..., method)`` returns a :class:`FactoredLinearization`."""
         return False
 
+    def factored_apply_cheap(self, method: str) -> bool:
+        """Whether the factored ``J Q`` costs no more GEMM work than ``J_t @ Q`` with ``J_t`` formed, for any
+        width of ``Q`` (one weight matrix per layer, as in an Elman RNN; a stack's zero upper blocks are skipped)."""
+        return False
+
     def frobenius_closed_form(self, state: str, *, stacked: bool = False) -> bool:
         """Whether ``||J||_F^2`` has the row-local (Gram) form: one layer, no projection, full state
         (``stacked=True``: every layer of a stack has it, and ``frobenius_sq`` needs no full ``J``)."""

@@ -349,3 +349,40 @@ def test_a_float32_model_s_auto_exponents_equal_a_float64_every_step_reference()
     np.testing.assert_allclose(auto.lyapunov_exponents.values[:, :4], ref[:, :4], rtol=0, atol=2e-7)
     np.testing.assert_allclose(auto.lyapunov_exponents.values, ref, rtol=0, atol=3e-5)
     assert auto.attrs["lyapunov_qr_count"] < 280 / 2
+
+
+def test_a_factored_step_with_wide_true_runs_the_chain_in_float64():
+    """``step(..., wide=True)``: ``apply`` takes the float64 tangents itself (operands widened by the caller);
+    the chain is widened exactly as a dense one, and gives the same exponents."""
+    mu = torch.tensor([1.5, -0.9, 0.6, 0.25, -0.1], dtype=F64)
+    s, s_inv = nonnormal(mu, cond=1e2)
+    j32 = (s @ torch.diag(mu) @ s_inv).float().expand(2, 5, 5).contiguous()
+    q0 = initial_basis(5, 5, gen(1), torch.float32, batch=2)
+    results = []
+    for wide in (False, True):
+        acc = LyapunovQR(q0, 300, tangent_warmup=100, reortho_every="auto")
+        for t in range(1, 301):
+            if wide:
+                acc.step(t, lambda q: j32.double() @ q, wide=True)
+            else:
+                acc.step(t, partial(torch.bmm, j32), matrix=j32)
+        assert acc.widened and acc.q.dtype == F64
+        results.append(acc.result())
+    assert results[0].attrs["lyapunov_qr_count"] == results[1].attrs["lyapunov_qr_count"]
+    torch.testing.assert_close(results[1].exponents, results[0].exponents, rtol=0, atol=1e-12)
+
+
+def test_a_float32_stacked_rnn_takes_the_widened_factored_chain():
+    """A 2-layer float32 tanh RNN's full spectrum (J Q from the shared weights, no J_t formed): its "auto" exponents
+    equal the float64 model's every-step spectrum to float32's rounding of the weights, with the float64 chain's
+    condition bound (fewer than a third of the QRs)."""
+    torch.manual_seed(0)
+    model = torch.nn.RNN(3, 6, num_layers=2, batch_first=True)
+    x = torch.randn(2, 300, 3, generator=gen(2))
+    kw = dict(warmup=20, ci=None)
+    ref = rnnjac.lyapunov_spectrum(model, x, dtype=F64, generator=gen(0), **kw).lyapunov_exponents.values
+    auto = rnnjac.lyapunov_spectrum(model, x, reortho_every="auto", generator=gen(0), **kw)
+    assert auto.lyapunov_exponents.dtype == np.float32
+    assert auto.attrs["lyapunov_mean_log10_condition"] > np.log10(30)  # beyond float32's bound: a float64 chain
+    np.testing.assert_allclose(auto.lyapunov_exponents.values, ref, rtol=0, atol=1e-6)
+    assert auto.attrs["lyapunov_qr_count"] < 280 / 3
