@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ._checks import NonFiniteError, Problem
-from ._kernels import CACHE_CHUNK_BYTES, linearization_stream, time_chunk_for
+from ._kernels import CACHE_CHUNK_BYTES, factored_pays, linearization_stream, time_chunk_for
 from ._linalg import qr
 from ._lyapunov_qr import initial_basis
 
@@ -215,7 +215,7 @@ class _Forward:
     def run(self) -> None:
         problem, state = self.problem, self.problem.state
         b, d, k = self.q.shape
-        structured = problem.dyn.factored(problem.method) and k * 16 <= d
+        structured = factored_pays(problem, k)
         itemsize = self.q.element_size()  # materialised Jacobians: chunks that stay in cache, as the spectra
         chunk = (
             min(problem.steps, 256)

@@ -27,20 +27,19 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._cells import EYE
 from ._checks import NonFiniteError, Problem, check_states_finite
 from ._dynamics import Linearization, grad_region
 from ._linalg import EndToEnd, kaplan_yorke, svdvals
-from ._lyapunov_qr import LyapunovQR, initial_basis, tangent_dtype
+from ._lyapunov_qr import LyapunovQR, initial_basis
 from ._transients import auto_warmup
 from ._uncertainty import BlockStats, convergence, lyapunov_uncertainty
 
 __all__ = [
     "Chunk",
+    "factored_pays",
     "linearization_stream",
     "run_states",
     "spectra_tensors",
-    "h_jacobian",
     "step_spectra",
     "time_chunk_for",
     "top_singular_values",
@@ -71,6 +70,16 @@ def time_chunk_for(batch: int, size: int, steps: int, max_elements: int = DEFAUL
     16
     """
     return max(1, min(steps, max_elements // max(1, batch * size * size)))
+
+
+def factored_pays(problem: Problem, k: int) -> bool:
+    """Whether a tangent block of ``k`` columns is pushed through ``J_t`` by the factored linearisation (GEMMs with
+    the shared weights, no ``J_t`` formed) rather than a materialised ``J_t`` and one ``bmm``: for narrow blocks
+    (``16 k <= D``), and at any width when the factored product is no more GEMM work (an Elman RNN); for wide
+    blocks of gated cells materialising is faster (analyses/benchmark_spectra.py)."""
+    dyn = problem.dyn
+    narrow = k * 16 <= dyn.size(problem.state) or dyn.factored_apply_cheap(problem.method)
+    return dyn.factored(problem.method) and narrow
 
 
 # ----------------------------------------------------------------------------- the stream of linearisations
@@ -253,27 +262,6 @@ def spectra_tensors(problem: Problem, options, *, generator=None, on_steps: OnSt
         return run.finish()
 
 
-def h_jacobian(lin: Linearization) -> Tensor:
-    """``J`` on the h coordinates (c held: ``state="h"``) of a factored linearisation, ``(N, D_h, D_h)``,
-    without forming the ``[h; c]`` Jacobian: per layer its own block ``dh'/dh`` and, below the diagonal, the
-    layer's ``dh'/dx`` times the rows of the layer below (README, "Conventions": "State vector").
-    Any other linearisation: ``lin.materialize("h")``."""
-    if not lin.factored or lin.layout.h_size == lin.layout.state_size:
-        return lin.materialize("h")
-    cell, d = lin.cell, lin.layout.h_size
-    j = lin.s.new_empty(lin.s.shape[0], d, d)
-    r0 = n_below = 0
-    for p, coef, parts in zip(lin.layers, lin.coefs, lin.layout.parts, strict=True):
-        r1 = r0 + parts[0][1]
-        j[:, r0:r1, r0:r1] = cell.tangent(p, coef, None, EYE, None)[0]
-        if r0 > 0:  # one batched GEMM with the h rows of the layer below (over all columns to its left)
-            j[:, r0:r1, :r0] = cell.tangent(p, coef, EYE, None, None)[0] @ j[:, r0 - n_below : r0, :r0]
-        if r1 < d:
-            j[:, r0:r1, r1:] = 0
-        n_below, r0 = r1 - r0, r1
-    return j
-
-
 class _SpectraPass:
     """The state of one :func:`spectra_tensors` pass: output buffers, the QR accumulator, the end-to-end product."""
 
@@ -286,15 +274,11 @@ class _SpectraPass:
         self.top_sv = None if isinstance(sv, bool) or sv >= self.d else int(sv)  # Krylov top-k per step
         self.per_step = bool(sv) or options.eigenvalues
         self.sequential = options.lyapunov or options.end_to_end  # a sequential per-step loop reports each step
-        # J Q with the shared weights wins for narrow tangent blocks, and for any width when it is as much GEMM
-        # work as J_t @ Q (an Elman RNN: no J_t to form); for wide blocks of gated cells (k > D/16, and the
-        # end-to-end product) materialising J_t and one bmm is faster (analyses/benchmark_spectra.py)
-        narrow = k * 16 <= self.d or dyn.factored_apply_cheap(problem.method)
-        self.structured = (not options.end_to_end) and dyn.factored(problem.method) and narrow
+        self.structured = (not options.end_to_end) and factored_pays(problem, k)
         dense_sv = bool(sv) and self.top_sv is None
         self.materialise = dense_sv or options.eigenvalues or (self.sequential and not self.structured)
-        # a wide factored chain (k > D/16) is widened as a dense one would be (LyapunovQR, "wide=True")
-        self.wide = tangent_dtype(problem.xs.dtype, problem.xs.device, self.d) if k * 16 > self.d else problem.xs.dtype
+        # a wide factored chain (k > D/16) runs in the dtype of a dense one (LyapunovQR.chain_dtype, "wide=True")
+        self.widen_factored = k * 16 > self.d
         self.attrs: dict = {}
         self.states: Tensor | None = None  # the whole trajectory, when warmup="auto" ran it first
         self.warmup = self._resolve_warmup()
@@ -391,7 +375,7 @@ class _SpectraPass:
         self._store_states(t0, chunk.states[:, 1:])
         jac = None
         if self.materialise:
-            jac = h_jacobian(chunk.lin) if state == "h" else chunk.lin.materialize(state)
+            jac = chunk.lin.materialize(state)
             # one reading pass: a NaN/Inf entry makes its matrix's sum non-finite
             ok &= torch.isfinite(jac.sum((-2, -1))).reshape(b, n).all(0)
             _raise_first_bad(ok, t0, "the state or Jacobian J_t is NaN/Inf")
@@ -417,8 +401,8 @@ class _SpectraPass:
         state, lyap, e2e, on_steps = self.problem.state, self.lyap, self.e2e, self.on_steps
         wide = False
         if self.structured:
-            if lyap is not None and e2e is None and self.wide != lin.s.dtype:  # the chain runs in float64
-                lin, wide = lin.to(self.wide), True
+            if lyap is not None and e2e is None and self.widen_factored and lyap.chain_dtype != lin.s.dtype:
+                lin, wide = lin.to(lyap.chain_dtype), True  # the chain runs in float64
             applies = [partial(lin_t.apply, state=state) for lin_t in lin.unbind(n)]
             matrices = [None] * n
         else:

@@ -340,47 +340,40 @@ class FactoredLinearization(Linearization):
         return torch.cat(out, -2)
 
     def materialize(self, state: str = "full") -> Tensor:
-        if state != "full" and self.layout.h_size != self.layout.state_size:
-            return self._materialize_h()
-        n, cell, total = self.s.shape[0], self.cell, self.layout.state_size
+        """``J`` as ``(N, D, D)``, built block by block: per layer its own rows over its own columns (for
+        ``state="h"`` the h rows and columns only: no c column is formed) and, below the diagonal,
+        ``(dF_l/dx) @ B_{l-1}``, one batched GEMM with ``B_{l-1}`` the h rows of the layer below. A single
+        block (one layer, no c part in the chosen state) is the cell's own product, returned without a copy."""
+        h_only = state != "full"
+        n, cell = self.s.shape[0], self.cell
+        total = self.layout.h_size if h_only else self.layout.state_size
+        if len(self.layers) == 1 and (h_only or not cell.has_c):
+            return cell.tangent(self.layers[0], self.coefs[0], None, EYE, None)[0]
         j = self.s.new_empty(n, total, total)
-        r0, below = 0, None  # below: h-rows of the previous layer's row block (a copy)
+        # under autograd the rows below are copied (the GEMM saves them, and j is written afterwards)
+        copy_below = torch.is_grad_enabled() and any(t.requires_grad for t in self._operands())
+        r0, below = 0, None  # below: the h rows of the previous layer's row block
         for p, coef, parts in zip(self.layers, self.coefs, self.layout.parts, strict=False):
             n_h = parts[0][1]
-            r1 = r0 + sum(m for _, m in parts)
+            r1 = r0 + (n_h if h_only else sum(m for _, m in parts))
             c0 = r0
-            for dh, dc in [(EYE, None)] + ([(None, EYE)] if len(parts) > 1 else []):
+            inputs = [(EYE, None)] + ([(None, EYE)] if len(parts) > 1 and not h_only else [])
+            for dh, dc in inputs:
                 out_h, out_c = cell.tangent(p, coef, None, dh, dc)
                 width = out_h.shape[-1]
                 j[:, r0 : r0 + n_h, c0 : c0 + width] = out_h
-                if out_c is not None:
+                if out_c is not None and not h_only:
                     j[:, r0 + n_h : r1, c0 : c0 + width] = out_c
                 c0 += width
             if below is not None:  # d(layer)/dx (N, rows, In) first, then one batched GEMM with the rows below
                 low_h, low_c = cell.tangent(p, coef, EYE, None, None)
                 j[:, r0 : r0 + n_h, :r0] = low_h @ below
-                if low_c is not None:
+                if low_c is not None and not h_only:
                     j[:, r0 + n_h : r1, :r0] = low_c @ below
             if r1 < total:
                 j[:, r0:r1, r1:] = 0
-            below = j[:, r0 : r0 + n_h, :r1].clone()  # saved by the GEMM above: not a view of j
-            r0 = r1
-        return j
-
-    def _materialize_h(self) -> Tensor:
-        """The h rows and h columns only (c held fixed): each layer's own ``dh'/dh`` and, below the diagonal,
-        ``(dh'/dx) @ B_{l-1}`` with ``B_{l-1}`` the h rows of the layer below; no c column is formed."""
-        n, total = self.s.shape[0], self.layout.h_size
-        j = self.s.new_empty(n, total, total)
-        r0, below = 0, None
-        for p, coef, parts in zip(self.layers, self.coefs, self.layout.parts, strict=False):
-            r1 = r0 + parts[0][1]
-            j[:, r0:r1, r0:r1] = self.cell.tangent(p, coef, None, EYE, None)[0]
-            if below is not None:
-                j[:, r0:r1, :r0] = self.cell.tangent(p, coef, EYE, None, None)[0] @ below
-            if r1 < total:
-                j[:, r0:r1, r1:] = 0
-            below = j[:, r0:r1, :r1].clone()  # saved by the GEMM above: not a view of j
+            below = j[:, r0 : r0 + n_h, :r1]
+            below = below.clone() if copy_below else below
             r0 = r1
         return j
 

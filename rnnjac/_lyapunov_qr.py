@@ -271,6 +271,9 @@ class LyapunovQR:
         self.blocks = BlockAccumulator(b, k, q0.device) if streamed else None
         self._transient: tuple[int, BlockStats] | None = None
         self.dtype = q0.dtype  # of the results; the tangents may be widened at the first step (_first_step)
+        #: the dtype a dense chain runs in (in place: :func:`tangent_dtype`); a caller that widens a factored step's
+        #: operands to it passes ``wide=True`` to :meth:`step`
+        self.chain_dtype = q0.dtype if differentiable else tangent_dtype(q0.dtype, q0.device, q0.shape[-2])
         self.widened: bool | None = None
         self._wide: Tensor | None = None  # J_t widened to the tangents' dtype
         self.qr_method = qr_method
@@ -283,9 +286,8 @@ class LyapunovQR:
         """In place, a dense chain (steps given with ``matrix=J_t``, or with ``wide=True``) of float32 tangents on
         the CPU runs in float64 (:func:`tangent_dtype`): ``J_t`` is widened as it is applied, the QRs are no
         slower, and ``reortho_every="auto"`` keeps the bound :data:`WIDENED_TARGET`."""
-        wide = tangent_dtype(self.q.dtype, self.q.device, self.q.shape[-2])
-        dense = matrix is not None or wide_apply
-        self.widened = not self.differentiable and dense and wide != self.q.dtype
+        wide = self.chain_dtype
+        self.widened = (matrix is not None or wide_apply) and wide != self.q.dtype
         if self.widened:
             self.q, self.log_sum, self.log_cond = self.q.to(wide), self.log_sum.to(wide), self.log_cond.to(wide)
 
@@ -313,7 +315,7 @@ class LyapunovQR:
         """Step ``t`` (1-based): ``Q <- apply(Q)`` (``apply(Q) = J_t Q``), then the QR if one is due; ``matrix``:
         ``J_t`` itself ``(B, D, D)`` when the step is a dense matrix (``apply`` is then ``bmm`` with it), which lets
         a float32 chain run in float64 (class docstring). ``wide=True``: ``apply`` takes and returns tangents in
-        :func:`tangent_dtype` (a factored step whose operands the caller widened), and the chain is widened as for
+        :attr:`chain_dtype` (a factored step whose operands the caller widened), and the chain is widened as for
         a matrix."""
         if t <= self.warmup:
             return None
