@@ -54,7 +54,7 @@ import torch  # noqa: E402
 from _bench import FIGURES, machine, table, timeit, write  # noqa: E402
 
 import rnnjac  # noqa: E402
-import rnnjac._lyapunov_qr as lyapunov_qr  # noqa: E402
+import rnnjac._orthonormalise as orthonormalise  # noqa: E402
 from rnnjac._dynamics import as_dynamics  # noqa: E402
 from rnnjac._linalg import qr_positive  # noqa: E402
 from rnnjac._lyapunov_qr import initial_basis  # noqa: E402
@@ -245,14 +245,14 @@ def alternate(*fns, repeat: int = 3) -> tuple[float, ...]:
 
 
 def householder_only(fn):
-    """``fn`` with every Lyapunov QR by Householder (``rnnjac._lyapunov_qr.QR_METHOD``), the route before issue 18."""
+    """``fn`` with every Lyapunov QR by Householder (``rnnjac._orthonormalise.QR_METHOD``), the route before issue 18."""
 
     def run():
-        lyapunov_qr.QR_METHOD = "householder"
+        orthonormalise.QR_METHOD = "householder"
         try:
             return fn()
         finally:
-            lyapunov_qr.QR_METHOD = "auto"
+            orthonormalise.QR_METHOD = "auto"
 
     return run
 

@@ -38,19 +38,8 @@ in float32). The exponents are those of the float32 ``J_t`` without float32's ro
 algorithm in float32 misses the float64 answer by 1e-4 on these models; rnnjac by 1e-6 to 1e-5), returned in the
 model's dtype.
 
-**Cholesky QR where it keeps the answer.** In place, a float64 tangent block on the CPU is orthonormalised by one
-CholeskyQR pass (:func:`rnnjac._linalg.cholesky_qr_diag`: a Gram GEMM, a Cholesky and a triangular solve; 1.3-2x
-faster than geqrf + householder_product at B = 8, D = 64-128 and at B = 1, D = 100-500, one thread) whenever that
-is as accurate: its ``R_ii`` carry relative errors of about ``u kappa^2`` (Yamamoto et al. 2015), so the pass is
-kept only when the condition estimate of its own result (the larger of ``||m_i|| / R_ii`` and ``max_j R_jj / R_ii``,
-as above) is at most :data:`CHOLESKY_MAX_CONDITION` (``u kappa^2 <= 1e-10`` in float64: 671), and the QR is
-repeated by Householder when the Cholesky factorisation breaks down or the estimate is larger (a rank-deficient
-or ill-conditioned block, a NaN). The next interval's condition is predicted from the last accepted one (its log
-grows linearly with the steps covered; with ``reortho_every="auto"`` from the condition measured at every QR);
-after a fallback, Cholesky is tried again only after 1, 2, 4 ... 64 QRs.
-In practice: a QR every step or every few steps of a slowly separating spectrum (the default ``reortho_every=1``,
-a rate network every 10 steps) takes the Cholesky route; ``reortho_every="auto"`` plans for a condition of 1e6-1e7
-and keeps Householder. The differentiable pass keeps :func:`rnnjac._linalg.qr_positive`.
+**Each QR** is one CholeskyQR pass where that keeps the answer, Householder otherwise
+(:class:`rnnjac._orthonormalise.Orthonormaliser`); the differentiable pass keeps :func:`rnnjac._linalg.qr_positive`.
 
 ``tangent_warmup="auto"`` counts from the end of ``warmup`` and afterwards drops the leading blocks of ``log R_ii``
 that the MSER rule (:func:`rnnjac._transients.transient_blocks`) finds to be transient.
@@ -68,12 +57,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._linalg import cholesky_qr_diag, collapse_floor, qr_positive, qr_schedule
+from ._linalg import collapse_floor, qr_positive, qr_schedule
+from ._orthonormalise import Orthonormaliser
 from ._transients import transient_blocks
 from ._uncertainty import BlockAccumulator, BlockStats
 from .errors import ConditioningWarning
 
-__all__ = ["LyapunovQR", "LyapunovResult", "condition_target", "householder_diag", "initial_basis", "tangent_dtype"]
+__all__ = ["LyapunovQR", "LyapunovResult", "condition_target", "initial_basis", "tangent_dtype"]
 
 Apply = Callable[[Tensor], Tensor]
 
@@ -81,14 +71,6 @@ Apply = Callable[[Tensor], Tensor]
 MAX_INTERVAL = 64
 #: the condition number "auto" keeps a float32 model's float64 chain under (module docstring)
 WIDENED_TARGET = 1e7
-#: the largest condition estimate of a float64 block whose CholeskyQR is kept: ``u kappa^2 <= 1e-10`` (module docstring)
-CHOLESKY_MAX_CONDITION = math.sqrt(1e-10 / torch.finfo(torch.float64).eps)
-#: the default ``qr_method`` of :class:`LyapunovQR`: ``"auto"`` (Cholesky where it keeps the answer) or
-#: ``"householder"`` (every QR by Householder, as before; the benchmark times the two)
-QR_METHOD = "auto"
-QR_METHODS = ("auto", "householder")
-#: the most QRs that pass before Cholesky is tried again after a fallback
-CHOLESKY_MAX_WAIT = 64
 
 
 def condition_target(dtype: torch.dtype) -> float:
@@ -101,26 +83,6 @@ def condition_target(dtype: torch.dtype) -> float:
 def condition_limit(dtype: torch.dtype) -> float:
     """The condition number above which the small exponents are unreliable (warned): ``u^-1/2``."""
     return 1.0 / math.sqrt(torch.finfo(dtype).eps)
-
-
-def householder_diag(a: Tensor) -> tuple[Tensor, Tensor]:
-    """Reduced Householder QR of ``a (..., n, k)``: ``(Q, |diag R|)`` (the signs of ``Q``'s columns are left as
-    LAPACK's: the in-place pass needs only ``|R_ii|``). On the CPU ``geqrf`` + ``householder_product``, which skips
-    the copy of ``R`` that :func:`torch.linalg.qr` makes (as fast in float64, 1.4x faster in float32 at D = 128-256,
-    one thread); elsewhere
-    :func:`rnnjac._linalg.qr_positive`.
-
-    Examples
-    --------
-    >>> a = torch.tensor([[3.0, 1.0], [4.0, 2.0]], dtype=torch.float64)
-    >>> q, d = householder_diag(a)
-    >>> d.round(decimals=12).tolist(), bool(torch.allclose(q.T @ q, torch.eye(2, dtype=torch.float64)))
-    ([5.0, 0.4], True)
-    """
-    if a.device.type != "cpu" or a.dtype not in (torch.float32, torch.float64):
-        return qr_positive(a)
-    h, tau = torch.geqrf(a)
-    return torch.linalg.householder_product(h, tau), torch.diagonal(h, dim1=-2, dim2=-1).abs()
 
 
 #: the largest tangent dimension D whose float32 chain runs in float64 (:func:`tangent_dtype`)
@@ -199,8 +161,9 @@ class LyapunovQR:
     dtype of ``q0``.
 
     ``qr_method`` (in-place mode): ``"auto"`` orthonormalises a float64 block on the CPU by one CholeskyQR pass
-    when that keeps the answer, else by Householder (module docstring; :attr:`qr_counts` counts the routes);
-    ``"householder"``: always Householder. None: :data:`QR_METHOD`.
+    when that keeps the answer, else by Householder (:class:`rnnjac._orthonormalise.Orthonormaliser`;
+    :attr:`qr_counts` counts the routes); ``"householder"``: always Householder. None:
+    :data:`rnnjac._orthonormalise.QR_METHOD`.
 
     ``blocks=True`` (in-place mode) also streams ``log R_ii`` into block sums for the errors of
     :mod:`rnnjac._uncertainty` (memory independent of T: :data:`rnnjac._uncertainty.MAX_BLOCKS` float64 numbers
@@ -239,9 +202,6 @@ class LyapunovQR:
         blocks: bool = False,
         qr_method: str | None = None,
     ):
-        qr_method = QR_METHOD if qr_method is None else qr_method
-        if qr_method not in QR_METHODS:
-            raise ValueError(f"qr_method= must be one of {QR_METHODS}, got {qr_method!r}")
         b, _, k = q0.shape
         self.auto_transient = tangent_warmup == "auto"
         if self.auto_transient and differentiable:
@@ -276,11 +236,7 @@ class LyapunovQR:
         self.chain_dtype = q0.dtype if differentiable else tangent_dtype(q0.dtype, q0.device, q0.shape[-2])
         self.widened: bool | None = None
         self._wide: Tensor | None = None  # J_t widened to the tangents' dtype
-        self.qr_method = qr_method
-        #: QRs taken by each route (in place): "cholesky" kept, "householder" (of which "fallback" after a rejected
-        #: Cholesky pass)
-        self.qr_counts = {"cholesky": 0, "householder": 0, "fallback": 0}
-        self._chol_rate, self._chol_wait, self._chol_backoff = 0.0, 0, 1  # log-condition per step; retry backoff
+        self.ortho = Orthonormaliser(qr_method, planned=reortho_every == "auto")  # the in-place QRs
 
     def _first_step(self, matrix: Tensor | None, wide_apply: bool) -> None:
         """In place, a dense chain (steps given with ``matrix=J_t``, or with ``wide=True``) of float32 tangents on
@@ -336,7 +292,7 @@ class LyapunovQR:
     def _qr_in_place(self, t: int, q: Tensor, cover: int) -> Tensor:
         counted = t > self.start
         measure = self.reortho_every != 1 and (self.schedule is not None or self.skip == 0)
-        self.q, r, norms = self._orthonormalise(q, cover)  # norms: (B, k) column norms before the QR, or None
+        self.q, r, norms = self.ortho(q, cover)  # norms: (B, k) column norms before the QR, or None
         if measure:
             norms = torch.linalg.vector_norm(q, dim=-2) if norms is None else norms
             floor = collapse_floor(torch.linalg.vector_norm(norms, dim=-1), q.shape[-2], cover)
@@ -366,37 +322,11 @@ class LyapunovQR:
         self._plan(t, cover, None if log_cond is None or resolved is None else (log_cond, log_r, resolved))
         return finite
 
-    def _cholesky_due(self, q: Tensor, cover: int) -> bool:
-        """Whether to try CholeskyQR on ``q`` covering ``cover`` steps (module docstring)."""
-        if self.qr_method != "auto" or q.dtype != torch.float64 or q.device.type != "cpu":
-            return False
-        if self._chol_wait > 0:
-            self._chol_wait -= 1
-            if self._chol_wait == 0 and self.schedule is not None:
-                self._chol_rate = 0.0  # try again whatever the old prediction ("auto" measures it at every QR)
-            return False
-        if self._chol_rate * cover > math.log(CHOLESKY_MAX_CONDITION):
-            if self.schedule is not None:
-                self._chol_wait, self._chol_backoff = self._chol_backoff, min(2 * self._chol_backoff, CHOLESKY_MAX_WAIT)
-            return False
-        return True
-
-    def _orthonormalise(self, q: Tensor, cover: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(Q, |diag R|, column norms or None)`` of ``q`` (left intact): CholeskyQR when due and its result is
-        well conditioned (one host sync; the norms come with it), else Householder (:func:`householder_diag`)."""
-        if self._cholesky_due(q, cover):
-            q1, r, norms, failed = cholesky_qr_diag(q)
-            log_r = torch.log(r)
-            log_cond = torch.maximum(torch.log(norms), log_r.amax(-1, keepdim=True)) - log_r
-            worst = math.inf if bool(failed) else float(log_cond.amax())
-            if worst <= math.log(CHOLESKY_MAX_CONDITION):  # False for NaN
-                self._chol_rate, self._chol_backoff = max(worst, 0.0) / cover, 1
-                self.qr_counts["cholesky"] += 1
-                return q1, r, norms
-            self.qr_counts["fallback"] += 1
-            self._chol_wait, self._chol_backoff = self._chol_backoff, min(2 * self._chol_backoff, CHOLESKY_MAX_WAIT)
-        self.qr_counts["householder"] += 1
-        return (*householder_diag(q), None)
+    @property
+    def qr_counts(self) -> dict[str, int]:
+        """QRs taken by each route (in place): "cholesky" kept, "householder" (of which "fallback" after a
+        rejected Cholesky pass)."""
+        return self.ortho.counts
 
     def _track(self, log_cond: Tensor, cover: int) -> None:
         """Record a counted QR's condition estimate ``(B, k)`` (no host sync)."""
@@ -427,7 +357,7 @@ class LyapunovQR:
         log_cond, log_r, resolved = measured
         growth = torch.where(resolved, log_r.abs(), 0.0)
         cond, size = torch.stack([log_cond.amax(), growth.amax()]).tolist()
-        self._chol_rate = cond / cover  # the Cholesky route's prediction (_cholesky_due)
+        self.ortho.rate = cond / cover  # the Cholesky route's prediction
         dtype = log_r.dtype
         target = WIDENED_TARGET if self.widened else condition_target(dtype)
         by_cond = math.log(target) * cover / cond if cond > 0 else math.inf

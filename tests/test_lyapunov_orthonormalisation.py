@@ -13,9 +13,10 @@ import torch
 from test_reortho import SYSTEMS, gen, linear_system
 
 import rnnjac
-import rnnjac._lyapunov_qr as lq
+import rnnjac._orthonormalise as orthonormalise
 from rnnjac._linalg import cholesky_qr_diag
-from rnnjac._lyapunov_qr import CHOLESKY_MAX_CONDITION, LyapunovQR, initial_basis
+from rnnjac._lyapunov_qr import LyapunovQR, initial_basis
+from rnnjac._orthonormalise import CHOLESKY_MAX_CONDITION
 
 F64 = torch.float64
 
@@ -34,7 +35,7 @@ def counting(monkeypatch) -> list[dict]:
 
 
 def exponents(model, x, h0, monkeypatch, method: str, **kw) -> np.ndarray:
-    monkeypatch.setattr(lq, "QR_METHOD", method)
+    monkeypatch.setattr(orthonormalise, "QR_METHOD", method)
     ds = rnnjac.lyapunov_spectrum(model, x, h0, generator=gen(0), ci=None, dtype=F64, **kw)
     return ds.lyapunov_exponents.values
 

@@ -21,9 +21,9 @@ from rnnjac._lyapunov_qr import (
     WIDENED_TARGET,
     LyapunovQR,
     condition_target,
-    householder_diag,
     initial_basis,
 )
+from rnnjac._orthonormalise import householder_diag
 from rnnjac._transients import mser_truncation
 from rnnjac.tasks import flipflop
 
