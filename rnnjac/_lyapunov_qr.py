@@ -27,8 +27,9 @@ bundled GRU: 3e-7 from float64 with "auto", 2e-7 with a QR every step; 1e-4 with
 ill-conditioned steps (a spike that a QR at every step meets as well) are not predictable; they raise the
 maximum condition estimate, not the typical one, and cost ``u kappa`` once.
 
-**A float32 model's dense chain runs in float64** (in place, on the CPU, D <= :data:`WIDEN_MAX_SIZE`, when the steps
-come with their matrix, ``step(t, apply, matrix=J_t)``): ``J_t`` is widened as it is applied and ``Q``, the QRs and
+**A float32 model's dense chain runs in float64** (in place, on the CPU, D <= :data:`WIDEN_MAX_SIZE`, or D <=
+:data:`WIDEN_AUTO_MAX_SIZE` with ``reortho_every="auto"``, when the steps come with their matrix,
+``step(t, apply, matrix=J_t)``): ``J_t`` is widened as it is applied and ``Q``, the QRs and
 the sums are float64, so "auto" keeps the tangent block under :data:`WIDENED_TARGET` (1e7: an added error of about ``c
 u kappa`` = 1e-8 per QR in float64, a thousand times below what float32's rounding of ``J_t`` itself costs, 1e-5 on
 the bundled GRU, and below float64's warning limit ``u^-1/2``) instead of float32's 30. With exponents 2-3 nats per
@@ -36,7 +37,10 @@ step apart (a tanh RNN, an LSTM's h->h map) float32's bound leaves one QR per st
 float64 QR is no slower on this BLAS up to D = 128 (geqrf + householder_product, B = 8, D = 64: 459 us against 591 us
 in float32). The exponents are those of the float32 ``J_t`` without float32's rounding in the chain (the published
 algorithm in float32 misses the float64 answer by 1e-4 on these models; rnnjac by 1e-6 to 1e-5), returned in the
-model's dtype.
+model's dtype. At D = 256 a float64 QR costs 1.5x a float32 one, which a QR at every step does not repay; with
+"auto" the float64 chain is 0.9-1.3x the time of the float32 one (2-layer RNN/GRU/LSTM, H = 128, B = 8, T = 500,
+one thread) and its error against the float64 answer 100x smaller (GRU: 1e-7 against 4e-5, above the 1e-5 of the
+published algorithm's float32 QR at every step; LSTM h: 2e-5 against 3e-3), so "auto" widens up to D = 256.
 
 **Each QR** is one CholeskyQR pass where that keeps the answer, Householder otherwise
 (:class:`rnnjac._orthonormalise.Orthonormaliser`); the differentiable pass keeps :func:`rnnjac._linalg.qr_positive`.
@@ -85,22 +89,28 @@ def condition_limit(dtype: torch.dtype) -> float:
     return 1.0 / math.sqrt(torch.finfo(dtype).eps)
 
 
-#: the largest tangent dimension D whose float32 chain runs in float64 (:func:`tangent_dtype`)
+#: the largest tangent dimension D whose float32 chain runs in float64 (:func:`tangent_dtype`) ...
 WIDEN_MAX_SIZE = 128
+#: ... and with ``reortho_every="auto"`` (module docstring)
+WIDEN_AUTO_MAX_SIZE = 256
 
 
-def tangent_dtype(dtype: torch.dtype, device, size: int) -> torch.dtype:
+def tangent_dtype(dtype: torch.dtype, device, size: int, auto: bool = False) -> torch.dtype:
     """The dtype the in-place pass keeps a dense ``J_t Q`` chain of dimension ``size`` in: float64 for float32
     tangents on the CPU up to :data:`WIDEN_MAX_SIZE` (there float64's QR is no slower, and its condition bound lets
-    ``reortho_every="auto"`` skip more QRs; at D = 256 it is 1.5x slower, which a QR every step does not repay),
-    else ``dtype`` itself.
+    ``reortho_every="auto"`` skip more QRs), and up to :data:`WIDEN_AUTO_MAX_SIZE` with ``reortho_every="auto"``
+    (``auto=True``: the skipped QRs repay float64's slower ones, and the exponents are far more accurate; module
+    docstring), else ``dtype`` itself.
 
     Examples
     --------
     >>> tangent_dtype(torch.float32, "cpu", 64), tangent_dtype(torch.float32, "cpu", 256)
     (torch.float64, torch.float32)
+    >>> tangent_dtype(torch.float32, "cpu", 256, auto=True), tangent_dtype(torch.float32, "cpu", 512, auto=True)
+    (torch.float64, torch.float32)
     """
-    small = size <= WIDEN_MAX_SIZE and torch.device(device).type == "cpu"
+    limit = WIDEN_AUTO_MAX_SIZE if auto else WIDEN_MAX_SIZE
+    small = size <= limit and torch.device(device).type == "cpu"
     return torch.float64 if dtype == torch.float32 and small else dtype
 
 
@@ -233,7 +243,8 @@ class LyapunovQR:
         self.dtype = q0.dtype  # of the results; the tangents may be widened at the first step (_first_step)
         #: the dtype a dense chain runs in (in place: :func:`tangent_dtype`); a caller that widens a factored step's
         #: operands to it passes ``wide=True`` to :meth:`step`
-        self.chain_dtype = q0.dtype if differentiable else tangent_dtype(q0.dtype, q0.device, q0.shape[-2])
+        auto = reortho_every == "auto"
+        self.chain_dtype = q0.dtype if differentiable else tangent_dtype(q0.dtype, q0.device, q0.shape[-2], auto)
         self.widened: bool | None = None
         self._wide: Tensor | None = None  # J_t widened to the tangents' dtype
         self.ortho = Orthonormaliser(qr_method, planned=reortho_every == "auto")  # the in-place QRs

@@ -386,3 +386,23 @@ def test_a_float32_stacked_rnn_takes_the_widened_factored_chain():
     assert auto.attrs["lyapunov_mean_log10_condition"] > np.log10(30)  # beyond float32's bound: a float64 chain
     np.testing.assert_allclose(auto.lyapunov_exponents.values, ref, rtol=0, atol=1e-6)
     assert auto.attrs["lyapunov_qr_count"] < 280 / 3
+
+
+def test_auto_widens_a_float32_chain_up_to_d_256_and_a_fixed_schedule_only_to_128():
+    """A float32 2-layer GRU with D = 256: with ``reortho_every="auto"`` its chain runs in float64 (fewer QRs, the
+    float64 model's every-step exponents to float32's rounding of J_t); with a QR every step it stays float32."""
+    assert LyapunovQR(initial_basis(256, 4, gen(0), torch.float32), 10, reortho_every="auto").chain_dtype == F64
+    assert LyapunovQR(initial_basis(256, 4, gen(0), torch.float32), 10).chain_dtype == torch.float32
+    assert (
+        LyapunovQR(initial_basis(512, 4, gen(0), torch.float32), 10, reortho_every="auto").chain_dtype == torch.float32
+    )
+    torch.manual_seed(0)
+    model = torch.nn.GRU(3, 128, num_layers=2, batch_first=True)
+    x = torch.randn(1, 60, 3, generator=gen(2))
+    kw = dict(warmup=10, ci=None)
+    ref = rnnjac.lyapunov_spectrum(model, x, dtype=F64, generator=gen(0), **kw).lyapunov_exponents.values
+    auto = rnnjac.lyapunov_spectrum(model, x, reortho_every="auto", generator=gen(0), **kw)
+    assert auto.lyapunov_exponents.dtype == np.float32
+    assert auto.attrs["lyapunov_mean_log10_condition"] > np.log10(30)  # beyond float32's bound: a float64 chain
+    np.testing.assert_allclose(auto.lyapunov_exponents.values, ref, rtol=0, atol=1e-5)
+    assert auto.attrs["lyapunov_qr_count"] < 50 / 2
