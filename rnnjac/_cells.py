@@ -265,7 +265,10 @@ class RNNArch:
         return {"dphi": (h_new > 0).to(h_new.dtype)}
 
     def tangent(self, p, coef, dx, dh, dc=None):
-        return _lincomb([(coef["dphi"], _gates_tangent(p, dx, dh))]), None
+        g = _gates_tangent(p, dx, dh)
+        if g is not None and dx is not EYE and dh is not EYE and not torch.is_grad_enabled():
+            return g.mul_(coef["dphi"].unsqueeze(-1)), None  # a fresh GEMM output, scaled in place
+        return _lincomb([(coef["dphi"], g)]), None
 
     def tangent_transpose(self, p, coef, uh, uc=None, need_x=True):
         v = coef["dphi"].unsqueeze(-1) * uh
