@@ -24,11 +24,13 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import NamedTuple
 
+import numpy as np
+import scipy.linalg
 import torch
 from torch import Tensor
 
 from ._checks import NonFiniteError, Problem, check_states_finite
-from ._dynamics import Linearization, grad_region
+from ._dynamics import Linearization
 from ._linalg import EndToEnd, kaplan_yorke, svdvals
 from ._lyapunov_qr import LyapunovQR, initial_basis
 from ._transients import auto_warmup
@@ -152,15 +154,21 @@ def top_singular_values(
     lin: Linearization, k: int, state: str = "full", *, tol: float | None = None, max_blocks: int | None = None
 ) -> Tensor:
     """The ``k`` largest singular values ``(N, k)`` (descending) of the ``N`` maps ``J`` of ``lin``, never forming
-    ``J``: block Krylov on ``J^T J`` from ``lin.apply`` and its vjp (Musco & Musco 2015, "Randomized block Krylov
-    methods for stronger and faster approximate singular value decomposition", NeurIPS), with Rayleigh-Ritz.
+    ``J``: block Krylov on ``J^T J`` from ``lin.apply`` and ``lin.apply_transpose`` (Musco & Musco 2015, "Randomized
+    block Krylov methods for stronger and faster approximate singular value decomposition", NeurIPS), with
+    Rayleigh-Ritz.
 
-    The basis ``K = [V_0, V_1, ...]`` (blocks of ``k`` columns, ``V_{i+1}`` the orthonormalised ``J^T J V_i``,
-    ``V_0`` a fixed random block) is orthonormal, so the singular values of ``J K = [J V_0, J V_1, ...]`` (known
-    from the products already taken) are the Ritz values; they increase monotonically to the true ones. The loop
-    stops when the top ``k`` change by less than ``tol`` (relative to the largest; default ``100 u``, ``u`` the unit
-    round-off) between two checks (every other block), or at ``max_blocks`` blocks of ``2k`` columns (default:
-    ``D / 2k``, the whole space).
+    The basis ``K = [V_0, V_1, ...]`` (blocks of ``w = 2k`` columns, ``V_{i+1}`` the orthonormalised
+    ``J^T J V_i``, ``V_0`` a fixed random block) is orthonormal, so the singular values of ``J K = [J V_0, J V_1,
+    ...]`` (known from the products already taken) are the Ritz values; they increase monotonically to the true
+    ones. Their squares are the eigenvalues of the Gram matrix ``(J K)^T (J K) = K^T J^T J K``, which is banded
+    (block Lanczos: ``J^T J V_i`` lies in the span of ``V_0..V_{i+1}``, with an upper triangular coupling to
+    ``V_{i+1}``, so the lower bandwidth is ``w``): on the CPU its top ``k`` eigenvalues come from LAPACK's banded
+    solver (:func:`scipy.linalg.eig_banded`, O(m^2 w) for ``m`` columns instead of O(m^3)); the entries outside the
+    band are rounding (``u ||J||^2``) and are left out. The loop stops when the top ``k`` change by less than
+    ``tol`` (relative to the largest; default ``100 u``, ``u`` the unit round-off) between two checks (every other
+    block), or at ``max_blocks`` blocks (default: ``D / w``, the whole space). The bases and images live in
+    preallocated buffers (the images and the Gram in float64).
 
     Examples
     --------
@@ -173,53 +181,55 @@ def top_singular_values(
     True
     """
     n, d = lin.s.shape[0], lin.layout.size(state)
-    dtype = lin.s.dtype
+    dtype, device = lin.s.dtype, lin.s.device
     tol = 100 * torch.finfo(dtype).eps if tol is None else tol
     width = min(d, 2 * k)  # block width: the top k converge at the rate of the gap to sigma_{2k}
     max_blocks = max_blocks or math.ceil(d / width)  # the last block may be narrower
-    v = initial_basis(d, width, torch.Generator().manual_seed(0), dtype, lin.s.device, n)
-    with grad_region():
-        inference = torch.is_inference(lin.s) or any(t.is_inference() for t in lin._operands())
-        lin_g = lin.for_autograd() if inference else lin
-        basis, images, gram, prev = [], [], None, None
-        for _ in range(max_blocks):
-            u, vjp = torch.func.vjp(lambda q: lin_g.apply(q, state), v)
-            u = u.detach()
-            basis.append(v)
-            images.append(u)
-            gram = _grow_gram(gram, images)
-            if len(basis) % 2 == 0 or len(basis) == max_blocks:  # Ritz values every other block (eigvalsh)
-                vals = torch.linalg.eigvalsh(gram).flip(-1)[:, :k].clamp(min=0).sqrt()
-                if prev is not None and bool(((vals - prev).abs() <= tol * vals[:, :1]).all()):
-                    break
+    cols = min(d, max_blocks * width)
+    basis = torch.empty(n, d, cols, dtype=dtype, device=device)  # K, orthonormal
+    images = torch.empty(n, d, cols, dtype=torch.float64, device=device)  # J K, widened once
+    gram = torch.empty(n, cols, cols, dtype=torch.float64, device=device)  # (J K)^T (J K): only its lower triangle
+    v = initial_basis(d, width, torch.Generator().manual_seed(0), dtype, device, n)
+    m, blocks, prev = 0, 0, None
+    with torch.no_grad():
+        while True:
+            w_new = v.shape[-1]
+            u = lin.apply(v, state)
+            basis[..., m : m + w_new] = v
+            images[..., m : m + w_new] = u
+            gram[:, m : m + w_new, : m + w_new] = images[..., m : m + w_new].mT @ images[..., : m + w_new]
+            m, blocks = m + w_new, blocks + 1
+            last = blocks == max_blocks or m == d  # (m == d: the whole space is spanned, the values are exact)
+            if blocks % 2 == 0 or last:  # Ritz values every other block
+                vals = _ritz_values(gram[:, :m, :m], k, width)
+                if last or (prev is not None and bool(((vals - prev).abs() <= tol * vals[:, :1]).all())):
+                    return vals.to(dtype)
                 prev = vals
-            w = vjp(u)[0].detach()
-            v = _orthonormal_block(w, torch.cat(basis, -1))
-            if v is None:  # the whole space is spanned: the Ritz values are exact
-                break
-    if len(basis) % 2 and len(basis) != max_blocks:
-        vals = torch.linalg.eigvalsh(gram).flip(-1)[:, :k].clamp(min=0).sqrt()
-    return vals.to(dtype)
+            v = _orthonormal_block(lin.apply_transpose(u, state), basis[..., :m])
 
 
-def _grow_gram(gram: Tensor | None, images: list[Tensor]) -> Tensor:
-    """The Gram matrix ``U^T U`` (float64) of ``U = [images...]`` from that of all but the last block."""
-    last = images[-1].double()
-    row = torch.cat(images, -1).double().mT @ last  # (N, m, k): the new columns
-    if gram is None:
-        return row
+def _ritz_values(gram: Tensor, k: int, band: int) -> Tensor:
+    """The square roots of the ``k`` largest eigenvalues ``(N, k)``, descending, of the symmetric ``gram`` given by
+    its lower triangle, of lower bandwidth ``band``: LAPACK's banded solver on the CPU, ``eigvalsh`` elsewhere or
+    when the band is most of the matrix."""
     m = gram.shape[-1]
-    top = torch.cat([gram, row[:, :m].mT], -2)
-    return torch.cat([top, row], -1)
+    k = min(k, m)
+    if gram.device.type != "cpu" or m <= 4 * band:
+        return torch.linalg.eigvalsh(gram, UPLO="L").flip(-1)[:, :k].clamp(min=0).sqrt()
+    out = np.empty((gram.shape[0], k))
+    lower = np.zeros((band + 1, m))  # LAPACK's lower band storage: lower[i - j, j] = a[i, j]
+    for i, g in enumerate(gram.numpy()):
+        for off in range(band + 1):
+            lower[off, : m - off] = np.diagonal(g, -off)
+        values = scipy.linalg.eig_banded(lower, lower=True, eigvals_only=True, select="i", select_range=(m - k, m - 1))
+        out[i] = values[::-1]
+    return torch.from_numpy(out).clamp(min=0).sqrt()
 
 
-def _orthonormal_block(w: Tensor, basis: Tensor) -> Tensor | None:
+def _orthonormal_block(w: Tensor, basis: Tensor) -> Tensor:
     """``w`` made orthogonal to the orthonormal ``basis`` (two block Gram-Schmidt passes) and orthonormalised,
-    cut to the columns the space still has room for; None when the basis already fills the space."""
-    room = basis.shape[-2] - basis.shape[-1]
-    if room <= 0:
-        return None
-    w = w[..., :room]
+    cut to the columns the space still has room for (the basis does not fill it)."""
+    w = w[..., : basis.shape[-2] - basis.shape[-1]]
     for _ in range(2):
         w = w - basis @ (basis.mT @ w)
     q, _ = torch.linalg.qr(w)

@@ -177,6 +177,25 @@ def test_top_singular_values_equal_full_svd(model, state, dtype):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize(("dtype", "rtol"), [(F64, 1e-10), (torch.float32, 1e-5)])
+def test_top_singular_values_from_the_banded_ritz_problem_equal_full_svd(monkeypatch, dtype, rtol):
+    """Past four blocks the Ritz values come from LAPACK's banded solver on the block-tridiagonal Gram matrix (the
+    entries outside the band, rounding, left out): still the top values of a full SVD of the materialised J."""
+    import scipy.linalg
+
+    calls = []
+    banded = scipy.linalg.eig_banded
+    monkeypatch.setattr(scipy.linalg, "eig_banded", lambda *a, **kw: calls.append(1) or banded(*a, **kw))
+    torch.manual_seed(0)
+    dyn = as_dynamics(torch.nn.GRU(2, 120).to(dtype))
+    s, x = torch.randn(3, 120, generator=gen(0)), torch.randn(3, 2, generator=gen(1))
+    lin = dyn.linearize(s.to(dtype), x.to(dtype))
+    want = torch.linalg.svdvals(lin.materialize().double())[:, :3]
+    got = top_singular_values(lin, 3)
+    assert calls and got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=0)
+
+
 def test_singular_values_k_through_the_pass():
     torch.manual_seed(0)
     m = torch.nn.GRU(3, 64, batch_first=True).double()
