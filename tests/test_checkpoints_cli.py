@@ -361,13 +361,18 @@ def test_sigint_leaves_no_partial_output(tmp_path, ckpt):
         stderr=subprocess.PIPE,
     )
     first: list[bytes] = []
-    reader = threading.Thread(target=lambda: first.append(proc.stderr.read(1)), daemon=True)
-    reader.start()
-    reader.join(timeout=180)
-    assert first and first[0], "no progress output within 180 s"
-    time.sleep(1)
-    proc.send_signal(signal.SIGINT)
-    _, rest = proc.communicate(timeout=60)
+    try:
+        reader = threading.Thread(target=lambda: first.append(proc.stderr.read(1)), daemon=True)
+        reader.start()
+        reader.join(timeout=180)
+        assert first and first[0], "no progress output within 180 s"
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=60)
+    finally:  # never leave a 200,000-step analysis running behind a failed test
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     err = (first[0] + rest).decode()
     assert proc.returncode == 130, err
     assert "interrupted" in err
