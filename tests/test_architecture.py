@@ -33,7 +33,17 @@ LAYERS = [
     ("checks and options", {"_checks", "_options"}),
     (
         "tensor core",
-        {"_kernels", "_lyapunov_qr", "_fd", "_input_output", "_uncertainty", "_transients", "_input_jacobians", "_clv"},
+        {
+            "_kernels",
+            "_lyapunov_qr",
+            "_orthonormalise",
+            "_fd",
+            "_input_output",
+            "_uncertainty",
+            "_transients",
+            "_input_jacobians",
+            "_clv",
+        },
     ),
     (
         "labelled layer",
