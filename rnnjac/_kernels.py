@@ -163,12 +163,13 @@ def top_singular_values(
     ...]`` (known from the products already taken) are the Ritz values; they increase monotonically to the true
     ones. Their squares are the eigenvalues of the Gram matrix ``(J K)^T (J K) = K^T J^T J K``, which is banded
     (block Lanczos: ``J^T J V_i`` lies in the span of ``V_0..V_{i+1}``, with an upper triangular coupling to
-    ``V_{i+1}``, so the lower bandwidth is ``w``): on the CPU its top ``k`` eigenvalues come from LAPACK's banded
-    solver (:func:`scipy.linalg.eig_banded`, O(m^2 w) for ``m`` columns instead of O(m^3)); the entries outside the
-    band are rounding (``u ||J||^2``) and are left out. The loop stops when the top ``k`` change by less than
+    ``V_{i+1}``, so the lower bandwidth is ``w``): only its band is formed (each block against itself and the block
+    before), and on the CPU its top ``k`` eigenvalues come from LAPACK's banded solver
+    (:func:`scipy.linalg.eig_banded`, O(m^2 w) for ``m`` columns instead of O(m^3)); the entries outside the band
+    are rounding (``u ||J||^2``). The loop stops when the top ``k`` change by less than
     ``tol`` (relative to the largest; default ``100 u``, ``u`` the unit round-off) between two checks (every other
-    block), or at ``max_blocks`` blocks (default: ``D / w``, the whole space). The bases and images live in
-    preallocated buffers (the images and the Gram in float64).
+    block: the changes do not fall geometrically enough to predict further), or at ``max_blocks`` blocks (default:
+    ``D / w``, the whole space). The basis lives in a preallocated buffer, the Gram in float64.
 
     Examples
     --------
@@ -187,18 +188,19 @@ def top_singular_values(
     max_blocks = max_blocks or math.ceil(d / width)  # the last block may be narrower
     cols = min(d, max_blocks * width)
     basis = torch.empty(n, d, cols, dtype=dtype, device=device)  # K, orthonormal
-    images = torch.empty(n, d, cols, dtype=torch.float64, device=device)  # J K, widened once
-    gram = torch.empty(n, cols, cols, dtype=torch.float64, device=device)  # (J K)^T (J K): only its lower triangle
+    gram = torch.zeros(n, cols, cols, dtype=torch.float64, device=device)  # (J K)^T (J K): its lower band
     v = initial_basis(d, width, torch.Generator().manual_seed(0), dtype, device, n)
-    m, blocks, prev = 0, 0, None
+    m, blocks, prev, before = 0, 0, None, None  # before: J V of the previous block (float64)
     with torch.no_grad():
         while True:
             w_new = v.shape[-1]
             u = lin.apply(v, state)
             basis[..., m : m + w_new] = v
-            images[..., m : m + w_new] = u
-            gram[:, m : m + w_new, : m + w_new] = images[..., m : m + w_new].mT @ images[..., : m + w_new]
-            m, blocks = m + w_new, blocks + 1
+            wide = u.double()
+            gram[:, m : m + w_new, m : m + w_new] = wide.mT @ wide
+            if before is not None:  # the coupling to the previous block; older blocks lie outside the band
+                gram[:, m : m + w_new, m - before.shape[-1] : m] = wide.mT @ before
+            m, blocks, before = m + w_new, blocks + 1, wide
             last = blocks == max_blocks or m == d  # (m == d: the whole space is spanned, the values are exact)
             if blocks % 2 == 0 or last:  # Ritz values every other block
                 vals = _ritz_values(gram[:, :m, :m], k, width)
