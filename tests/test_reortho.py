@@ -372,18 +372,24 @@ def test_a_factored_step_with_wide_true_runs_the_chain_in_float64():
     torch.testing.assert_close(results[1].exponents, results[0].exponents, rtol=0, atol=1e-12)
 
 
+def _float32_auto_and_float64_reference(model, x, warmup: int):
+    """A float32 model's "auto" spectrum (checked to have run its chain in float64: a condition beyond float32's
+    bound of 30) and the float64 model's every-step exponents (the reference)."""
+    kw = dict(warmup=warmup, ci=None)
+    ref = rnnjac.lyapunov_spectrum(model, x, dtype=F64, generator=gen(0), **kw).lyapunov_exponents.values
+    auto = rnnjac.lyapunov_spectrum(model, x, reortho_every="auto", generator=gen(0), **kw)
+    assert auto.lyapunov_exponents.dtype == np.float32
+    assert auto.attrs["lyapunov_mean_log10_condition"] > np.log10(30)
+    return auto, ref
+
+
 def test_a_float32_stacked_rnn_takes_the_widened_factored_chain():
     """A 2-layer float32 tanh RNN's full spectrum (J Q from the shared weights, no J_t formed): its "auto" exponents
     equal the float64 model's every-step spectrum to float32's rounding of the weights, with the float64 chain's
     condition bound (fewer than a third of the QRs)."""
     torch.manual_seed(0)
     model = torch.nn.RNN(3, 6, num_layers=2, batch_first=True)
-    x = torch.randn(2, 300, 3, generator=gen(2))
-    kw = dict(warmup=20, ci=None)
-    ref = rnnjac.lyapunov_spectrum(model, x, dtype=F64, generator=gen(0), **kw).lyapunov_exponents.values
-    auto = rnnjac.lyapunov_spectrum(model, x, reortho_every="auto", generator=gen(0), **kw)
-    assert auto.lyapunov_exponents.dtype == np.float32
-    assert auto.attrs["lyapunov_mean_log10_condition"] > np.log10(30)  # beyond float32's bound: a float64 chain
+    auto, ref = _float32_auto_and_float64_reference(model, torch.randn(2, 300, 3, generator=gen(2)), warmup=20)
     np.testing.assert_allclose(auto.lyapunov_exponents.values, ref, rtol=0, atol=1e-6)
     assert auto.attrs["lyapunov_qr_count"] < 280 / 3
 
@@ -398,11 +404,6 @@ def test_auto_widens_a_float32_chain_up_to_d_256_and_a_fixed_schedule_only_to_12
     )
     torch.manual_seed(0)
     model = torch.nn.GRU(3, 128, num_layers=2, batch_first=True)
-    x = torch.randn(1, 60, 3, generator=gen(2))
-    kw = dict(warmup=10, ci=None)
-    ref = rnnjac.lyapunov_spectrum(model, x, dtype=F64, generator=gen(0), **kw).lyapunov_exponents.values
-    auto = rnnjac.lyapunov_spectrum(model, x, reortho_every="auto", generator=gen(0), **kw)
-    assert auto.lyapunov_exponents.dtype == np.float32
-    assert auto.attrs["lyapunov_mean_log10_condition"] > np.log10(30)  # beyond float32's bound: a float64 chain
+    auto, ref = _float32_auto_and_float64_reference(model, torch.randn(1, 60, 3, generator=gen(2)), warmup=10)
     np.testing.assert_allclose(auto.lyapunov_exponents.values, ref, rtol=0, atol=1e-5)
     assert auto.attrs["lyapunov_qr_count"] < 50 / 2
