@@ -265,9 +265,10 @@ class RNNArch:
         return {"dphi": (h_new > 0).to(h_new.dtype)}
 
     def tangent(self, p, coef, dx, dh, dc=None):
-        g = _gates_tangent(p, dx, dh)
-        if g is not None and dx is not EYE and dh is not EYE and not torch.is_grad_enabled():
-            return g.mul_(coef["dphi"].unsqueeze(-1)), None  # a fresh GEMM output, scaled in place
+        g, a = _gates_tangent(p, dx, dh), coef["dphi"].unsqueeze(-1)
+        fresh = g is not None and dx is not EYE and dh is not EYE  # a GEMM's output (or a sum of two)
+        if fresh and not torch.is_grad_enabled() and g.shape[:-1] == a.shape[:-1] and g.dtype == a.dtype:
+            return g.mul_(a), None  # scaled in place (same shape and dtype: nothing to broadcast or promote)
         return _lincomb([(coef["dphi"], g)]), None
 
     def tangent_transpose(self, p, coef, uh, uc=None, need_x=True):

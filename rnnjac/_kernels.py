@@ -25,7 +25,6 @@ from functools import partial
 from typing import NamedTuple
 
 import numpy as np
-import scipy.linalg
 import torch
 from torch import Tensor
 
@@ -163,8 +162,8 @@ def top_singular_values(
     ...]`` (known from the products already taken) are the Ritz values; they increase monotonically to the true
     ones. Their squares are the eigenvalues of the Gram matrix ``(J K)^T (J K) = K^T J^T J K``, which is banded
     (block Lanczos: ``J^T J V_i`` lies in the span of ``V_0..V_{i+1}``, with an upper triangular coupling to
-    ``V_{i+1}``, so the lower bandwidth is ``w``): only its band is formed (each block against itself and the block
-    before), and on the CPU its top ``k`` eigenvalues come from LAPACK's banded solver
+    ``V_{i+1}``, so the lower bandwidth is ``w``): only its band is formed and stored (each block against itself and
+    the block before), and on the CPU its top ``k`` eigenvalues come from LAPACK's banded solver
     (:func:`scipy.linalg.eig_banded`, O(m^2 w) for ``m`` columns instead of O(m^3)); the entries outside the band
     are rounding (``u ||J||^2``). The loop stops when the top ``k`` change by less than
     ``tol`` (relative to the largest; default ``100 u``, ``u`` the unit round-off) between two checks (every other
@@ -188,7 +187,8 @@ def top_singular_values(
     max_blocks = max_blocks or math.ceil(d / width)  # the last block may be narrower
     cols = min(d, max_blocks * width)
     basis = torch.empty(n, d, cols, dtype=dtype, device=device)  # K, orthonormal
-    gram = torch.zeros(n, cols, cols, dtype=torch.float64, device=device)  # (J K)^T (J K): its lower band
+    # the band of (J K)^T (J K) in LAPACK's lower band storage: band[:, o, j] = G[j + o, j]
+    band = torch.zeros(n, width + 1, cols, dtype=torch.float64, device=device)
     v = initial_basis(d, width, torch.Generator().manual_seed(0), dtype, device, n)
     m, blocks, prev, before = 0, 0, None, None  # before: J V of the previous block (float64)
     with torch.no_grad():
@@ -197,32 +197,45 @@ def top_singular_values(
             u = lin.apply(v, state)
             basis[..., m : m + w_new] = v
             wide = u.double()
-            gram[:, m : m + w_new, m : m + w_new] = wide.mT @ wide
-            if before is not None:  # the coupling to the previous block; older blocks lie outside the band
-                gram[:, m : m + w_new, m - before.shape[-1] : m] = wide.mT @ before
+            _add_to_band(band, m, wide, before)
             m, blocks, before = m + w_new, blocks + 1, wide
             last = blocks == max_blocks or m == d  # (m == d: the whole space is spanned, the values are exact)
             if blocks % 2 == 0 or last:  # Ritz values every other block
-                vals = _ritz_values(gram[:, :m, :m], k, width)
+                vals = _ritz_values(band[..., :m], k)
                 if last or (prev is not None and bool(((vals - prev).abs() <= tol * vals[:, :1]).all())):
                     return vals.to(dtype)
                 prev = vals
             v = _orthonormal_block(lin.apply_transpose(u, state), basis[..., :m])
 
 
-def _ritz_values(gram: Tensor, k: int, band: int) -> Tensor:
-    """The square roots of the ``k`` largest eigenvalues ``(N, k)``, descending, of the symmetric ``gram`` given by
-    its lower triangle, of lower bandwidth ``band``: LAPACK's banded solver on the CPU, ``eigvalsh`` elsewhere or
-    when the band is most of the matrix."""
-    m = gram.shape[-1]
+def _add_to_band(band: Tensor, m: int, images: Tensor, before: Tensor | None) -> None:
+    """Write the Gram rows of a new Krylov block (columns ``m..``, images ``J V`` ``(N, D, w)``, float64) into the
+    lower band storage ``band (N, bw + 1, cols)``: the block against itself and against the block ``before`` (whose
+    coupling is upper triangular, so it lies within the band; older blocks lie outside it)."""
+    w_prev = 0 if before is None else before.shape[-1]
+    rows = images.mT @ (images if before is None else torch.cat([before, images], -1))  # (N, w, w_prev + w)
+    for off in range(band.shape[1]):  # the diagonal at distance off below the main one
+        k = w_prev - off
+        diag = torch.diagonal(rows, offset=k, dim1=-2, dim2=-1)
+        start = m - w_prev + max(k, 0)
+        band[:, off, start : start + diag.shape[-1]] = diag
+
+
+def _ritz_values(band: Tensor, k: int) -> Tensor:
+    """The square roots of the ``k`` largest eigenvalues ``(N, k)``, descending, of the symmetric banded matrices
+    given in lower band storage ``band (N, bw + 1, m)``: LAPACK's banded solver on the CPU (scipy), ``eigvalsh`` of
+    the dense matrices elsewhere or when the band is most of the matrix."""
+    n, rows, m = band.shape
     k = min(k, m)
-    if gram.device.type != "cpu" or m <= 4 * band:
-        return torch.linalg.eigvalsh(gram, UPLO="L").flip(-1)[:, :k].clamp(min=0).sqrt()
-    out = np.empty((gram.shape[0], k))
-    lower = np.zeros((band + 1, m))  # LAPACK's lower band storage: lower[i - j, j] = a[i, j]
-    for i, g in enumerate(gram.numpy()):
-        for off in range(band + 1):
-            lower[off, : m - off] = np.diagonal(g, -off)
+    if band.device.type != "cpu" or m <= 4 * (rows - 1):
+        dense = band.new_zeros(n, m, m)
+        for off in range(min(rows, m)):
+            torch.diagonal(dense, offset=-off, dim1=-2, dim2=-1).copy_(band[:, off, : m - off])
+        return torch.linalg.eigvalsh(dense, UPLO="L").flip(-1)[:, :k].clamp(min=0).sqrt()
+    import scipy.linalg  # noqa: PLC0415 - only here: importing rnnjac does not load scipy.linalg
+
+    out = np.empty((n, k))
+    for i, lower in enumerate(band.numpy()):
         values = scipy.linalg.eig_banded(lower, lower=True, eigvals_only=True, select="i", select_range=(m - k, m - 1))
         out[i] = values[::-1]
     return torch.from_numpy(out).clamp(min=0).sqrt()
@@ -230,11 +243,15 @@ def _ritz_values(gram: Tensor, k: int, band: int) -> Tensor:
 
 def _orthonormal_block(w: Tensor, basis: Tensor) -> Tensor:
     """``w`` made orthogonal to the orthonormal ``basis`` (two block Gram-Schmidt passes) and orthonormalised,
-    cut to the columns the space still has room for (the basis does not fill it)."""
+    cut to the columns the space still has room for (the basis does not fill it); then projected and
+    orthonormalised once more: when ``w`` is rank deficient (a low-rank ``J``, e.g. a ReLU RNN with dead units)
+    its QR's extra columns are normalised rounding, which points anywhere, the old basis included. The coupling to
+    the new block stays upper triangular (a product of the two QRs' ``R``)."""
     w = w[..., : basis.shape[-2] - basis.shape[-1]]
     for _ in range(2):
         w = w - basis @ (basis.mT @ w)
     q, _ = torch.linalg.qr(w)
+    q, _ = torch.linalg.qr(q - basis @ (basis.mT @ q))
     return q
 
 
@@ -396,7 +413,8 @@ class _SpectraPass:
             values = {}
             if jac is not None:
                 values = step_spectra(jac, singular_values=dense_sv, eigenvalues=opts.eigenvalues)
-            if self.top_sv is not None:
+            if self.top_sv is not None:  # a non-finite state is reported before the Krylov solve meets it
+                _raise_first_bad(ok, t0, "the state or Jacobian J_t is NaN/Inf")
                 values["singular_values"] = v = top_singular_values(chunk.lin, self.top_sv, state)
                 ok &= torch.isfinite(v).reshape(b, n, -1).all(-1).all(0)
             for name, v in values.items():
