@@ -360,12 +360,17 @@ def test_sigint_leaves_no_partial_output(tmp_path, ckpt):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    first: list[bytes] = []
+    seen = bytearray()
+
+    def until_the_bar():  # a warning at start-up is not the bar: wait for tqdm's "%|"
+        while b"%|" not in seen and (byte := proc.stderr.read(1)):
+            seen.extend(byte)
+
     try:
-        reader = threading.Thread(target=lambda: first.append(proc.stderr.read(1)), daemon=True)
+        reader = threading.Thread(target=until_the_bar, daemon=True)
         reader.start()
         reader.join(timeout=180)
-        assert first and first[0], "no progress output within 180 s"
+        assert b"%|" in seen, f"no progress bar within 180 s: {bytes(seen)!r}"
         time.sleep(1)
         proc.send_signal(signal.SIGINT)
         _, rest = proc.communicate(timeout=60)
@@ -373,7 +378,7 @@ def test_sigint_leaves_no_partial_output(tmp_path, ckpt):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    err = (first[0] + rest).decode()
+    err = (bytes(seen) + rest).decode()
     assert proc.returncode == 130, err
     assert "interrupted" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gru.pt"]
