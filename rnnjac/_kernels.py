@@ -213,7 +213,9 @@ def _add_to_band(band: Tensor, m: int, images: Tensor, before: Tensor | None) ->
     lower band storage ``band (N, bw + 1, cols)``: the block against itself and against the block ``before`` (whose
     coupling is upper triangular, so it lies within the band; older blocks lie outside it)."""
     w_prev = 0 if before is None else before.shape[-1]
-    rows = images.mT @ (images if before is None else torch.cat([before, images], -1))  # (N, w, w_prev + w)
+    rows = images.mT @ images  # (N, w, w_prev + w) with the coupling to the block before on its left
+    if before is not None:
+        rows = torch.cat([images.mT @ before, rows], -1)
     for off in range(band.shape[1]):  # the diagonal at distance off below the main one
         k = w_prev - off
         diag = torch.diagonal(rows, offset=k, dim1=-2, dim2=-1)
