@@ -8,7 +8,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._cells import ARCHITECTURES, LayerParams
 from ._linearization import FactoredLinearization, Linearization, StateLayout, frobenius_row_local, normal
-from ._recurrence import gru_layer, lstm_layer
+from ._recurrence import LayerRecord, gru_layer, lstm_layer
 from ._system import System, as_tensor
 
 __all__ = ["BuiltinSystem", "builtin_system"]
@@ -304,20 +304,18 @@ class BuiltinSystem(System):
             inp = h1
         return FactoredLinearization(self.cell, self.layers, self.layout, s, x, coefs, compile=compile)
 
-    def frobenius_from_gates(self, states: Tensor, steps: slice, gates, state: str) -> Tensor | None:
-        """``||J_t||_F^2`` ``(N,)`` at the steps ``steps`` of a recorded trajectory (as :meth:`linearize_states`
-        orders them) of a single CPU GRU/LSTM layer straight from the ``gates`` its forward kept
-        (:mod:`rnnjac._fused_rows`: no coefficients, cache-sized blocks); None where that does not apply (other
-        cells, stacks, projections, no gates, CUDA), for the caller to linearise instead."""
-        usable = gates is not None and gates[0] is not None and hasattr(self.cell, "frobenius_from_gates")
-        if not usable or states.device.type != "cpu" or not frobenius_row_local(self.cell, self.layers, state):
+    def frobenius_from_gates(self, states: Tensor, steps: slice, gates, state: str, compile=False):  # noqa: A002
+        """``||J_t||_F^2`` ``(B, len(steps))`` at the steps ``steps`` of a recorded trajectory of a single CPU
+        GRU/LSTM layer straight from what its forward kept (``gates[0]``, a :class:`rnnjac._recurrence.LayerRecord`:
+        no coefficients, no copy of the gates; ``compile=True``: one compiled function, :mod:`rnnjac._elementwise`,
+        else cache-sized eager blocks, :mod:`rnnjac._fused_rows`); None where that does not apply (other cells,
+        stacks, projections, no record, CUDA), for the caller to linearise instead. The gradient reaches the
+        weights through the record, that is through the layer's forward, not through ``states`` (the same
+        values)."""
+        record = None if gates is None else gates[0]
+        if not isinstance(record, LayerRecord) or not frobenius_row_local(self.cell, self.layers, state):
             return None
-        b = states.shape[0]
-        prev, nxt = states[:, :-1][:, steps], states[:, 1:][:, steps]
-        n = b * prev.shape[1]
-        g = [t[:, steps].reshape(n, -1) for t in gates[0]]
-        ((h, c),), ((_, c_new),) = self.split(prev.reshape(n, -1)), self.split(nxt.reshape(n, -1))
-        return self.cell.frobenius_from_gates(self.layers[0], g, h, c, c_new)
+        return self.cell.frobenius_from_record(self.layers[0], record, steps, compile).t()
 
     def _fused_layer(self, p: LayerParams, xs: Tensor, h0: Tensor, c0: Tensor | None) -> Tensor:
         """One layer's outputs ``(B, T, H_out)`` from torch's fused op (batch-first inputs ``(B, T, I)``)."""

@@ -217,6 +217,11 @@ class _RowQuad(torch.autograd.Function):
         return dgram, *grads
 
 
+def _entry_first(gram: Tensor) -> Tensor:
+    """A row Gram ``(H, K, K)`` as ``(K, K, H)``, contiguous (:func:`rnnjac._elementwise.quadratic_rows`)."""
+    return gram.permute(1, 2, 0).contiguous()
+
+
 def row_quadratic(xs: list[Tensor], gram: Tensor) -> Tensor:
     """``sum_{k,m} x_k G[:, k, m] x_m`` per element, ``(N, H)``, for K coefficients ``(N, H)`` and ``G (H, K, K)``.
 
@@ -358,13 +363,14 @@ class GRUArch:
     def frobenius_sq(self, p, coef, compile=False):  # noqa: A002
         a = [coef["a_r"], coef["a_z"], coef["a_hn"], coef["z"]]
         if compile:
-            return elementwise(gru_rows, True)(*a, self._bordered_gram(p))
+            return elementwise(gru_rows, True)(*a, _entry_first(self._bordered_gram(p)))
         return row_quadratic(a, self._bordered_gram(p)).sum(-1)
 
-    def frobenius_from_gates(self, p, gates, h, c, c_new) -> Tensor:
-        """:meth:`frobenius_sq` from the forward's gates ``(r, z, n, gh_n)`` and the state ``h`` they act on,
-        without the coefficients (:func:`rnnjac._fused_rows.gru_frobenius_rows`)."""
-        return gru_frobenius_rows(*gates, h, self._bordered_gram(p))
+    def frobenius_from_record(self, p, record, steps: slice, compile=False) -> Tensor:  # noqa: A002
+        """:meth:`frobenius_sq` ``(T', B)`` at the steps ``steps`` straight from what the layer's forward kept
+        (:class:`rnnjac._recurrence.LayerRecord`), without the coefficients
+        (:func:`rnnjac._fused_rows.gru_frobenius_rows`: eager cache-sized chunks, or ``torch.compile``d)."""
+        return gru_frobenius_rows(record.pre, record.hs, record.gates, self._bordered_gram(p), steps, compile=compile)
 
 
 class LSTMArch:
@@ -457,17 +463,17 @@ class LSTMArch:
         qx = _mm(p.w_ih.T, v) if need_x else None
         return qx, _mm(p.w_hh.T, v), (coef["f"].unsqueeze(-1) * u_c if uc is not None else None)
 
-    def frobenius_from_gates(self, p, gates, h, c, c_new) -> Tensor:
-        """:meth:`frobenius_sq` (no projection) from the forward's gates ``(i, f, g, o)`` and the cell states
-        ``c, c_new``, without the coefficients (:func:`rnnjac._fused_rows.lstm_frobenius_rows`)."""
-        return lstm_frobenius_rows(*gates, c, c_new, _rowgram(p.w_hh, 4))
+    def frobenius_from_record(self, p, record, steps: slice, compile=False) -> Tensor:  # noqa: A002
+        """:meth:`frobenius_sq` ``(T', B)`` (no projection) at the steps ``steps`` straight from what the layer's
+        forward kept (:func:`rnnjac._fused_rows.lstm_frobenius_rows`), as :meth:`GRUArch.frobenius_from_record`."""
+        return lstm_frobenius_rows(record.pre, record.cs, record.gates, _rowgram(p.w_hh, 4), steps, compile=compile)
 
     def frobenius_sq(self, p, coef, compile=False):  # noqa: A002
         # (callers check System.frobenius_closed_form: a projection mixes rows, no row-local form)
         s_i, s_f, s_g, s_o, s_m, f = (coef[k] for k in ("s_i", "s_f", "s_g", "s_o", "s_m", "f"))
         gram = _rowgram(p.w_hh, 4)
         if compile:
-            return elementwise(lstm_rows, True)(s_i, s_f, s_g, f, s_o, s_m, gram)
+            return elementwise(lstm_rows, True)(s_i, s_f, s_g, f, s_o, s_m, _entry_first(gram))
         # row i of dc'/dh is c_i = sum_k a_k W_k[i] over (i, f, g); row i of dh'/dh is s_m c_i + s_o W_o[i],
         # so ||.||^2 = (1 + s_m^2) c^T G c + 2 s_m s_o (c . G_o) + s_o^2 G_oo, per row
         # the f^2 (1 + s_m^2) term is the diagonal c-columns: diag(f), diag(s_m f); as a bordered quadratic form

@@ -100,7 +100,13 @@ def check_lyapunov_options(
 
 
 def first_nonfinite_step(x: Tensor, time_dim: int = 1) -> int | None:
-    """Index along ``time_dim`` of the first slice with a NaN/Inf, or None."""
+    """Index along ``time_dim`` of the first slice with a NaN/Inf, or None.
+
+    A NaN or Inf anywhere makes the sum NaN or Inf, so a finite sum (one pass, the common case) clears ``x``;
+    only a non-finite sum (a bad entry, or a sum that overflows) is searched entry by entry.
+    """
+    if x.numel() and bool(torch.isfinite(x.sum())):
+        return None
     bad = ~torch.isfinite(x)
     if not bool(bad.any()):
         return None

@@ -29,7 +29,14 @@ __all__ = [
     "gru_gate_coefs",
     "lstm_coefs",
     "quadratic_rows",
+    "gru_rows",
+    "gru_gate_rows",
+    "gru_pre_rows",
+    "gru_gate_rows_vjp",
     "lstm_rows",
+    "lstm_gate_rows",
+    "lstm_pre_rows",
+    "lstm_gate_rows_vjp",
     "linear_recurrence",
 ]
 
@@ -82,36 +89,185 @@ def lstm_coefs(i: Tensor, f: Tensor, g: Tensor, o: Tensor, c: Tensor, c_new: Ten
 
 
 def quadratic_rows(xs: list[Tensor], gram: Tensor) -> Tensor:
-    """``sum_{k,m} x_k G[:, k, m] x_m`` per element ``(N, H)``, as plain operators (autograd derives the backward;
-    the eager default is :func:`rnnjac._cells.row_quadratic`'s hand-written one).
+    """``sum_{k,m} x_k G[k, m] x_m`` per element ``(..., H)``, as plain operators (autograd derives the backward;
+    the eager default is :func:`rnnjac._cells.row_quadratic`'s hand-written one). ``gram`` is given entry-first,
+    ``(K, K, H)``: each ``G[k, m]`` is then a contiguous row that broadcasts over the leading dimensions (a compiled
+    kernel loads it as a vector; the row-first ``(H, K, K)`` layout would be a strided gather per element).
 
     Examples
     --------
-    >>> quadratic_rows([torch.ones(1, 2), 2 * torch.ones(1, 2)], torch.eye(2).expand(2, 2, 2)).tolist()
+    >>> quadratic_rows([torch.ones(1, 2), 2 * torch.ones(1, 2)], torch.eye(2).unsqueeze(-1).expand(2, 2, 2)).tolist()
     [[5.0, 5.0]]
     """
-    out = None
-    for k, x_k in enumerate(xs):
-        acc = None
-        for m, x_m in enumerate(xs):
-            term = gram[:, k, m] * x_m
-            acc = term if acc is None else acc + term
-        out = x_k * acc if out is None else out + x_k * acc
-    return out
+    q = xs[0] * _gram_row(gram, 0, xs)
+    for k in range(1, len(xs)):
+        q.addcmul_(xs[k], _gram_row(gram, k, xs))
+    return q
 
 
 def gru_rows(a_r: Tensor, a_z: Tensor, a_hn: Tensor, z: Tensor, gram: Tensor) -> Tensor:
-    """``||J||_F^2`` per step ``(N,)`` of one GRU layer from its coefficients and the bordered row Gram ``(H, 4, 4)``
-    (:meth:`rnnjac._cells.GRUArch.frobenius_sq`)."""
+    """``||J||_F^2`` per step ``(...)`` of one GRU layer from its coefficients ``(..., H)`` and the bordered row
+    Gram, entry-first ``(4, 4, H)`` (:meth:`rnnjac._cells.GRUArch.frobenius_sq`)."""
     return quadratic_rows([a_r, a_z, a_hn, z], gram).sum(-1)
 
 
+def gru_gate_rows(r: Tensor, z: Tensor, n: Tensor, gh_n: Tensor, h: Tensor, gram: Tensor) -> Tensor:
+    """:func:`gru_rows` straight from the forward's gates (:func:`gru_gate_coefs`): one function, so that
+    ``torch.compile`` fuses the coefficients, the row form and their backward into a few loops.
+
+    Examples
+    --------
+    >>> half, zero, one = torch.full((1, 1), 0.5), torch.zeros(1, 1), torch.ones(1, 1)
+    >>> gru_gate_rows(half, half, zero, zero, one, torch.eye(4).unsqueeze(-1)).tolist()  # 0.25^2 + 0.25^2 + 0.5^2
+    [0.375]
+    """
+    z_, a_z, _, a_hn, a_r = gru_gate_coefs(r, z, n, gh_n, h)
+    return gru_rows(a_r, a_z, a_hn, z_, gram)
+
+
+def gru_pre_rows(pre: Tensor, h: Tensor, gram: Tensor) -> Tensor:
+    """:func:`gru_gate_rows` from the pre-activations ``pre (..., 4H)`` (blocks r, z, hidden n ``W_hn h + b_hn``,
+    input n ``W_in x + b_in``: :class:`rnnjac._recurrence.LayerRecord`) and the state ``h``: the gates are recomputed
+    (a few flops in a fused kernel), so the gradient is the one by the pre-activations that the layer's backward
+    takes as it is.
+
+    Examples
+    --------
+    >>> gru_pre_rows(torch.zeros(1, 4), torch.ones(1, 1), torch.eye(4).unsqueeze(-1)).tolist()  # r = z = 1/2, n = 0
+    [0.375]
+    """
+    pre_r, pre_z, gh_n, gi_n = pre.chunk(4, -1)
+    r, z = torch.sigmoid(pre_r), torch.sigmoid(pre_z)
+    return gru_gate_rows(r, z, torch.tanh(gi_n + r * gh_n), gh_n, h, gram)
+
+
 def lstm_rows(s_i, s_f, s_g, f, s_o, s_m, gram: Tensor) -> Tensor:
-    """``||J||_F^2`` per step ``(N,)`` of one LSTM layer without projection from its coefficients and the row Gram
-    ``(H, 4, 4)`` of ``W_hh``'s gate blocks (:meth:`rnnjac._cells.LSTMArch.frobenius_sq`)."""
-    quad = quadratic_rows([s_i, s_f, s_g], gram[:, :3, :3]) + f * f
-    lin_o = s_i * gram[:, 0, 3] + s_f * gram[:, 1, 3] + s_g * gram[:, 2, 3]
-    return ((1 + s_m * s_m) * quad + s_o * (2 * s_m * lin_o + s_o * gram[:, 3, 3])).sum(-1)
+    """``||J||_F^2`` per step ``(...)`` of one LSTM layer without projection from its coefficients and the row Gram
+    of ``W_hh``'s gate blocks, entry-first ``(4, 4, H)`` (:meth:`rnnjac._cells.LSTMArch.frobenius_sq`)."""
+    quad = quadratic_rows([s_i, s_f, s_g], gram[:3, :3]) + f * f
+    lin_o = s_i * gram[0, 3] + s_f * gram[1, 3] + s_g * gram[2, 3]
+    return ((1 + s_m * s_m) * quad + s_o * (2 * s_m * lin_o + s_o * gram[3, 3])).sum(-1)
+
+
+def lstm_gate_rows(i: Tensor, f: Tensor, g: Tensor, o: Tensor, c: Tensor, c_new: Tensor, gram: Tensor) -> Tensor:
+    """:func:`lstm_rows` straight from the forward's activated gates and cell states (:func:`lstm_coefs`), as one
+    function for ``torch.compile``.
+
+    Examples
+    --------
+    >>> half, zero = torch.full((1, 1), 0.5), torch.zeros(1, 1)
+    >>> lstm_gate_rows(half, half, zero, half, zero, zero, torch.eye(4).unsqueeze(-1)).tolist()
+    [0.625]
+    """
+    return lstm_rows(*lstm_coefs(i, f, g, o, c, c_new), gram)
+
+
+def lstm_pre_rows(pre: Tensor, c: Tensor, c_new: Tensor, gram: Tensor) -> Tensor:
+    """:func:`lstm_gate_rows` from the pre-activations ``pre (..., 4H)`` (i, f, g, o) and the cell states, the
+    gates recomputed (as :func:`gru_pre_rows`).
+
+    Examples
+    --------
+    >>> zero = torch.zeros(1, 1)
+    >>> lstm_pre_rows(torch.zeros(1, 4), zero, zero, torch.eye(4).unsqueeze(-1)).tolist()
+    [0.625]
+    """
+    pre_i, pre_f, pre_g, pre_o = pre.chunk(4, -1)
+    i, f, o = torch.sigmoid(pre_i), torch.sigmoid(pre_f), torch.sigmoid(pre_o)
+    return lstm_gate_rows(i, f, torch.tanh(pre_g), o, c, c_new, gram)
+
+
+def _gram_row(gram: Tensor, k: int, a: list[Tensor]) -> Tensor:
+    """``sum_m G[k, m] a_m`` (a fresh tensor: the in-place accumulation is the eager mode's saving, and
+    ``torch.compile`` traces it as the same sum)."""
+    acc = a[0] * gram[k, 0]
+    for m in range(1, len(a)):
+        acc.addcmul_(a[m], gram[k, m])
+    return acc
+
+
+def _pair_sums(w: Tensor, a: list[Tensor]) -> list[list[Tensor]]:
+    """``sum w a_k a_m`` over every leading dimension, ``(H,)`` each, for ``k <= m``; the lower triangle mirrors
+    it."""
+    lead = tuple(range(a[0].dim() - 1))
+    wa = [w * t for t in a]
+    size = len(a)
+    out: list[list] = [[None] * size for _ in range(size)]
+    for k in range(size):
+        for m in range(k, size):
+            out[k][m] = out[m][k] = (wa[k] * a[m]).sum(lead)
+    return out
+
+
+def gru_gate_rows_vjp(w: Tensor, r: Tensor, z: Tensor, n: Tensor, gh_n: Tensor, h: Tensor, gram: Tensor):
+    """The backward of :func:`gru_gate_rows` by the *pre-activations*: for row weights ``w (...)``, the gradients
+    ``(dpre, dh (..., H), dgram (4, 4, H))`` of ``sum w * gru_gate_rows(...)``, with ``dpre`` the four blocks
+    ``(..., H)`` (r, z, hidden n, input n) of :class:`rnnjac._recurrence.LayerRecord` (``n = tanh(gi_n + r gh_n)``,
+    ``r, z = sigmoid(.)``): the chain rule through the coefficient formulas, written out, so that the gates'
+    values are reused and no activation is recomputed. ``gram`` is symmetric, entry-first ``(4, 4, H)``.
+
+    Examples
+    --------
+    >>> r, z, n, gh, h = (torch.rand(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(5))
+    >>> gram = torch.eye(4, dtype=torch.float64).unsqueeze(-1).expand(4, 4, 3)
+    >>> dpre, dh, _ = gru_gate_rows_vjp(torch.ones(2, dtype=torch.float64), r, z, n, gh, h, gram)
+    >>> want = torch.autograd.grad(gru_gate_rows(r, z, n, gh, h, gram).sum(), h)[0]
+    >>> bool(torch.allclose(dh, want))
+    True
+    """
+    omz, dtanh, sig_r = 1 - z, 1 - n * n, r * (1 - r)
+    sig_z, a_n = z * omz, omz * dtanh
+    a = [a_n * gh_n * sig_r, (h - n) * sig_z, a_n * r, z]  # a_r, a_z, a_hn, z
+    w = w.unsqueeze(-1)
+    w2 = 2 * w
+    d_r, d_z, d_hn, d_4 = (_gram_row(gram, k, a).mul_(w2) for k in range(4))
+    d_an = d_hn * r + d_r * gh_n * sig_r
+    dh = d_z * sig_z
+    e_n = (-2 * n * omz * d_an - dh) * dtanh
+    e_hn = e_n * r + d_r * a_n * sig_r
+    e_r = (d_hn * a_n + d_r * a_n * gh_n * (1 - 2 * r) + e_n * gh_n) * sig_r
+    e_z = (d_4 - d_an * dtanh + d_z * (h - n) * (1 - 2 * z)) * sig_z
+    sums = _pair_sums(w, a)
+    return (e_r, e_z, e_hn, e_n), dh, torch.stack([torch.stack(row) for row in sums])
+
+
+def lstm_gate_rows_vjp(w: Tensor, i: Tensor, f: Tensor, g: Tensor, o: Tensor, c: Tensor, c_new: Tensor, gram: Tensor):
+    """The backward of :func:`lstm_gate_rows` by the pre-activations (i, f, g, o), as :func:`gru_gate_rows_vjp`:
+    ``(dpre (four blocks), dc (..., H), dc_new (..., H), dgram (4, 4, H))`` (the row form reads ``gram[k, 3]`` for
+    ``k < 3`` and not ``gram[3, k]``: ``dgram[3, :3]`` is zero).
+
+    Examples
+    --------
+    >>> i, f, g, o, c, cn = (torch.rand(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(6))
+    >>> gram = torch.eye(4, dtype=torch.float64).unsqueeze(-1).expand(4, 4, 3)
+    >>> _, dc, dcn, _ = lstm_gate_rows_vjp(torch.ones(2, dtype=torch.float64), i, f, g, o, c, cn, gram)
+    >>> want = torch.autograd.grad(lstm_gate_rows(i, f, g, o, c, cn, gram).sum(), (c, cn))
+    >>> bool(torch.allclose(dc, want[0])), bool(torch.allclose(dcn, want[1]))
+    (True, True)
+    """
+    tc = torch.tanh(c_new)
+    sig_i, sig_f, sig_o, dtanh_g, dtanh_c = i * (1 - i), f * (1 - f), o * (1 - o), 1 - g * g, 1 - tc * tc
+    s = [g * sig_i, c * sig_f, i * dtanh_g]
+    s_o, s_m = tc * sig_o, o * dtanh_c
+    gs = [_gram_row(gram, k, s) for k in range(3)]
+    quad = s[0] * gs[0] + s[1] * gs[1] + s[2] * gs[2] + f * f
+    lin_o = s[0] * gram[0, 3] + s[1] * gram[1, 3] + s[2] * gram[2, 3]
+    w = w.unsqueeze(-1)
+    w_quad, w_lin = w * (1 + s_m * s_m), 2 * w * s_m * s_o  # d rows / d quad, d rows / d lin_o
+    d_so = 2 * w * (s_m * lin_o + s_o * gram[3, 3])
+    d_sm = 2 * w * (s_m * quad + s_o * lin_o)
+    d_s = [2 * w_quad * gs[k] + w_lin * gram[k, 3] for k in range(3)]
+    e_i = (d_s[0] * g * (1 - 2 * i) + d_s[2] * dtanh_g) * sig_i
+    e_f = (d_s[1] * c * (1 - 2 * f) + 2 * w_quad * f) * sig_f
+    e_g = (d_s[0] * sig_i - 2 * d_s[2] * i * g) * dtanh_g
+    e_o = (d_so * tc * (1 - 2 * o) + d_sm * dtanh_c) * sig_o
+    dc_new = (d_so * sig_o - 2 * d_sm * o * tc) * dtanh_c
+    lead = tuple(range(s_o.dim() - 1))
+    sums = _pair_sums(w_quad, s)
+    zero = torch.zeros_like(s_o[(0,) * len(lead)])
+    top = [[*sums[k], (w_lin * s[k]).sum(lead)] for k in range(3)]
+    dgram = torch.stack([torch.stack(row) for row in top] + [torch.stack([zero, zero, zero, (w * s_o * s_o).sum(lead)])])
+    return (e_i, e_f, e_g, e_o), d_s[1] * sig_f, dc_new, dgram
 
 
 def _cell_update(f: Tensor, c: Tensor, ig: Tensor) -> Tensor:

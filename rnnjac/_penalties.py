@@ -38,13 +38,13 @@ def _linearize(problem, states: Tensor, t_idx: Tensor, gates=None, compile=False
     return problem.dyn.linearize(s_prev, x, problem.method)
 
 
-def _frobenius_from_gates(problem, states: Tensor, t_idx: Tensor, gates) -> Tensor | None:
-    """``||J_t||_F^2`` of a single built-in layer straight from its forward's gates
+def _frobenius_from_gates(problem, states: Tensor, t_idx: Tensor, gates, compile=False) -> Tensor | None:  # noqa: A002
+    """``||J_t||_F^2`` ``(B, len(t_idx))`` of a single built-in layer straight from its forward's gates
     (``BuiltinSystem.frobenius_from_gates``), or None where that does not apply."""
     steps = _as_slice(t_idx)
     if steps is None or not hasattr(problem.dyn, "frobenius_from_gates"):
         return None
-    return problem.dyn.frobenius_from_gates(states, steps, gates, problem.state)
+    return problem.dyn.frobenius_from_gates(states, steps, gates, problem.state, compile)
 
 
 def _sphere(shape, generator, like: Tensor) -> Tensor:
@@ -83,8 +83,8 @@ def _per_step(
     out = []
     for c0 in range(0, len(t_idx), per_chunk):
         idx = t_idx[c0 : c0 + per_chunk]
-        if kind == "frobenius" and estimator == "exact" and closed and not compile:
-            val = _frobenius_from_gates(problem, states, idx, gates)
+        if kind == "frobenius" and estimator == "exact" and closed:
+            val = _frobenius_from_gates(problem, states, idx, gates, compile)
             if val is not None:
                 out.append(val.reshape(b, len(idx)))
                 continue

@@ -12,6 +12,12 @@ The loops keep the per-step work to a few operators on preallocated buffers: the
 steps at once beforehand, leaving one GEMM and two (GRU) or four (LSTM) operators per step; the weight gradients
 are one GEMM each over all steps afterwards. Formulas as in :mod:`rnnjac._cells` (PyTorch's gate orders).
 
+Each layer also returns its pre-activations ``(T, B, 4H)`` (GRU blocks ``(r, z, hidden n, input n)``: ``W_hn h +
+b_hn`` and ``W_in x + b_in`` kept apart; LSTM ``(i, f, g, o)``), written by the same GEMMs and operators that
+compute the gates (no extra pass). A gradient for them is a gradient for the GEMMs' outputs, which the backward
+needs anyway: the exact Frobenius penalty (:mod:`rnnjac._fused_rows`) differentiates by the pre-activations, so
+what it contributes joins the backward recurrence as it is, with no conversion and no autograd glue.
+
 A backward that must itself be differentiated (``create_graph=True``: double backward, ``gradgradcheck``)
 differentiates a plain step loop of the same layer instead (:meth:`rnnjac._cells.GRUArch.step`), so every order of
 derivative is exact.
@@ -22,9 +28,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._cells import ARCHITECTURES, LayerParams
+from ._cells import ARCHITECTURES, LayerParams, _pre
 
-__all__ = ["gru_layer", "lstm_layer"]
+__all__ = ["LayerRecord", "gru_layer", "lstm_layer"]
+
+
+class LayerRecord:
+    """What a gated layer's forward kept, time-major: ``hs`` ``(T+1, B, H)``, ``cs`` (LSTM) or None, the activated
+    ``gates`` ``(T, B, KH)`` and the pre-activations ``pre`` ``(T, B, 4H)`` (module docstring). Iterating gives the
+    batch-first gate views ``(B, T, H)`` that :meth:`rnnjac._cells.GRUArch.linearize_known` /
+    :meth:`rnnjac._cells.LSTMArch.linearize_known` take: ``(r, z, n, gh_n)`` or ``(i, f, g, o)``."""
+
+    __slots__ = ("arch", "hs", "cs", "gates", "pre")
+
+    def __init__(self, arch: str, hs: Tensor, cs: Tensor | None, gates: Tensor, pre: Tensor):
+        self.arch, self.hs, self.cs, self.gates, self.pre = arch, hs, cs, gates, pre
+
+    def __iter__(self):
+        hid = self.hs.shape[-1]
+        blocks = list(self.gates.chunk(3 if self.arch == "gru" else 4, -1))
+        if self.arch == "gru":
+            blocks.append(self.pre[..., 2 * hid : 3 * hid])
+        return iter([t.transpose(0, 1) for t in blocks])
 
 
 def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
@@ -74,48 +99,57 @@ def _double_backward(arch: str, inputs: tuple, outputs_of, grads: tuple) -> tupl
 
 # ----------------------------------------------------------------------------------------------------- GRU
 def _gru_reference(cell, x, h0, w_ih, w_hh, b_ih, b_hh):
-    """:class:`_GRULayer`'s outputs by a differentiable step loop of :class:`rnnjac._cells.GRUArch`."""
-    p = LayerParams(w_ih, w_hh, b_ih, b_hh)
-    hs, gates, ghns, h = [h0], [], [], h0
+    """:class:`_GRULayer`'s outputs by a differentiable step loop of the layer formulas."""
+    p, hid = LayerParams(w_ih, w_hh, b_ih, b_hh), h0.shape[-1]
+    hs, gates, pres, h = [h0], [], [], h0
     for x_t in x:
-        r, z, n, gh_n, h = cell._forward(p, x_t, h)
+        gi, gh = _pre(p, x_t, h)
+        pre_rz = gi[:, : 2 * hid] + gh[:, : 2 * hid]
+        r, z = torch.sigmoid(pre_rz).chunk(2, -1)
+        n = torch.tanh(gi[:, 2 * hid :] + r * gh[:, 2 * hid :])
+        h = torch.lerp(n, h, z)
         hs.append(h)
         gates.append(torch.cat([r, z, n], -1))
-        ghns.append(gh_n)
-    return torch.stack(hs), torch.stack(gates), torch.stack(ghns)
+        pres.append(torch.cat([pre_rz, gh[:, 2 * hid :], gi[:, 2 * hid :]], -1))
+    return torch.stack(hs), torch.stack(gates), torch.stack(pres)
 
 
 class _GRULayer(torch.autograd.Function):
-    """Time-major ``x (T, B, I)`` -> ``hs (T+1, B, H)``, gates ``(T, B, 3H)`` (r, z, n) and ``gh_n (T, B, H)``."""
+    """Time-major ``x (T, B, I)`` -> ``hs (T+1, B, H)``, gates ``(T, B, 3H)`` (r, z, n) and pre-activations
+    ``(T, B, 4H)`` (r, z, hidden n, input n)."""
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh):
         ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no work for them
         steps, b, _ = x.shape
         hid = h0.shape[-1]
-        gi = _input_projection(x, w_ih, b_ih)
-        hs, gh = x.new_empty(steps + 1, b, hid), x.new_empty(steps, b, 3 * hid)
+        gi_rz = _input_projection(x, w_ih[: 2 * hid], None if b_ih is None else b_ih[: 2 * hid])
+        hs, pre = x.new_empty(steps + 1, b, hid), x.new_empty(steps, b, 4 * hid)
         gates = x.new_empty(steps, b, 3 * hid)
+        # the input n block straight into its columns of pre (a strided GEMM output, no copy)
+        flat_x, gi_n = x.reshape(-1, x.shape[-1]), pre.view(-1, 4 * hid)[:, 3 * hid :]
+        w_in = w_ih[2 * hid :].t()
+        torch.mm(flat_x, w_in, out=gi_n) if b_ih is None else torch.addmm(b_ih[2 * hid :], flat_x, w_in, out=gi_n)
         hs[0] = h0
         wt = w_hh.t()
         for t in range(steps):
-            h, g_t, gi_t = hs[t], gates[t], gi[t]
-            gh_t = torch.mm(h, wt, out=gh[t]) if b_hh is None else torch.addmm(b_hh, h, wt, out=gh[t])
-            torch.add(gi_t[:, : 2 * hid], gh_t[:, : 2 * hid], out=g_t[:, : 2 * hid]).sigmoid_()
-            n_t = torch.addcmul(gi_t[:, 2 * hid :], g_t[:, :hid], gh_t[:, 2 * hid :], out=g_t[:, 2 * hid :]).tanh_()
-            torch.lerp(n_t, h, g_t[:, hid : 2 * hid], out=hs[t + 1])
-        gh_n = gh[..., 2 * hid :]
-        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, hs, gates, gh_n)
-        return hs, gates, gh_n
+            h, g_t, p_t = hs[t], gates[t], pre[t]
+            gh_t = p_t[:, : 3 * hid]  # r, z, hidden n: the recurrent GEMM's output, then r, z plus the input part
+            torch.mm(h, wt, out=gh_t) if b_hh is None else torch.addmm(b_hh, h, wt, out=gh_t)
+            torch.sigmoid(p_t[:, : 2 * hid].add_(gi_rz[t]), out=g_t[:, : 2 * hid])
+            n_t = torch.addcmul(p_t[:, 3 * hid :], g_t[:, :hid], p_t[:, 2 * hid : 3 * hid], out=g_t[:, 2 * hid :])
+            torch.lerp(n_t.tanh_(), h, g_t[:, hid : 2 * hid], out=hs[t + 1])
+        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, hs, gates, pre)
+        return hs, gates, pre
 
     @staticmethod
-    def backward(ctx, dhs, dgates, dghn):
-        x, h0, w_ih, w_hh, b_ih, b_hh, hs, gates, gh_n = ctx.saved_tensors
+    def backward(ctx, dhs, dgates, dpre_out):
+        x, h0, w_ih, w_hh, b_ih, b_hh, hs, gates, pre = ctx.saved_tensors
         if torch.is_grad_enabled():
             inputs = (x, h0, w_ih, w_hh, b_ih, b_hh)
-            return _double_backward("gru", inputs, _gru_reference, (dhs, dgates, dghn))
-        steps, b, hid = gh_n.shape
-        coef, ext = _gru_coefficients(hs, gates, gh_n, dgates, dghn)
+            return _double_backward("gru", inputs, _gru_reference, (dhs, dgates, dpre_out))
+        steps, b, hid = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+        coef, ext = _gru_coefficients(hs, gates, pre[..., 2 * hid : 3 * hid], dgates, dpre_out)
         dhs = _or_zeros(dhs, hs)
         z = gates[..., hid : 2 * hid]
         dpre, dh = x.new_empty(steps, b, 4 * hid), x.new_empty(steps, b, hid)  # dh[t]: total d/dh_{t+1}
@@ -140,15 +174,15 @@ class _GRULayer(torch.autograd.Function):
         return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
 
 
-def _gru_coefficients(hs, gates, gh_n, dgates, dghn) -> tuple[Tensor, Tensor | None]:
+def _gru_coefficients(hs, gates, gh_n, dgates, dpre) -> tuple[Tensor, Tensor | None]:
     """Per step, blocks (r, z, hidden n, input n): the derivatives of the pre-activations by ``h_{t+1}`` (the
-    Jacobian's coefficients, :mod:`rnnjac._cells`), and the gates' own gradients (a penalty's) carried to the
-    pre-activations (None when there are none); each ``(T, B, 4H)``."""
+    Jacobian's coefficients, :mod:`rnnjac._cells`), and the gradients that other consumers gave the gates and the
+    pre-activations, carried to the pre-activations (None when there are none); each ``(T, B, 4H)``."""
     r, z, n = gates.chunk(3, -1)
     coef = gates.new_empty(*gates.shape[:2], 4 * n.shape[-1])
     c_r, c_z, c_hn, c_n = coef.chunk(4, -1)
     dtanh = torch.mul(n, n, out=c_n).neg_().add_(1)
-    ext = None if dgates is None and dghn is None else _gru_external(r, z, gh_n, dtanh, dgates, dghn)
+    ext = dpre if dgates is None else _gru_external(r, z, gh_n, dtanh, dgates, dpre)
     one_minus = torch.rsub(z, 1)
     c_n.mul_(one_minus)  # (1 - z)(1 - n^2)
     torch.sub(hs[:-1], n, out=c_z).mul_(z).mul_(one_minus)
@@ -158,58 +192,64 @@ def _gru_coefficients(hs, gates, gh_n, dgates, dghn) -> tuple[Tensor, Tensor | N
     return coef, ext
 
 
-def _gru_external(r, z, gh_n, dtanh, dgates, dghn) -> Tensor:
-    shape = (*r.shape[:2], 4 * r.shape[-1])
-    ext = r.new_empty(shape) if dgates is not None else r.new_zeros(shape)  # every block written, or only e_hn
+def _gru_external(r, z, gh_n, dtanh, dgates, dpre) -> Tensor:
+    """The gates' gradients ``dgates`` (r, z, n) carried to the pre-activations, plus ``dpre`` when given."""
+    ext = r.new_empty(*r.shape[:2], 4 * r.shape[-1])
     e_r, e_z, e_hn, e_n = ext.chunk(4, -1)
-    if dgates is not None:
-        d_r, d_z, d_n = dgates.chunk(3, -1)
-        torch.mul(d_n, dtanh, out=e_n)
-        torch.mul(e_n, r, out=e_hn)
-        torch.addcmul(d_r, e_n, gh_n, out=e_r).mul_(r).mul_(1 - r)
-        torch.mul(d_z, z, out=e_z).mul_(1 - z)
-    if dghn is not None:
-        e_hn.add_(dghn)
-    return ext
+    d_r, d_z, d_n = dgates.chunk(3, -1)
+    torch.mul(d_n, dtanh, out=e_n)
+    torch.mul(e_n, r, out=e_hn)
+    torch.addcmul(d_r, e_n, gh_n, out=e_r).mul_(r).mul_(1 - r)
+    torch.mul(d_z, z, out=e_z).mul_(1 - z)
+    return ext if dpre is None else ext.add_(dpre)
 
 
-def gru_layer(x: Tensor, h0: Tensor, p: LayerParams) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """A GRU layer's states ``h_0..h_T`` ``(B, T+1, H)`` and gates ``(r, z, n, gh_n)``, each ``(B, T, H)``.
+def gru_layer(x: Tensor, h0: Tensor, p: LayerParams) -> tuple[Tensor, LayerRecord]:
+    """A GRU layer's states ``h_0..h_T`` ``(B, T+1, H)`` and what its forward kept (:class:`LayerRecord`: iterate
+    it for the gates ``(r, z, n, gh_n)``, each ``(B, T, H)``).
 
     ``x`` is batch-first ``(B, T, I)``; ``gh_n = W_hn h + b_hn`` is the recurrent part of the candidate's
-    pre-activation. Gradients flow to ``x``, ``h0`` and the weights from both outputs, sharing one backward
-    recurrence (module docstring). The outputs are views of time-major buffers.
+    pre-activation. Gradients flow to ``x``, ``h0`` and the weights from the states, the gates and the
+    pre-activations, sharing one backward recurrence (module docstring). The outputs are views of time-major
+    buffers.
 
     Examples
     --------
     >>> gru = torch.nn.GRU(2, 3, batch_first=True)
     >>> x = torch.randn(4, 5, 2)
     >>> p = LayerParams(gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
-    >>> hs, (r, z, n, gh_n) = gru_layer(x, torch.zeros(4, 3), p)
-    >>> bool(torch.allclose(hs[:, 1:], gru(x)[0], atol=1e-6)), r.shape
-    (True, torch.Size([4, 5, 3]))
+    >>> hs, record = gru_layer(x, torch.zeros(4, 3), p)
+    >>> r, z, n, gh_n = record
+    >>> bool(torch.allclose(hs[:, 1:], gru(x)[0], atol=1e-6)), r.shape, record.pre.shape
+    (True, torch.Size([4, 5, 3]), torch.Size([5, 4, 12]))
     """
     xt = x.transpose(0, 1).contiguous()
-    hs, gates, gh_n = _GRULayer.apply(xt, h0, p.w_ih, p.w_hh, p.b_ih, p.b_hh)
-    r, z, n = gates.transpose(0, 1).chunk(3, -1)
-    return hs.transpose(0, 1), (r, z, n, gh_n.transpose(0, 1))
+    hs, gates, pre = _GRULayer.apply(xt, h0, p.w_ih, p.w_hh, p.b_ih, p.b_hh)
+    return hs.transpose(0, 1), LayerRecord("gru", hs, None, gates, pre)
 
 
 # ----------------------------------------------------------------------------------------------------- LSTM
 def _lstm_reference(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
-    """:class:`_LSTMLayer`'s outputs by a differentiable step loop of :class:`rnnjac._cells.LSTMArch`."""
-    p = LayerParams(w_ih, w_hh, b_ih, b_hh)
-    hs, cs, gates, h, c = [h0], [c0], [], h0, c0
+    """:class:`_LSTMLayer`'s outputs by a differentiable step loop of the layer formulas."""
+    p, hid = LayerParams(w_ih, w_hh, b_ih, b_hh), h0.shape[-1]
+    hs, cs, gates, pres, h, c = [h0], [c0], [], [], h0, c0
     for x_t in x:
-        i, f, g, o, _, h, c = cell._forward(p, x_t, h, c)
+        gi, gh = _pre(p, x_t, h)
+        pre = gi + gh
+        i, f = torch.sigmoid(pre[:, : 2 * hid]).chunk(2, -1)
+        g, o = torch.tanh(pre[:, 2 * hid : 3 * hid]), torch.sigmoid(pre[:, 3 * hid :])
+        c = f * c + i * g
+        h = o * torch.tanh(c)
         hs.append(h)
         cs.append(c)
         gates.append(torch.cat([i, f, g, o], -1))
-    return torch.stack(hs), torch.stack(cs), torch.stack(gates)
+        pres.append(pre)
+    return torch.stack(hs), torch.stack(cs), torch.stack(gates), torch.stack(pres)
 
 
 class _LSTMLayer(torch.autograd.Function):
-    """Time-major ``x (T, B, I)`` -> ``hs, cs (T+1, B, H)`` and activated gates ``(T, B, 4H)`` (i, f, g, o)."""
+    """Time-major ``x (T, B, I)`` -> ``hs, cs (T+1, B, H)``, activated gates ``(T, B, 4H)`` (i, f, g, o) and their
+    pre-activations ``(T, B, 4H)``."""
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
@@ -218,27 +258,27 @@ class _LSTMLayer(torch.autograd.Function):
         hid = h0.shape[-1]
         gi = _input_projection(x, w_ih, None if b_ih is None else b_ih + b_hh)
         hs, cs = x.new_empty(steps + 1, b, hid), x.new_empty(steps + 1, b, hid)
-        gates, tc = x.new_empty(steps, b, 4 * hid), x.new_empty(steps, b, hid)
+        gates, pre, tc = x.new_empty(steps, b, 4 * hid), x.new_empty(steps, b, 4 * hid), x.new_empty(steps, b, hid)
         hs[0], cs[0] = h0, c0
         wt = w_hh.t()
         for t in range(steps):
-            g_t = torch.addmm(gi[t], hs[t], wt, out=gates[t])
-            g_t[:, : 2 * hid].sigmoid_()
-            g_t[:, 2 * hid : 3 * hid].tanh_()
-            g_t[:, 3 * hid :].sigmoid_()
+            p_t, g_t = torch.addmm(gi[t], hs[t], wt, out=pre[t]), gates[t]
+            torch.sigmoid(p_t[:, : 2 * hid], out=g_t[:, : 2 * hid])
+            torch.tanh(p_t[:, 2 * hid : 3 * hid], out=g_t[:, 2 * hid : 3 * hid])
+            torch.sigmoid(p_t[:, 3 * hid :], out=g_t[:, 3 * hid :])
             torch.mul(g_t[:, :hid], g_t[:, 2 * hid : 3 * hid], out=cs[t + 1]).addcmul_(g_t[:, hid : 2 * hid], cs[t])
             torch.mul(g_t[:, 3 * hid :], torch.tanh(cs[t + 1], out=tc[t]), out=hs[t + 1])
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, hs, cs, gates, tc)
-        return hs, cs, gates
+        return hs, cs, gates, pre
 
     @staticmethod
-    def backward(ctx, dhs, dcs, dgates):
+    def backward(ctx, dhs, dcs, dgates, dpre_out):
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, hs, cs, gates, tc = ctx.saved_tensors
         if torch.is_grad_enabled():
             inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-            return _double_backward("lstm", inputs, _lstm_reference, (dhs, dcs, dgates))
+            return _double_backward("lstm", inputs, _lstm_reference, (dhs, dcs, dgates, dpre_out))
         steps, b, hid = tc.shape
-        coef, s_m, ext = _lstm_coefficients(cs, gates, tc, dgates)
+        coef, s_m, ext = _lstm_coefficients(cs, gates, tc, dgates, dpre_out)
         f = gates[..., hid : 2 * hid]
         dhs, dcs = _or_zeros(dhs, hs), _or_zeros(dcs, cs)
         dpre = x.new_empty(steps, b, 4 * hid)
@@ -254,15 +294,15 @@ class _LSTMLayer(torch.autograd.Function):
         return dx, dh, dc_carry, dw_ih, dw_hh, db if need[5] else None, db if need[6] else None
 
 
-def _lstm_coefficients(cs, gates, tc, dgates) -> tuple[Tensor, Tensor, Tensor | None]:
+def _lstm_coefficients(cs, gates, tc, dgates, dpre) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per step: the derivatives of the pre-activations (i, f, g) by ``c_{t+1}`` and of o by ``h_{t+1}``
-    ``(T, B, 4H)``; ``d c_{t+1} / d h_{t+1}`` through ``m = o tanh c`` ``(T, B, H)``; and the gates' own gradients
-    carried to the pre-activations (None when there are none)."""
+    ``(T, B, 4H)``; ``d c_{t+1} / d h_{t+1}`` through ``m = o tanh c`` ``(T, B, H)``; and the gradients that other
+    consumers gave the gates and the pre-activations, carried to the pre-activations (None when there are none)."""
     i, _, g, o = gates.chunk(4, -1)
     coef = torch.rsub(gates, 1).mul_(gates)  # sigmoid' of i, f, o
     c_i, c_f, c_g, c_o = coef.chunk(4, -1)
     torch.mul(g, g, out=c_g).neg_().add_(1)  # tanh' of g
-    ext = None if dgates is None else dgates * coef
+    ext = dpre if dgates is None else (dgates * coef if dpre is None else torch.addcmul(dpre, dgates, coef))
     c_i.mul_(g)
     c_f.mul_(cs[:-1])
     c_g.mul_(i)
@@ -271,19 +311,17 @@ def _lstm_coefficients(cs, gates, tc, dgates) -> tuple[Tensor, Tensor, Tensor | 
     return coef, s_m, ext
 
 
-def lstm_layer(
-    x: Tensor, h0: Tensor, c0: Tensor, p: LayerParams
-) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """An LSTM layer's states ``h_0..h_T``, ``c_0..c_T`` (each ``(B, T+1, H)``) and activated gates
-    ``(i, f, g, o)``, each ``(B, T, H)``, from batch-first ``x (B, T, I)``; no projection (``proj_size=0``).
-    The outputs are views of time-major buffers.
+def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, p: LayerParams) -> tuple[Tensor, Tensor, LayerRecord]:
+    """An LSTM layer's states ``h_0..h_T``, ``c_0..c_T`` (each ``(B, T+1, H)``) and what its forward kept
+    (:class:`LayerRecord`: iterate it for the activated gates ``(i, f, g, o)``, each ``(B, T, H)``), from
+    batch-first ``x (B, T, I)``; no projection (``proj_size=0``). The outputs are views of time-major buffers.
 
     Examples
     --------
     >>> lstm = torch.nn.LSTM(2, 3, batch_first=True)
     >>> x = torch.randn(4, 5, 2)
     >>> p = LayerParams(lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
-    >>> hs, cs, (i, f, g, o) = lstm_layer(x, torch.zeros(4, 3), torch.zeros(4, 3), p)
+    >>> hs, cs, record = lstm_layer(x, torch.zeros(4, 3), torch.zeros(4, 3), p)
     >>> out, (h_T, c_T) = lstm(x)
     >>> bool(torch.allclose(hs[:, 1:], out, atol=1e-6)), bool(torch.allclose(cs[:, -1], c_T[0], atol=1e-6))
     (True, True)
@@ -291,5 +329,5 @@ def lstm_layer(
     if p.w_hr is not None:
         raise ValueError("lstm_layer has no projection: use torch's fused op for proj_size > 0")
     xt = x.transpose(0, 1).contiguous()
-    hs, cs, gates = _LSTMLayer.apply(xt, h0, c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh)
-    return hs.transpose(0, 1), cs.transpose(0, 1), tuple(gates.transpose(0, 1).chunk(4, -1))
+    hs, cs, gates, pre = _LSTMLayer.apply(xt, h0, c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh)
+    return hs.transpose(0, 1), cs.transpose(0, 1), LayerRecord("lstm", hs, cs, gates, pre)

@@ -1,7 +1,10 @@
-"""``||J||_F^2`` of one GRU/LSTM layer from its gates (:mod:`rnnjac._fused_rows`) against the materialised Jacobian.
+"""``||J||_F^2`` of one GRU/LSTM layer from what its forward kept (:mod:`rnnjac._fused_rows`) against the
+materialised Jacobian.
 
-The reference is independent of the row form: the cell's linearisation materialised as ``(N, D, D)`` matrices and
-squared entry by entry; derivatives by finite differences (gradcheck, gradgradcheck), over several row blocks.
+The reference is independent of the row form: the cell's linearisation at the recorded states, materialised as
+``(N, D, D)`` matrices and squared entry by entry; derivatives through the whole layer (the rows' gradients by the
+pre-activations join the layer's backward) against autograd through that reference, and by finite differences
+(gradcheck, gradgradcheck), over several row blocks and with strided steps.
 """
 
 import pytest
@@ -10,6 +13,9 @@ import torch
 import rnnjac._fused_rows as fused_rows
 from rnnjac._cells import ARCHITECTURES, LayerParams, _rowgram
 from rnnjac._linearization import FactoredLinearization, StateLayout
+from rnnjac._recurrence import gru_layer, lstm_layer
+
+STEPS = [slice(None), slice(1, None, 2), slice(2, 4)]
 
 
 def _layer(arch, hidden=5, inp=3, seed=0):
@@ -17,78 +23,73 @@ def _layer(arch, hidden=5, inp=3, seed=0):
     g = ARCHITECTURES[arch].n_gates
     w = [1.5 * torch.randn(g * hidden, n, dtype=torch.float64) for n in (inp, hidden)]
     b = [0.5 * torch.randn(g * hidden, dtype=torch.float64) for _ in range(2)]
-    return LayerParams(*w, *b)
+    return LayerParams(*[t.requires_grad_() for t in (*w, *b)])
 
 
-def _points(arch, p, n=9, seed=1):
+def _inputs(p, batch=3, steps=5, seed=1):
     torch.manual_seed(seed)
     hidden, inp = p.w_hh.shape[1], p.w_ih.shape[1]
-    x, h = torch.randn(n, inp, dtype=torch.float64), torch.randn(n, hidden, dtype=torch.float64)
-    c = 2 * torch.randn(n, hidden, dtype=torch.float64) if arch == "lstm" else None
-    return x, h, c
+    x = torch.randn(batch, steps, inp, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(batch, hidden, dtype=torch.float64, requires_grad=True)
+    c0 = 2 * torch.randn(batch, hidden, dtype=torch.float64)
+    return x, h0, c0
 
 
-def _materialised(arch, p, x, h, c):
-    """``||J||_F^2`` per point from the full ``(N, D, D)`` Jacobian of the step."""
-    cell = ARCHITECTURES[arch]
-    _, _, coef = cell.linearize(p, x, h, c)
-    parts = [("h", h.shape[-1])] + ([("c", c.shape[-1])] if c is not None else [])
-    s = torch.cat([h] + ([c] if c is not None else []), -1)
-    lin = FactoredLinearization(cell, [p], StateLayout([parts]), s, x, [coef])
-    return lin.materialize().pow(2).sum((-2, -1))
+def _record(arch, p, x, h0, c0):
+    return gru_layer(x, h0, p)[1] if arch == "gru" else lstm_layer(x, h0, c0, p)[2]
 
 
-def _gate_inputs(arch, p, x, h, c):
-    """The inputs of the fused rows, as the forward keeps them."""
-    cell = ARCHITECTURES[arch]
+def _fused(arch, p, record, steps):
     if arch == "gru":
-        r, z, n, gh_n, _ = cell._forward(p, x, h)
-        bordered = cell._bordered_gram(p)
-        return (r, z, n, gh_n, h, bordered)
-    i, f, g, o, _, _, c_new = cell._forward(p, x, h, c)
-    return (i, f, g, o, c, c_new, _rowgram(p.w_hh, 4))
+        gram = ARCHITECTURES["gru"]._bordered_gram(p)
+        return fused_rows.gru_frobenius_rows(record.pre, record.hs, record.gates, gram, steps)
+    return fused_rows.lstm_frobenius_rows(record.pre, record.cs, record.gates, _rowgram(p.w_hh, 4), steps)
 
 
-FUNCS = {"gru": fused_rows.gru_frobenius_rows, "lstm": fused_rows.lstm_frobenius_rows}
+def _materialised(arch, p, x, record, steps):
+    """``||J_t||_F^2`` ``(T', B)`` from the full ``(N, D, D)`` Jacobian of each recorded step."""
+    cell = ARCHITECTURES[arch]
+    xs = x.transpose(0, 1)[steps]
+    h = record.hs[:-1][steps]
+    c = None if record.cs is None else record.cs[:-1][steps]
+    lead = xs.shape[:2]
+    flat = [None if t is None else t.reshape(-1, t.shape[-1]) for t in (xs, h, c)]
+    _, _, coef = cell.linearize(p, *flat)
+    parts = [("h", h.shape[-1])] + ([("c", c.shape[-1])] if c is not None else [])
+    s = torch.cat([t for t in flat[1:] if t is not None], -1)
+    lin = FactoredLinearization(cell, [p], StateLayout([parts]), s, flat[0], [coef])
+    return lin.materialize().pow(2).sum((-2, -1)).reshape(lead)
 
 
+@pytest.mark.parametrize("steps", STEPS, ids=["all", "odd", "two"])
 @pytest.mark.parametrize("arch", ["gru", "lstm"])
-def test_rows_equal_the_materialised_jacobian(arch, monkeypatch):
-    monkeypatch.setattr(fused_rows, "_BLOCK_ELEMENTS", 12)  # blocks of 2 rows: 5 blocks for 9 points
+def test_rows_and_gradients_equal_those_of_the_materialised_jacobian(arch, steps, monkeypatch):
+    """Values, and gradients by the weights, inputs and initial state through the layer's forward and backward."""
+    monkeypatch.setattr(fused_rows, "_BLOCK_ELEMENTS", 12)  # chunks of one step (B=3, H=5): several chunks
     p = _layer(arch)
-    x, h, c = _points(arch, p)
-    got = FUNCS[arch](*_gate_inputs(arch, p, x, h, c))
-    torch.testing.assert_close(got, _materialised(arch, p, x, h, c), rtol=1e-12, atol=1e-12)
+    x, h0, c0 = _inputs(p)
+    record = _record(arch, p, x, h0, c0)
+    got = _fused(arch, p, record, steps)
+    want = _materialised(arch, p, x, record, steps)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    weights = torch.rand_like(want)
+    wrt = [p.w_ih, p.w_hh, p.b_ih, p.b_hh, x, h0]
+    g_got = torch.autograd.grad((got * weights).sum(), wrt, retain_graph=True)
+    g_want = torch.autograd.grad((_materialised(arch, p, x, record, steps) * weights).sum(), wrt)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ["gru", "lstm"])
-def test_gradients_equal_those_of_the_materialised_jacobian(arch, monkeypatch):
-    """Through the weights (via the Gram matrix and the gates) and the states: the hand-derived backward."""
-    monkeypatch.setattr(fused_rows, "_BLOCK_ELEMENTS", 12)
-    p = _layer(arch)
-    params = [t.requires_grad_() for t in (p.w_ih, p.w_hh, p.b_ih, p.b_hh)]
-    x, h, c = _points(arch, p)
-    h.requires_grad_()
-    weights = torch.rand(x.shape[0], dtype=torch.float64)
-    got = torch.autograd.grad((FUNCS[arch](*_gate_inputs(arch, p, x, h, c)) * weights).sum(), [*params, h])
-    want = torch.autograd.grad((_materialised(arch, p, x, h, c) * weights).sum(), [*params, h])
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("arch", ["gru", "lstm"])
-def test_gradcheck_and_gradgradcheck(arch, monkeypatch):
-    monkeypatch.setattr(fused_rows, "_BLOCK_ELEMENTS", 8)
+def test_gradcheck_and_gradgradcheck_through_the_layer(arch, monkeypatch):
+    monkeypatch.setattr(fused_rows, "_BLOCK_ELEMENTS", 6)
     p = _layer(arch, hidden=3, inp=2)
-    x, h, c = _points(arch, p, n=5)
-    inputs = [t.detach().clone().requires_grad_() for t in _gate_inputs(arch, p, x, h, c)]
-    gram = inputs[-1]
-    with torch.no_grad():  # keep the Gram matrix symmetric under gradcheck's perturbations: symmetrise inside
-        gram.copy_((gram + gram.transpose(1, 2)) / 2)
+    x, h0, c0 = _inputs(p, batch=2, steps=3)
 
-    def fn(*args):
-        *gates, g = args
-        return FUNCS[arch](*gates, (g + g.transpose(1, 2)) / 2)
+    def fn(w_hh, b_hh, x):
+        q = LayerParams(p.w_ih, w_hh, p.b_ih, b_hh)
+        return _fused(arch, q, _record(arch, q, x, h0, c0), slice(0, None, 2))
 
-    assert torch.autograd.gradcheck(fn, inputs)
-    assert torch.autograd.gradgradcheck(fn, inputs)
+    args = (p.w_hh.detach().clone().requires_grad_(), p.b_hh.detach().clone().requires_grad_(), x)
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)

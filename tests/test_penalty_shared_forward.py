@@ -14,6 +14,7 @@ from problems import Problem
 import rnnjac
 import rnnjac._cells as cells
 import rnnjac._elementwise as elementwise_mod
+import rnnjac._fused_rows as fused_rows
 from rnnjac._builtin_system import BuiltinSystem
 from rnnjac._checks import prepare
 from rnnjac.errors import RnnjacWarning
@@ -155,10 +156,10 @@ def test_compile_falls_back_with_one_warning(monkeypatch, where):
     m, x = _setup("gru", 1, 0)
     _, states = forward_with_states(m, x)
     want = jacobian_penalty(m, x, states=states)
-    with pytest.warns(RnnjacWarning, match="could not compile gru_gate_coefs.*run eagerly"):
+    with pytest.warns(RnnjacWarning, match="could not compile gru_gate_rows.*run eagerly"):
         got = jacobian_penalty(m, x, states=states, compile=True)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    assert set(elementwise_mod._FAILED) == {elementwise_mod.gru_gate_coefs, elementwise_mod.gru_rows}
+    assert set(elementwise_mod._FAILED) == {elementwise_mod.gru_gate_rows}  # the values; no backward ran
     got2 = JacobianPenalty("frobenius", compile=True)(m, x, states=states)  # no second warning (error filter)
     torch.testing.assert_close(got2, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(TypeError, match="compile= must be True or False; got 'yes'"):
@@ -166,24 +167,28 @@ def test_compile_falls_back_with_one_warning(monkeypatch, where):
 
 
 @pytest.mark.slow
-def test_compiled_path_equals_eager_on_the_smallest_case(monkeypatch):
-    """Compiling takes ~30 s per function on a 2-core CPU: one GRU layer only (coefficients and row form)."""
+@pytest.mark.parametrize("arch", ["gru", "lstm"])
+def test_compiled_path_equals_eager_on_the_smallest_case(monkeypatch, arch):
+    """Compiling takes ~30 s per function on a 2-core CPU: one layer only, the row form's values and its hand-written
+    backward by the pre-activations (:mod:`rnnjac._fused_rows`), every step and every other step."""
     _fresh_compile_state(monkeypatch)
-    m, x = _setup("gru", 1, 0, batch=2, steps=3)
+    m, x = _setup(arch, 1, 0, batch=2, steps=5)
     params = list(m.parameters())
-    values, grads = [], []
     compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    for compile in (False, True):  # a fresh forward each: the compiled backward runs once (first order only)
-        _, states = forward_with_states(m, x)
-        if compile and not compiler:  # a machine without a C++ compiler: the documented fallback, one warning
-            with pytest.warns(RnnjacWarning, match="could not compile"):
-                values.append(jacobian_penalty(m, x, states=states, compile=compile))
-        else:
-            values.append(jacobian_penalty(m, x, states=states, compile=compile))
-        grads.append(torch.autograd.grad(values[-1], params))
-    if compiler:
-        assert elementwise_mod._FAILED == {}, elementwise_mod._FAILED
-        assert set(elementwise_mod._COMPILED) == {elementwise_mod.gru_gate_coefs, elementwise_mod.gru_rows}
-    torch.testing.assert_close(values[1], values[0], rtol=1e-12, atol=1e-12)
-    for a, b in zip(grads[1], grads[0], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    kind = fused_rows._GRU if arch == "gru" else fused_rows._LSTM
+    for stride in (1, 2):
+        values, grads = [], []
+        for compile in (False, True):  # a fresh forward each: the compiled backward runs once (first order only)
+            _, states = forward_with_states(m, x)
+            if compile and not compiler:  # a machine without a C++ compiler: the documented fallback, one warning
+                with pytest.warns(RnnjacWarning, match="could not compile"):
+                    values.append(jacobian_penalty(m, x, states=states, compile=compile, time_stride=stride))
+            else:
+                values.append(jacobian_penalty(m, x, states=states, compile=compile, time_stride=stride))
+            grads.append(torch.autograd.grad(values[-1], params))
+        if compiler:
+            assert elementwise_mod._FAILED == {}, elementwise_mod._FAILED
+            assert set(elementwise_mod._COMPILED) == {kind.rows, kind.vjp_joined}
+        torch.testing.assert_close(values[1], values[0], rtol=1e-12, atol=1e-12)
+        for a, b in zip(grads[1], grads[0], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
