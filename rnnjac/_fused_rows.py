@@ -91,18 +91,18 @@ class _Rows(torch.autograd.Function):
             return (*_recompute(ctx, lambda *a: kind.reference(*a, steps), (pre, states, gates, gram), grad), *[None] * 3)
         length, batch, hid = pre.shape[0], states.shape[1], states.shape[2]
         compiled, gk = ctx.compile, gram.permute(1, 2, 0).contiguous()
-        vjp = elementwise(kind.vjp_joined if compiled else kind.vjp, compiled)
-        chunks = _chunks(steps, length, batch * hid, compiled)
         every = steps.indices(length) == (0, length, 1)  # every step: every entry of dpre is written
-        dpre = None if every and compiled else (pre.new_empty if every else pre.new_zeros)(pre.shape)
+        if compiled and every:  # one kernel writes the whole of dpre and of the states' gradient
+            dpre, dstates, dgram = elementwise(kind.vjp_whole, True)(grad, *kind.inputs(pre, states, gates, steps), gk)
+            return dpre, dstates, None, dgram.permute(2, 0, 1), None, None, None
+        vjp = elementwise(kind.vjp_joined if compiled else kind.vjp, compiled)
+        dpre = (pre.new_empty if every else pre.new_zeros)(pre.shape)
         dstates, dgram, done = states.new_zeros(states.shape), gram.new_zeros(gk.shape), 0
-        for sl in chunks:
+        for sl in _chunks(steps, length, batch * hid, compiled):
             w = grad[done : done + len(range(*sl.indices(length)))]
             done += w.shape[0]
             blocks, *dst, dg = vjp(w, *kind.inputs(pre, states, gates, sl), gk)
-            if compiled and every:
-                dpre = blocks  # one kernel wrote all of it
-            elif compiled or sl.step != 1:
+            if compiled or sl.step != 1:
                 dpre[sl] = blocks if compiled else torch.cat(blocks, -1)
             else:
                 torch.cat(blocks, -1, out=dpre[sl])  # a contiguous run of steps: written in place
@@ -122,9 +122,24 @@ def _joined(vjp):
     return joined
 
 
+def _gru_vjp_whole(*args):
+    """:func:`~rnnjac._elementwise.gru_gate_rows_vjp` over every step: ``dpre (T, B, 4H)`` and ``dhs (T+1, B, H)``
+    (the last state enters no row: a zero row) as whole tensors, for one compiled kernel to write."""
+    blocks, dh, dgram = gru_gate_rows_vjp(*args)
+    return torch.cat(blocks, -1), torch.nn.functional.pad(dh, (0, 0, 0, 0, 0, 1)), dgram
+
+
+def _lstm_vjp_whole(*args):
+    """:func:`~rnnjac._elementwise.lstm_gate_rows_vjp` over every step, as :func:`_gru_vjp_whole`: ``dcs`` joins
+    the gradients by ``c_t`` (rows ``0..T-1``) and by ``c_new = c_{t+1}`` (rows ``1..T``)."""
+    blocks, dc, dc_new, dgram = lstm_gate_rows_vjp(*args)
+    pad = torch.nn.functional.pad
+    return torch.cat(blocks, -1), pad(dc, (0, 0, 0, 0, 0, 1)) + pad(dc_new, (0, 0, 0, 0, 1, 0)), dgram
+
+
 class _GRU:
     rows, vjp = staticmethod(gru_gate_rows), staticmethod(gru_gate_rows_vjp)
-    vjp_joined = staticmethod(_joined(gru_gate_rows_vjp))
+    vjp_joined, vjp_whole = staticmethod(_joined(gru_gate_rows_vjp)), staticmethod(_gru_vjp_whole)
 
     @staticmethod
     def inputs(pre, hs, gates, sl):
@@ -144,7 +159,7 @@ class _GRU:
 
 class _LSTM:
     rows, vjp = staticmethod(lstm_gate_rows), staticmethod(lstm_gate_rows_vjp)
-    vjp_joined = staticmethod(_joined(lstm_gate_rows_vjp))
+    vjp_joined, vjp_whole = staticmethod(_joined(lstm_gate_rows_vjp)), staticmethod(_lstm_vjp_whole)
 
     @staticmethod
     def inputs(pre, cs, gates, sl):

@@ -263,9 +263,8 @@ class _LSTMLayer(torch.autograd.Function):
         wt = w_hh.t()
         for t in range(steps):
             p_t, g_t = torch.addmm(gi[t], hs[t], wt, out=pre[t]), gates[t]
-            torch.sigmoid(p_t[:, : 2 * hid], out=g_t[:, : 2 * hid])
+            torch.sigmoid(p_t, out=g_t)  # one operator for i, f, o (and g, overwritten next)
             torch.tanh(p_t[:, 2 * hid : 3 * hid], out=g_t[:, 2 * hid : 3 * hid])
-            torch.sigmoid(p_t[:, 3 * hid :], out=g_t[:, 3 * hid :])
             torch.mul(g_t[:, :hid], g_t[:, 2 * hid : 3 * hid], out=cs[t + 1]).addcmul_(g_t[:, hid : 2 * hid], cs[t])
             torch.mul(g_t[:, 3 * hid :], torch.tanh(cs[t + 1], out=tc[t]), out=hs[t + 1])
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, hs, cs, gates, tc)
