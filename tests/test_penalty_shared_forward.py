@@ -89,6 +89,20 @@ def test_penalty_reuses_the_forwards_gates(monkeypatch, config):
     assert len(calls) == 2  # recomputed: one _pre per layer
 
 
+@pytest.mark.parametrize("arch", ["gru", "lstm"])
+def test_single_layer_exact_penalty_reads_what_the_forward_kept(monkeypatch, arch):
+    """The exact Frobenius penalty of one CPU GRU/LSTM layer runs on the layer's record (:mod:`rnnjac._fused_rows`),
+    every step and strided; its values and gradients against the step loop are checked below."""
+    m, x = _setup(arch, 1, 0)
+    _, states = forward_with_states(m, x)
+    calls, real = [], fused_rows._Rows.apply
+    monkeypatch.setattr(fused_rows._Rows, "apply", lambda *a: calls.append((a[4], a[6])) or real(*a))
+    jacobian_penalty(m, x, states=states)
+    jacobian_penalty(m, x, states=states, time_stride=2)
+    kind = fused_rows._GRU if arch == "gru" else fused_rows._LSTM
+    assert calls == [(slice(0, 6, 1), kind), (slice(0, 5, 2), kind)]
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=_ids)
 def test_values_and_gradients_of_every_kind_equal_the_step_loop(config):
     m, x = _setup(*config)
