@@ -269,8 +269,14 @@ class BuiltinSystem(System):
         hs = torch.cat([h0.unsqueeze(1), out], 1)
         if c0 is None:
             return hs, None
-        gates = self.cell.gates(p, xs, hs[:, :-1])
-        return torch.cat([hs, self.cell.cell_sequence(p, xs, hs, c0, gates)], -1), gates
+        pre, gates = self.cell.pre_and_gates(p, xs, hs[:, :-1])
+        cs = self.cell.cell_sequence(p, xs, hs, c0, gates)
+        states = torch.cat([hs, cs], -1)
+        if p.w_hr is not None:
+            return states, gates
+        # as the gated layer's forward would have kept them (time-major views): the exact penalty reads the record
+        act = torch.cat(gates, -1)
+        return states, LayerRecord("lstm", *(t.transpose(0, 1) for t in (hs, cs, act, pre)), None)
 
     @staticmethod
     def remember_gates(states: Tensor, gates: list) -> None:
@@ -313,7 +319,8 @@ class BuiltinSystem(System):
         weights through the record, that is through the layer's forward, not through ``states`` (the same
         values)."""
         record = None if gates is None else gates[0]
-        if not isinstance(record, LayerRecord) or not frobenius_row_local(self.cell, self.layers, state):
+        usable = isinstance(record, LayerRecord) and states.device.type == "cpu"  # on a GPU: the linearisation
+        if not usable or not frobenius_row_local(self.cell, self.layers, state):
             return None
         return self.cell.frobenius_from_record(self.layers[0], record, steps, compile).t()
 

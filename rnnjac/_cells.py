@@ -398,9 +398,15 @@ class LSTMArch:
     def gates(p: LayerParams, xs: Tensor, hs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The activated gates ``(i, f, g, o)`` of all steps, each ``(..., H)``, from the inputs ``xs`` and the
         states ``hs`` they act on (two GEMMs)."""
+        return LSTMArch.pre_and_gates(p, xs, hs)[1]
+
+    @staticmethod
+    def pre_and_gates(p: LayerParams, xs: Tensor, hs: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """The pre-activations ``(..., 4H)`` and activated gates of :meth:`gates`."""
         gi, gh = _pre(p, xs, hs)
-        i, f, g, o = (gi + gh).chunk(4, -1)
-        return torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        pre = gi + gh
+        i, f, g, o = pre.chunk(4, -1)
+        return pre, (torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o))
 
     @staticmethod
     def cell_sequence(p: LayerParams, xs: Tensor, hs: Tensor, c0: Tensor, gates=None) -> Tensor:

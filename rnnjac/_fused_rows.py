@@ -46,7 +46,7 @@ def _chunks(steps: slice, length: int, per_step: int, compile: bool) -> list[sli
     chunk when compiled), each chunk a slice of time indices with the same stride."""
     start, stop, stride = steps.indices(length)
     count = len(range(start, stop, stride))
-    per = count if compile else max(1, _BLOCK_ELEMENTS // max(1, per_step))
+    per = max(1, count) if compile else max(1, _BLOCK_ELEMENTS // max(1, per_step))
     return [slice(start + k * stride, start + min(count, k + per) * stride, stride) for k in range(0, count, per)]
 
 
@@ -93,7 +93,8 @@ class _Rows(torch.autograd.Function):
         compiled, gk = ctx.compile, gram.permute(1, 2, 0).contiguous()
         every = steps.indices(length) == (0, length, 1)  # every step: every entry of dpre is written
         if compiled and every:  # one kernel writes the whole of dpre and of the states' gradient
-            dpre, dstates, dgram = elementwise(kind.vjp_whole, True)(grad, *kind.inputs(pre, states, gates, steps), gk)
+            every_step = slice(0, length, 1)
+            dpre, dstates, dgram = elementwise(kind.vjp_whole, True)(grad, *kind.inputs(pre, states, gates, every_step), gk)
             return dpre, dstates, None, dgram.permute(2, 0, 1), None, None, None
         vjp = elementwise(kind.vjp_joined if compiled else kind.vjp, compiled)
         dpre = (pre.new_empty if every else pre.new_zeros)(pre.shape)

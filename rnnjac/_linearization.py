@@ -232,6 +232,10 @@ class DenseLinearization(Linearization):
     def detached(self) -> DenseLinearization:
         return self._with(self.s.detach(), self.x.detach(), self.jac.detach())
 
+    def to(self, dtype: torch.dtype) -> DenseLinearization:
+        """The same linearisation with ``J`` and the points converted to ``dtype``."""
+        return self._with(self.s.to(dtype), self.x.to(dtype), self.jac.to(dtype))
+
     def for_autograd(self) -> DenseLinearization:
         return self._with(normal(self.s), normal(self.x), normal(self.jac))
 

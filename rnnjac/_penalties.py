@@ -69,8 +69,10 @@ def _per_step(
     generator,
     gates=None,
     compile=False,  # noqa: A002
+    power_dtype=None,
 ) -> Tensor:
-    """Per-step values ``(B, len(t_idx))`` of ``||J||_F^2`` or ``sigma_max^2``."""
+    """Per-step values ``(B, len(t_idx))`` of ``||J||_F^2`` or ``sigma_max^2`` (``power_dtype``: the dtype of the
+    spectral power iterations, None for the states' own)."""
     b, d, state = problem.batch, problem.dyn.size(problem.state), problem.state
     closed = problem.method == "analytic" and problem.dyn.frobenius_closed_form(state)
     stacked = problem.method == "analytic" and problem.dyn.frobenius_closed_form(state, stacked=True)
@@ -79,15 +81,14 @@ def _per_step(
         width = 4 if closed else (max(4, d // 4) if stacked else d)
     else:
         width = 4 * max(n_proj, 4) if problem.method == "analytic" else d  # J Q with narrow Q
+    if kind == "frobenius" and estimator == "exact" and closed:  # chunks of its own, or one compiled kernel
+        val = _frobenius_from_gates(problem, states, t_idx, gates, compile)
+        if val is not None:
+            return val
     per_chunk = max(1, _CHUNK_ELEMENTS // max(1, b * d * width))
     out = []
     for c0 in range(0, len(t_idx), per_chunk):
         idx = t_idx[c0 : c0 + per_chunk]
-        if kind == "frobenius" and estimator == "exact" and closed:
-            val = _frobenius_from_gates(problem, states, idx, gates, compile)
-            if val is not None:
-                out.append(val.reshape(b, len(idx)))
-                continue
         lin = _linearize(problem, states, idx, gates, compile)
         n = lin.s.shape[0]
         if kind == "frobenius" and estimator == "exact":
@@ -98,11 +99,17 @@ def _per_step(
         else:  # spectral
             v = _sphere((n, d, 1), generator, states)
             plain = lin.detached()
+            rounded = power_dtype is not None and power_dtype != states.dtype  # the direction only
+            if rounded:
+                plain, v = plain.to(power_dtype), v.to(power_dtype)
             with torch.no_grad():  # closed-form J^T for built-in cells: two GEMMs per layer and iteration
                 for _ in range(n_iter):
                     w = plain.apply_transpose(plain.apply(v, state), state)
                     v = w / w.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-            val = lin.apply(v.detach(), state).pow(2).sum((-2, -1))
+                if rounded:  # a unit vector in the states' dtype: ||J v||^2 stays a Rayleigh quotient
+                    v = v.to(states.dtype)
+                    v = v / v.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+            val = lin.apply(v, state).pow(2).sum((-2, -1))
         out.append(val.reshape(b, len(idx)))
     return torch.cat(out, 1)
 

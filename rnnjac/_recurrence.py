@@ -35,20 +35,21 @@ __all__ = ["LayerRecord", "gru_layer", "lstm_layer"]
 
 class LayerRecord:
     """What a gated layer's forward kept, time-major: ``hs`` ``(T+1, B, H)``, ``cs`` (LSTM) or None, the activated
-    ``gates`` ``(T, B, KH)`` and the pre-activations ``pre`` ``(T, B, 4H)`` (module docstring). Iterating gives the
-    batch-first gate views ``(B, T, H)`` that :meth:`rnnjac._cells.GRUArch.linearize_known` /
-    :meth:`rnnjac._cells.LSTMArch.linearize_known` take: ``(r, z, n, gh_n)`` or ``(i, f, g, o)``."""
+    ``gates`` ``(T, B, KH)``, the pre-activations ``pre`` ``(T, B, 4H)`` (module docstring) and, for a GRU, ``gh_n =
+    W_hn h + b_hn`` ``(T, B, H)`` on its own (the same values as ``pre``'s block: a gradient for it alone does not
+    make autograd fill a zero ``(T, B, 4H)`` tensor). Iterating gives the batch-first gate views ``(B, T, H)`` that
+    :meth:`rnnjac._cells.GRUArch.linearize_known` / :meth:`rnnjac._cells.LSTMArch.linearize_known` take:
+    ``(r, z, n, gh_n)`` or ``(i, f, g, o)``."""
 
-    __slots__ = ("arch", "hs", "cs", "gates", "pre")
+    __slots__ = ("arch", "hs", "cs", "gates", "pre", "gh_n")
 
-    def __init__(self, arch: str, hs: Tensor, cs: Tensor | None, gates: Tensor, pre: Tensor):
-        self.arch, self.hs, self.cs, self.gates, self.pre = arch, hs, cs, gates, pre
+    def __init__(self, arch: str, hs: Tensor, cs: Tensor | None, gates: Tensor, pre: Tensor, gh_n: Tensor | None):
+        self.arch, self.hs, self.cs, self.gates, self.pre, self.gh_n = arch, hs, cs, gates, pre, gh_n
 
     def __iter__(self):
-        hid = self.hs.shape[-1]
         blocks = list(self.gates.chunk(3 if self.arch == "gru" else 4, -1))
-        if self.arch == "gru":
-            blocks.append(self.pre[..., 2 * hid : 3 * hid])
+        if self.gh_n is not None:
+            blocks.append(self.gh_n)
         return iter([t.transpose(0, 1) for t in blocks])
 
 
@@ -111,12 +112,13 @@ def _gru_reference(cell, x, h0, w_ih, w_hh, b_ih, b_hh):
         hs.append(h)
         gates.append(torch.cat([r, z, n], -1))
         pres.append(torch.cat([pre_rz, gh[:, 2 * hid :], gi[:, 2 * hid :]], -1))
-    return torch.stack(hs), torch.stack(gates), torch.stack(pres)
+    stacked = torch.stack(pres)
+    return torch.stack(hs), torch.stack(gates), stacked, stacked[..., 2 * hid : 3 * hid]
 
 
 class _GRULayer(torch.autograd.Function):
-    """Time-major ``x (T, B, I)`` -> ``hs (T+1, B, H)``, gates ``(T, B, 3H)`` (r, z, n) and pre-activations
-    ``(T, B, 4H)`` (r, z, hidden n, input n)."""
+    """Time-major ``x (T, B, I)`` -> ``hs (T+1, B, H)``, gates ``(T, B, 3H)`` (r, z, n), pre-activations
+    ``(T, B, 4H)`` (r, z, hidden n, input n) and ``gh_n = W_hn h + b_hn`` ``(T, B, H)`` (a copy of ``pre``'s block)."""
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh):
@@ -140,16 +142,16 @@ class _GRULayer(torch.autograd.Function):
             n_t = torch.addcmul(p_t[:, 3 * hid :], g_t[:, :hid], p_t[:, 2 * hid : 3 * hid], out=g_t[:, 2 * hid :])
             torch.lerp(n_t.tanh_(), h, g_t[:, hid : 2 * hid], out=hs[t + 1])
         ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, hs, gates, pre)
-        return hs, gates, pre
+        return hs, gates, pre, pre[..., 2 * hid : 3 * hid].clone()
 
     @staticmethod
-    def backward(ctx, dhs, dgates, dpre_out):
+    def backward(ctx, dhs, dgates, dpre_out, dghn):
         x, h0, w_ih, w_hh, b_ih, b_hh, hs, gates, pre = ctx.saved_tensors
         if torch.is_grad_enabled():
             inputs = (x, h0, w_ih, w_hh, b_ih, b_hh)
-            return _double_backward("gru", inputs, _gru_reference, (dhs, dgates, dpre_out))
+            return _double_backward("gru", inputs, _gru_reference, (dhs, dgates, dpre_out, dghn))
         steps, b, hid = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-        coef, ext = _gru_coefficients(hs, gates, pre[..., 2 * hid : 3 * hid], dgates, dpre_out)
+        coef, ext = _gru_coefficients(hs, gates, pre[..., 2 * hid : 3 * hid], dgates, dpre_out, dghn)
         dhs = _or_zeros(dhs, hs)
         z = gates[..., hid : 2 * hid]
         dpre, dh = x.new_empty(steps, b, 4 * hid), x.new_empty(steps, b, hid)  # dh[t]: total d/dh_{t+1}
@@ -174,7 +176,7 @@ class _GRULayer(torch.autograd.Function):
         return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
 
 
-def _gru_coefficients(hs, gates, gh_n, dgates, dpre) -> tuple[Tensor, Tensor | None]:
+def _gru_coefficients(hs, gates, gh_n, dgates, dpre, dghn) -> tuple[Tensor, Tensor | None]:
     """Per step, blocks (r, z, hidden n, input n): the derivatives of the pre-activations by ``h_{t+1}`` (the
     Jacobian's coefficients, :mod:`rnnjac._cells`), and the gradients that other consumers gave the gates and the
     pre-activations, carried to the pre-activations (None when there are none); each ``(T, B, 4H)``."""
@@ -183,6 +185,9 @@ def _gru_coefficients(hs, gates, gh_n, dgates, dpre) -> tuple[Tensor, Tensor | N
     c_r, c_z, c_hn, c_n = coef.chunk(4, -1)
     dtanh = torch.mul(n, n, out=c_n).neg_().add_(1)
     ext = dpre if dgates is None else _gru_external(r, z, gh_n, dtanh, dgates, dpre)
+    if dghn is not None:
+        ext = torch.zeros_like(coef) if ext is None else ext.clone() if ext is dpre else ext
+        ext[..., 2 * n.shape[-1] : 3 * n.shape[-1]] += dghn
     one_minus = torch.rsub(z, 1)
     c_n.mul_(one_minus)  # (1 - z)(1 - n^2)
     torch.sub(hs[:-1], n, out=c_z).mul_(z).mul_(one_minus)
@@ -224,8 +229,8 @@ def gru_layer(x: Tensor, h0: Tensor, p: LayerParams) -> tuple[Tensor, LayerRecor
     (True, torch.Size([4, 5, 3]), torch.Size([5, 4, 12]))
     """
     xt = x.transpose(0, 1).contiguous()
-    hs, gates, pre = _GRULayer.apply(xt, h0, p.w_ih, p.w_hh, p.b_ih, p.b_hh)
-    return hs.transpose(0, 1), LayerRecord("gru", hs, None, gates, pre)
+    hs, gates, pre, gh_n = _GRULayer.apply(xt, h0, p.w_ih, p.w_hh, p.b_ih, p.b_hh)
+    return hs.transpose(0, 1), LayerRecord("gru", hs, None, gates, pre, gh_n)
 
 
 # ----------------------------------------------------------------------------------------------------- LSTM
@@ -329,4 +334,4 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, p: LayerParams) -> tuple[Tenso
         raise ValueError("lstm_layer has no projection: use torch's fused op for proj_size > 0")
     xt = x.transpose(0, 1).contiguous()
     hs, cs, gates, pre = _LSTMLayer.apply(xt, h0, c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh)
-    return hs.transpose(0, 1), cs.transpose(0, 1), LayerRecord("lstm", hs, cs, gates, pre)
+    return hs.transpose(0, 1), cs.transpose(0, 1), LayerRecord("lstm", hs, cs, gates, pre, None)

@@ -39,11 +39,12 @@ def _record(arch, p, x, h0, c0):
     return gru_layer(x, h0, p)[1] if arch == "gru" else lstm_layer(x, h0, c0, p)[2]
 
 
-def _fused(arch, p, record, steps):
+def _fused(arch, p, record, steps, compile=False):  # noqa: A002
     if arch == "gru":
         gram = ARCHITECTURES["gru"]._bordered_gram(p)
-        return fused_rows.gru_frobenius_rows(record.pre, record.hs, record.gates, gram, steps)
-    return fused_rows.lstm_frobenius_rows(record.pre, record.cs, record.gates, _rowgram(p.w_hh, 4), steps)
+        return fused_rows.gru_frobenius_rows(record.pre, record.hs, record.gates, gram, steps, compile=compile)
+    gram = _rowgram(p.w_hh, 4)
+    return fused_rows.lstm_frobenius_rows(record.pre, record.cs, record.gates, gram, steps, compile=compile)
 
 
 def _materialised(arch, p, x, record, steps):
@@ -78,6 +79,28 @@ def test_rows_and_gradients_equal_those_of_the_materialised_jacobian(arch, steps
     g_want = torch.autograd.grad((_materialised(arch, p, x, record, steps) * weights).sum(), wrt)
     for a, b in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("steps", [slice(None), slice(0, 100), slice(None, None, 2), slice(3, 1)], ids=str)
+@pytest.mark.parametrize("arch", ["gru", "lstm"])
+def test_compiled_branches_run_eagerly_equal_the_materialised_jacobian(arch, steps, monkeypatch):
+    """The ``compile=True`` code paths (one chunk of every step, whole-tensor gradients, or the joined gradient
+    blocks of a strided selection) with ``torch.compile`` replaced by the identity: open-ended, overlong, strided
+    and empty step selections."""
+    monkeypatch.setattr(fused_rows, "elementwise", lambda fn, compile: fn)
+    p = _layer(arch)
+    x, h0, c0 = _inputs(p)
+    record = _record(arch, p, x, h0, c0)
+    got = _fused(arch, p, record, steps, compile=True)
+    want = _materialised(arch, p, x, record, steps)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if got.numel():
+        weights = torch.rand_like(want)
+        wrt = [p.w_hh, p.b_ih, x, h0]
+        g_got = torch.autograd.grad((got * weights).sum(), wrt, retain_graph=True)
+        g_want = torch.autograd.grad((want * weights).sum(), wrt)
+        for a, b in zip(g_got, g_want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ["gru", "lstm"])

@@ -101,6 +101,10 @@ def test_single_layer_exact_penalty_reads_what_the_forward_kept(monkeypatch, arc
     jacobian_penalty(m, x, states=states, time_stride=2)
     kind = fused_rows._GRU if arch == "gru" else fused_rows._LSTM
     assert calls == [(slice(0, 6, 1), kind), (slice(0, 5, 2), kind)]
+    if arch == "lstm":  # the caller's own forward (outputs=): the rebuilt gates and cell states form a record too
+        got = jacobian_penalty(m, x, outputs=m(x)[0])
+        assert calls[-1] == (slice(0, 6, 1), kind)
+        torch.testing.assert_close(got, _reference(m, x, jacobian_penalty), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=_ids)
