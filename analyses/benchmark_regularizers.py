@@ -50,6 +50,10 @@ PENALTIES = {
         lambda r, m, x, s: r.jacobian_penalty(m, x, estimator="projection", **s),
     ),
     "spectral (n_iter=3)": (2.5, lambda r, m, x, s: r.jacobian_penalty(m, x, kind="spectral", n_iter=3, **s)),
+    "spectral (n_iter=3, power_dtype=bfloat16)": (
+        2.5,
+        lambda r, m, x, s: r.jacobian_penalty(m, x, kind="spectral", n_iter=3, power_dtype=torch.bfloat16, **s),
+    ),
     "lyapunov (k=8, warmup=10)": (4.0, lambda r, m, x, s: r.lyapunov_penalty(m, x, k=8, warmup=10, **s)),
 }
 
@@ -103,7 +107,7 @@ def _steps(cell, hidden, layers, args, old):
         if args.compile:
             out[name + " [compile]"] = (tgt, make(pen, new, "compile"))
         if (
-            old is not None and layers == 1 and target is not None
+            old is not None and layers == 1 and target is not None and "power_dtype" not in name
         ):  # the previous code, same shared forward if it had one
             out[name + " [old]"] = (
                 None,

@@ -22,6 +22,12 @@ _MODULE_ARCH: dict[type[nn.RNNBase], str] = {nn.RNN: "rnn", nn.GRU: "gru", nn.LS
 _CELL_ARCH: dict[type[nn.RNNCellBase], str] = {nn.RNNCell: "rnn", nn.GRUCell: "gru", nn.LSTMCell: "lstm"}
 
 
+def _steps(t: Tensor, steps: slice) -> Tensor:
+    """``t[:, steps]`` of a batch-first ``(B, T, ...)`` tensor, or ``t`` itself when ``steps`` covers every step (no
+    slice node: its backward would zero-fill a full-size gradient)."""
+    return t if steps.indices(t.shape[1]) == (0, t.shape[1], 1) else t[:, steps]
+
+
 class BuiltinSystem(System):
     """``nn.RNN``/``GRU``/``LSTM`` or one of their cells: a stack of :class:`~rnnjac._cells.CellArch` layers.
 
@@ -298,12 +304,13 @@ class BuiltinSystem(System):
         layer's gates come from ``gates`` (:meth:`fused_states_and_gates`) when given. ``compile=True`` runs the
         elementwise passes through ``torch.compile`` (:mod:`rnnjac._elementwise`)."""
         b = states.shape[0]
-        prev, nxt = states[:, :-1][:, steps], states[:, 1:][:, steps]
+        start, stop, stride = steps.indices(states.shape[1] - 1)
+        prev, nxt = states[:, start:stop:stride], states[:, start + 1 : stop + 1 : stride]  # one slice each
         n = b * prev.shape[1]
         s, x = prev.reshape(n, -1), xs[:, steps].reshape(n, -1)
         coefs, inp, last = [], x, self.num_layers - 1
         for li, (p, (h, c), (h1, c1)) in enumerate(zip(self.layers, self.split(s), self.split(nxt), strict=True)):
-            g = None if gates is None or gates[li] is None else tuple(t[:, steps].reshape(n, -1) for t in gates[li])
+            g = None if gates is None or gates[li] is None else tuple(_steps(t, steps).reshape(n, -1) for t in gates[li])
             h1 = h1.reshape(n, -1) if li < last or self.cell.n_gates == 1 else None  # read only where needed
             c1 = None if c1 is None else c1.reshape(n, -1)
             coefs.append(self.cell.linearize_known(p, inp, h, c, h1, c1, g, compile))

@@ -98,15 +98,11 @@ class StateLayout:
         return torch.arange(off, off + self.parts[-1][0][1], device=device)
 
     def split(self, s: Tensor) -> list[tuple[Tensor, Tensor | None]]:
-        """Full state ``(..., D)`` -> per layer ``(h, c)`` (``c`` is None without a cell state)."""
-        out, off = [], 0
-        for parts in self.parts:
-            vals = []
-            for _, n in parts:
-                vals.append(s[..., off : off + n])
-                off += n
-            out.append((vals[0], vals[1] if len(vals) > 1 else None))
-        return out
+        """Full state ``(..., D)`` -> per layer ``(h, c)`` (``c`` is None without a cell state): views from one
+        ``torch.split``, whose backward joins the parts' gradients in one pass (a slice per part would zero-fill
+        a full-size gradient for each)."""
+        pieces = iter(torch.split(s, [n for parts in self.parts for _, n in parts], -1))
+        return [(next(pieces), next(pieces) if len(parts) > 1 else None) for parts in self.parts]
 
     def join(self, layers: list[tuple[Tensor, Tensor | None]]) -> Tensor:
         """Inverse of :meth:`split`."""

@@ -163,3 +163,34 @@ def test_linear_recurrence_blocked_scan_equals_the_loop(block):
     g_got, g_want = torch.autograd.grad((got * w).sum(), (f, u)), torch.autograd.grad((want * w).sum(), (f, u))
     for a, b in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["gru", "lstm", "rnn_tanh"])
+def test_spectral_power_iterations_in_a_cheaper_dtype(arch):
+    """``power_dtype``: the power iterations (the direction only) run in float32 for a float64 model; the value is
+    still a Rayleigh quotient of the exact ``J^T J`` in float64, so it lies below the largest squared singular
+    value of the materialised Jacobian, and it equals the float64 iterations' value from the same starts up to the
+    second-order effect of rounding the direction."""
+    m, x = _setup(arch, 1, 0)
+    _, states = forward_with_states(m, x)
+    j = rnnjac.jacobians(m, x)  # (B, T, D, D), float64, closed form
+    top = torch.linalg.svdvals(j).amax(-1).pow(2).mean()
+    def kw():  # the same random starts for every call
+        return {"kind": "spectral", "n_iter": 60, "states": states, "generator": torch.Generator().manual_seed(0)}
+
+    rounded = jacobian_penalty(m, x, power_dtype=torch.float32, **kw())
+    assert rounded.dtype == torch.float64
+    assert rounded <= top * (1 + 1e-12)
+    full = jacobian_penalty(m, x, **kw())
+    torch.testing.assert_close(rounded, full, rtol=1e-7, atol=0)
+    torch.testing.assert_close(full, top, rtol=1e-3, atol=0)  # (some steps' top two singular values are close)
+    (g,) = torch.autograd.grad(rounded, [m.weight_hh_l0])
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    same = jacobian_penalty(m, x, power_dtype=torch.float64, **kw())  # the states' own dtype: no conversion at all
+    torch.testing.assert_close(same, full, rtol=0, atol=0)
+    pen = JacobianPenalty("spectral", power_dtype=torch.bfloat16, n_iter=3)(m, x, states=states)
+    assert 0 < pen <= top * (1 + 1e-12)
+    with pytest.raises(TypeError, match="power_dtype must be a floating torch.dtype .* got torch.int32"):
+        jacobian_penalty(m, x, kind="spectral", power_dtype=torch.int32)
+    with pytest.raises(ValueError, match="power_dtype applies to kind='spectral' .* got kind='frobenius'"):
+        jacobian_penalty(m, x, power_dtype=torch.bfloat16)
