@@ -310,7 +310,11 @@ class BuiltinSystem(System):
         s, x = prev.reshape(n, -1), xs[:, steps].reshape(n, -1)
         coefs, inp, last = [], x, self.num_layers - 1
         for li, (p, (h, c), (h1, c1)) in enumerate(zip(self.layers, self.split(s), self.split(nxt), strict=True)):
-            g = None if gates is None or gates[li] is None else tuple(_steps(t, steps).reshape(n, -1) for t in gates[li])
+            g = (
+                None
+                if gates is None or gates[li] is None
+                else tuple(_steps(t, steps).reshape(n, -1) for t in gates[li])
+            )
             h1 = h1.reshape(n, -1) if li < last or self.cell.n_gates == 1 else None  # read only where needed
             c1 = None if c1 is None else c1.reshape(n, -1)
             coefs.append(self.cell.linearize_known(p, inp, h, c, h1, c1, g, compile))

@@ -266,7 +266,9 @@ def lstm_gate_rows_vjp(w: Tensor, i: Tensor, f: Tensor, g: Tensor, o: Tensor, c:
     sums = _pair_sums(w_quad, s)
     zero = torch.zeros_like(s_o[(0,) * len(lead)])
     top = [[*sums[k], (w_lin * s[k]).sum(lead)] for k in range(3)]
-    dgram = torch.stack([torch.stack(row) for row in top] + [torch.stack([zero, zero, zero, (w * s_o * s_o).sum(lead)])])
+    dgram = torch.stack(
+        [torch.stack(row) for row in top] + [torch.stack([zero, zero, zero, (w * s_o * s_o).sum(lead)])]
+    )
     return (e_i, e_f, e_g, e_o), d_s[1] * sig_f, dc_new, dgram
 
 

@@ -88,13 +88,18 @@ class _Rows(torch.autograd.Function):
         pre, states, gates, gram = ctx.saved_tensors
         steps, kind = ctx.steps, ctx.kind
         if torch.is_grad_enabled():  # double backward: differentiate the autograd composition
-            return (*_recompute(ctx, lambda *a: kind.reference(*a, steps), (pre, states, gates, gram), grad), *[None] * 3)
+            return (
+                *_recompute(ctx, lambda *a: kind.reference(*a, steps), (pre, states, gates, gram), grad),
+                *[None] * 3,
+            )
         length, batch, hid = pre.shape[0], states.shape[1], states.shape[2]
         compiled, gk = ctx.compile, gram.permute(1, 2, 0).contiguous()
         every = steps.indices(length) == (0, length, 1)  # every step: every entry of dpre is written
         if compiled and every:  # one kernel writes the whole of dpre and of the states' gradient
             every_step = slice(0, length, 1)
-            dpre, dstates, dgram = elementwise(kind.vjp_whole, True)(grad, *kind.inputs(pre, states, gates, every_step), gk)
+            dpre, dstates, dgram = elementwise(kind.vjp_whole, True)(
+                grad, *kind.inputs(pre, states, gates, every_step), gk
+            )
             return dpre, dstates, None, dgram.permute(2, 0, 1), None, None, None
         vjp = elementwise(kind.vjp_joined if compiled else kind.vjp, compiled)
         dpre = (pre.new_empty if every else pre.new_zeros)(pre.shape)
@@ -178,7 +183,13 @@ class _LSTM:
 
 
 def gru_frobenius_rows(
-    pre: Tensor, hs: Tensor, gates: Tensor, gram: Tensor, steps: slice = slice(None), *, compile: bool = False  # noqa: A002
+    pre: Tensor,
+    hs: Tensor,
+    gates: Tensor,
+    gram: Tensor,
+    steps: slice = slice(None),
+    *,
+    compile: bool = False,  # noqa: A002
 ) -> Tensor:
     """``||J_t||_F^2`` ``(T', B)`` at the steps ``steps`` of one GRU layer from what its forward kept
     (:class:`rnnjac._recurrence.LayerRecord`, time-major): the pre-activations ``pre (T, B, 4H)`` (blocks r, z,
@@ -199,7 +210,13 @@ def gru_frobenius_rows(
 
 
 def lstm_frobenius_rows(
-    pre: Tensor, cs: Tensor, gates: Tensor, gram: Tensor, steps: slice = slice(None), *, compile: bool = False  # noqa: A002
+    pre: Tensor,
+    cs: Tensor,
+    gates: Tensor,
+    gram: Tensor,
+    steps: slice = slice(None),
+    *,
+    compile: bool = False,  # noqa: A002
 ) -> Tensor:
     """``||J_t||_F^2`` ``(T', B)`` at the steps ``steps`` of one LSTM layer without projection from what its
     forward kept (:class:`rnnjac._recurrence.LayerRecord`, time-major): the pre-activations ``pre (T, B, 4H)``,

@@ -141,7 +141,9 @@ def _check_power_dtype(power_dtype, kind: str) -> None:
     if power_dtype is None:
         return
     if not isinstance(power_dtype, torch.dtype) or not power_dtype.is_floating_point:
-        raise TypeError(f"power_dtype must be a floating torch.dtype (e.g. torch.bfloat16) or None; got {power_dtype!r}")
+        raise TypeError(
+            f"power_dtype must be a floating torch.dtype (e.g. torch.bfloat16) or None; got {power_dtype!r}"
+        )
     if kind != "spectral":
         raise ValueError(f"power_dtype applies to kind='spectral' (its power iterations) only; got kind={kind!r}")
 

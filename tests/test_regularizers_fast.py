@@ -175,6 +175,7 @@ def test_spectral_power_iterations_in_a_cheaper_dtype(arch):
     _, states = forward_with_states(m, x)
     j = rnnjac.jacobians(m, x)  # (B, T, D, D), float64, closed form
     top = torch.linalg.svdvals(j).amax(-1).pow(2).mean()
+
     def kw():  # the same random starts for every call
         return {"kind": "spectral", "n_iter": 60, "states": states, "generator": torch.Generator().manual_seed(0)}
 
