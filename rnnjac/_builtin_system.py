@@ -282,7 +282,7 @@ class BuiltinSystem(System):
             return states, gates
         # as the gated layer's forward would have kept them (time-major views): the exact penalty reads the record
         act = torch.cat(gates, -1)
-        return states, LayerRecord("lstm", *(t.transpose(0, 1) for t in (hs, cs, act, pre)), None)
+        return states, LayerRecord(*(t.transpose(0, 1) for t in (hs, cs, act, pre)), None)
 
     @staticmethod
     def remember_gates(states: Tensor, gates: list) -> None:
@@ -307,7 +307,7 @@ class BuiltinSystem(System):
         start, stop, stride = steps.indices(states.shape[1] - 1)
         prev, nxt = states[:, start:stop:stride], states[:, start + 1 : stop + 1 : stride]  # one slice each
         n = b * prev.shape[1]
-        s, x = prev.reshape(n, -1), xs[:, steps].reshape(n, -1)
+        s, x = prev.reshape(n, -1), _steps(xs, steps).reshape(n, -1)
         coefs, inp, last = [], x, self.num_layers - 1
         for li, (p, (h, c), (h1, c1)) in enumerate(zip(self.layers, self.split(s), self.split(nxt), strict=True)):
             g = (

@@ -47,6 +47,7 @@ from torch import Tensor
 from ._elementwise import (
     _cell_update,
     elementwise,
+    entry_first,
     gru_coefs,
     gru_gate_coefs,
     gru_rows,
@@ -217,11 +218,6 @@ class _RowQuad(torch.autograd.Function):
         return dgram, *grads
 
 
-def _entry_first(gram: Tensor) -> Tensor:
-    """A row Gram ``(H, K, K)`` as ``(K, K, H)``, contiguous (:func:`rnnjac._elementwise.quadratic_rows`)."""
-    return gram.permute(1, 2, 0).contiguous()
-
-
 def row_quadratic(xs: list[Tensor], gram: Tensor) -> Tensor:
     """``sum_{k,m} x_k G[:, k, m] x_m`` per element, ``(N, H)``, for K coefficients ``(N, H)`` and ``G (H, K, K)``.
 
@@ -363,7 +359,7 @@ class GRUArch:
     def frobenius_sq(self, p, coef, compile=False):  # noqa: A002
         a = [coef["a_r"], coef["a_z"], coef["a_hn"], coef["z"]]
         if compile:
-            return elementwise(gru_rows, True)(*a, _entry_first(self._bordered_gram(p)))
+            return elementwise(gru_rows, True)(*a, entry_first(self._bordered_gram(p)))
         return row_quadratic(a, self._bordered_gram(p)).sum(-1)
 
     def frobenius_from_record(self, p, record, steps: slice, compile=False) -> Tensor:  # noqa: A002
@@ -479,7 +475,7 @@ class LSTMArch:
         s_i, s_f, s_g, s_o, s_m, f = (coef[k] for k in ("s_i", "s_f", "s_g", "s_o", "s_m", "f"))
         gram = _rowgram(p.w_hh, 4)
         if compile:
-            return elementwise(lstm_rows, True)(s_i, s_f, s_g, f, s_o, s_m, _entry_first(gram))
+            return elementwise(lstm_rows, True)(s_i, s_f, s_g, f, s_o, s_m, entry_first(gram))
         # row i of dc'/dh is c_i = sum_k a_k W_k[i] over (i, f, g); row i of dh'/dh is s_m c_i + s_o W_o[i],
         # so ||.||^2 = (1 + s_m^2) c^T G c + 2 s_m s_o (c . G_o) + s_o^2 G_oo, per row
         # the f^2 (1 + s_m^2) term is the diagonal c-columns: diag(f), diag(s_m f); as a bordered quadratic form

@@ -25,6 +25,8 @@ from .errors import RnnjacWarning
 
 __all__ = [
     "elementwise",
+    "entry_first",
+    "graph_vjp",
     "gru_coefs",
     "gru_gate_coefs",
     "lstm_coefs",
@@ -86,6 +88,17 @@ def lstm_coefs(i: Tensor, f: Tensor, g: Tensor, o: Tensor, c: Tensor, c_new: Ten
     """
     tc = torch.tanh(c_new)
     return g * i * (1 - i), c * f * (1 - f), i * (1 - g * g), f, tc * o * (1 - o), o * (1 - tc * tc)
+
+
+def entry_first(gram: Tensor) -> Tensor:
+    """A row Gram ``(H, K, K)`` as ``(K, K, H)``, contiguous: the layout of :func:`quadratic_rows`.
+
+    Examples
+    --------
+    >>> entry_first(torch.arange(8.0).view(2, 2, 2))[0, 1].tolist()  # entry (0, 1) of each row's 2x2 Gram
+    [1.0, 5.0]
+    """
+    return gram.permute(1, 2, 0).contiguous()
 
 
 def quadratic_rows(xs: list[Tensor], gram: Tensor) -> Tensor:
@@ -318,6 +331,30 @@ def linear_recurrence(f: Tensor, u: Tensor, c0: Tensor, block: int | None = None
     carry = torch.stack(carries, 1)
     cs = torch.stack([torch.addcmul(lj, pj, carry) for lj, pj in zip(loc, prod, strict=True)], 2)
     return torch.cat([c0.unsqueeze(1), cs.reshape(b, n * size, hid)[:, :steps]], 1)
+
+
+def graph_vjp(outputs_of, inputs: tuple, grads: tuple, wanted: list[int] | None = None) -> tuple:
+    """The gradients of ``outputs_of(*inputs)`` (a tensor or a tuple of them) against ``grads`` by the inputs
+    ``wanted`` (default: every tensor input that requires grad), as a differentiable graph (``create_graph=True``):
+    an autograd Function's double backward by autograd through a plain reference of its forward. None for the other
+    inputs and where an output's gradient is None."""
+    if wanted is None:
+        wanted = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
+    with torch.enable_grad():
+        outs = outputs_of(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None]
+        got = torch.autograd.grad(
+            [o for o, _ in pairs],
+            [inputs[i] for i in wanted],
+            [g for _, g in pairs],
+            create_graph=True,
+            allow_unused=True,
+        )
+    out = [None] * len(inputs)
+    for i, g in zip(wanted, got, strict=True):
+        out[i] = g
+    return tuple(out)
 
 
 _COMPILED: dict[Callable, Callable] = {}

@@ -27,6 +27,8 @@ from torch import Tensor
 
 from ._elementwise import (
     elementwise,
+    entry_first,
+    graph_vjp,
     gru_gate_rows,
     gru_gate_rows_vjp,
     gru_pre_rows,
@@ -54,25 +56,13 @@ def _next(sl: slice) -> slice:
     return slice(sl.start + 1, sl.stop + 1, sl.step)
 
 
-def _recompute(ctx, reference, inputs, grad) -> tuple:
-    """The input gradients as a differentiable graph, by autograd through ``reference`` (``create_graph=True``)."""
-    wanted = [k for k, t in enumerate(inputs) if ctx.needs_input_grad[k]]
-    with torch.enable_grad():
-        out = reference(*inputs)
-        got = torch.autograd.grad(out, [inputs[k] for k in wanted], grad, create_graph=True, allow_unused=True)
-    res = [None] * len(inputs)
-    for k, t in zip(wanted, got, strict=True):
-        res[k] = t
-    return tuple(res)
-
-
 class _Rows(torch.autograd.Function):
     """``||J_t||_F^2`` ``(T', B)`` of a recorded layer; ``kind``: :data:`_GRU` or :data:`_LSTM`."""
 
     @staticmethod
     def forward(ctx, pre, states, gates, gram, steps, compile, kind):  # noqa: A002
         length, batch, hid = pre.shape[0], states.shape[1], states.shape[2]
-        rows, gk = elementwise(kind.rows, compile), gram.permute(1, 2, 0).contiguous()
+        rows, gk = elementwise(kind.rows, compile), entry_first(gram)
         out = pre.new_empty(len(range(*steps.indices(length))), batch)
         done = 0
         for sl in _chunks(steps, length, batch * hid, compile):
@@ -88,12 +78,11 @@ class _Rows(torch.autograd.Function):
         pre, states, gates, gram = ctx.saved_tensors
         steps, kind = ctx.steps, ctx.kind
         if torch.is_grad_enabled():  # double backward: differentiate the autograd composition
-            return (
-                *_recompute(ctx, lambda *a: kind.reference(*a, steps), (pre, states, gates, gram), grad),
-                *[None] * 3,
-            )
+            wanted = [k for k in range(4) if ctx.needs_input_grad[k]]
+            reference = lambda *a: kind.reference(*a, steps)  # noqa: E731
+            return (*graph_vjp(reference, (pre, states, gates, gram), (grad,), wanted), None, None, None)
         length, batch, hid = pre.shape[0], states.shape[1], states.shape[2]
-        compiled, gk = ctx.compile, gram.permute(1, 2, 0).contiguous()
+        compiled, gk = ctx.compile, entry_first(gram)
         every = steps.indices(length) == (0, length, 1)  # every step: every entry of dpre is written
         if compiled and every:  # one kernel writes the whole of dpre and of the states' gradient
             every_step = slice(0, length, 1)
@@ -160,7 +149,7 @@ class _GRU:
 
     @staticmethod
     def reference(pre, hs, gates, gram, steps):
-        return gru_pre_rows(pre[steps], hs[:-1][steps], gram.permute(1, 2, 0))
+        return gru_pre_rows(pre[steps], hs[:-1][steps], entry_first(gram))
 
 
 class _LSTM:
@@ -179,7 +168,7 @@ class _LSTM:
 
     @staticmethod
     def reference(pre, cs, gates, gram, steps):
-        return lstm_pre_rows(pre[steps], cs[:-1][steps], cs[1:][steps], gram.permute(1, 2, 0))
+        return lstm_pre_rows(pre[steps], cs[:-1][steps], cs[1:][steps], entry_first(gram))
 
 
 def gru_frobenius_rows(

@@ -76,15 +76,15 @@ def _per_step(
     b, d, state = problem.batch, problem.dyn.size(problem.state), problem.state
     closed = problem.method == "analytic" and problem.dyn.frobenius_closed_form(state)
     stacked = problem.method == "analytic" and problem.dyn.frobenius_closed_form(state, stacked=True)
+    if kind == "frobenius" and estimator == "exact" and closed:  # chunks of its own, or one compiled kernel
+        val = _frobenius_from_gates(problem, states, t_idx, gates, compile)
+        if val is not None:
+            return val
     if kind == "frobenius" and estimator == "exact":
         # row form: O(H K) per step; a stack's cross blocks: (H, H) matrices; otherwise J is materialised
         width = 4 if closed else (max(4, d // 4) if stacked else d)
     else:  # J Q with narrow Q: the coefficients (~4 D per point) and each of the r vectors' products (~4 D each)
         width = 4 * (1 + (n_proj if kind == "frobenius" else 1)) if problem.method == "analytic" else d
-    if kind == "frobenius" and estimator == "exact" and closed:  # chunks of its own, or one compiled kernel
-        val = _frobenius_from_gates(problem, states, t_idx, gates, compile)
-        if val is not None:
-            return val
     per_chunk = max(1, _CHUNK_ELEMENTS // max(1, b * d * width))
     out = []
     for c0 in range(0, len(t_idx), per_chunk):

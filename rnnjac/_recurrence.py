@@ -19,8 +19,8 @@ needs anyway: the exact Frobenius penalty (:mod:`rnnjac._fused_rows`) differenti
 what it contributes joins the backward recurrence as it is, with no conversion and no autograd glue.
 
 A backward that must itself be differentiated (``create_graph=True``: double backward, ``gradgradcheck``)
-differentiates a plain step loop of the same layer instead (:meth:`rnnjac._cells.GRUArch.step`), so every order of
-derivative is exact.
+differentiates a plain step loop of the same formulas instead (:func:`rnnjac._elementwise.graph_vjp`), so every
+order of derivative is exact.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._cells import ARCHITECTURES, LayerParams, _pre
+from ._cells import LayerParams, _pre
+from ._elementwise import graph_vjp
 
 __all__ = ["LayerRecord", "gru_layer", "lstm_layer"]
 
@@ -41,13 +42,13 @@ class LayerRecord:
     :meth:`rnnjac._cells.GRUArch.linearize_known` / :meth:`rnnjac._cells.LSTMArch.linearize_known` take:
     ``(r, z, n, gh_n)`` or ``(i, f, g, o)``."""
 
-    __slots__ = ("arch", "hs", "cs", "gates", "pre", "gh_n")
+    __slots__ = ("hs", "cs", "gates", "pre", "gh_n")
 
-    def __init__(self, arch: str, hs: Tensor, cs: Tensor | None, gates: Tensor, pre: Tensor, gh_n: Tensor | None):
-        self.arch, self.hs, self.cs, self.gates, self.pre, self.gh_n = arch, hs, cs, gates, pre, gh_n
+    def __init__(self, hs: Tensor, cs: Tensor | None, gates: Tensor, pre: Tensor, gh_n: Tensor | None):
+        self.hs, self.cs, self.gates, self.pre, self.gh_n = hs, cs, gates, pre, gh_n
 
     def __iter__(self):
-        blocks = list(self.gates.chunk(3 if self.arch == "gru" else 4, -1))
+        blocks = list(self.gates.split(self.hs.shape[-1], -1))
         if self.gh_n is not None:
             blocks.append(self.gh_n)
         return iter([t.transpose(0, 1) for t in blocks])
@@ -78,28 +79,8 @@ def _or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if grad is None else grad
 
 
-def _double_backward(arch: str, inputs: tuple, outputs_of, grads: tuple) -> tuple:
-    """The input gradients of a layer as a differentiable graph (``create_graph=True``): a plain step loop of the
-    same layer, differentiated by autograd."""
-    wanted = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
-    with torch.enable_grad():
-        outs = outputs_of(ARCHITECTURES[arch], *inputs)
-        pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None]
-        got = torch.autograd.grad(
-            [o for o, _ in pairs],
-            [inputs[i] for i in wanted],
-            [g for _, g in pairs],
-            create_graph=True,
-            allow_unused=True,
-        )
-    out = [None] * len(inputs)
-    for i, g in zip(wanted, got, strict=True):
-        out[i] = g
-    return tuple(out)
-
-
 # ----------------------------------------------------------------------------------------------------- GRU
-def _gru_reference(cell, x, h0, w_ih, w_hh, b_ih, b_hh):
+def _gru_reference(x, h0, w_ih, w_hh, b_ih, b_hh):
     """:class:`_GRULayer`'s outputs by a differentiable step loop of the layer formulas."""
     p, hid = LayerParams(w_ih, w_hh, b_ih, b_hh), h0.shape[-1]
     hs, gates, pres, h = [h0], [], [], h0
@@ -149,7 +130,7 @@ class _GRULayer(torch.autograd.Function):
         x, h0, w_ih, w_hh, b_ih, b_hh, hs, gates, pre = ctx.saved_tensors
         if torch.is_grad_enabled():
             inputs = (x, h0, w_ih, w_hh, b_ih, b_hh)
-            return _double_backward("gru", inputs, _gru_reference, (dhs, dgates, dpre_out, dghn))
+            return graph_vjp(_gru_reference, inputs, (dhs, dgates, dpre_out, dghn))
         steps, b, hid = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
         coef, ext = _gru_coefficients(hs, gates, pre[..., 2 * hid : 3 * hid], dgates, dpre_out, dghn)
         dhs = _or_zeros(dhs, hs)
@@ -184,10 +165,9 @@ def _gru_coefficients(hs, gates, gh_n, dgates, dpre, dghn) -> tuple[Tensor, Tens
     coef = gates.new_empty(*gates.shape[:2], 4 * n.shape[-1])
     c_r, c_z, c_hn, c_n = coef.chunk(4, -1)
     dtanh = torch.mul(n, n, out=c_n).neg_().add_(1)
-    ext = dpre if dgates is None else _gru_external(r, z, gh_n, dtanh, dgates, dpre)
-    if dghn is not None:
-        ext = torch.zeros_like(coef) if ext is None else ext.clone() if ext is dpre else ext
-        ext[..., 2 * n.shape[-1] : 3 * n.shape[-1]] += dghn
+    ext = None if dgates is None and dghn is None else _gru_external(r, z, gh_n, dtanh, dgates, dghn)
+    if dpre is not None:
+        ext = dpre if ext is None else ext.add_(dpre)
     one_minus = torch.rsub(z, 1)
     c_n.mul_(one_minus)  # (1 - z)(1 - n^2)
     torch.sub(hs[:-1], n, out=c_z).mul_(z).mul_(one_minus)
@@ -197,16 +177,21 @@ def _gru_coefficients(hs, gates, gh_n, dgates, dpre, dghn) -> tuple[Tensor, Tens
     return coef, ext
 
 
-def _gru_external(r, z, gh_n, dtanh, dgates, dpre) -> Tensor:
-    """The gates' gradients ``dgates`` (r, z, n) carried to the pre-activations, plus ``dpre`` when given."""
-    ext = r.new_empty(*r.shape[:2], 4 * r.shape[-1])
+def _gru_external(r, z, gh_n, dtanh, dgates, dghn) -> Tensor:
+    """The gradients that other consumers gave the gates ``dgates`` (r, z, n) and ``gh_n`` carried to the
+    pre-activations ``(T, B, 4H)`` (either may be None)."""
+    shape = (*r.shape[:2], 4 * r.shape[-1])
+    ext = r.new_empty(shape) if dgates is not None else r.new_zeros(shape)  # every block written, or only e_hn
     e_r, e_z, e_hn, e_n = ext.chunk(4, -1)
-    d_r, d_z, d_n = dgates.chunk(3, -1)
-    torch.mul(d_n, dtanh, out=e_n)
-    torch.mul(e_n, r, out=e_hn)
-    torch.addcmul(d_r, e_n, gh_n, out=e_r).mul_(r).mul_(1 - r)
-    torch.mul(d_z, z, out=e_z).mul_(1 - z)
-    return ext if dpre is None else ext.add_(dpre)
+    if dgates is not None:
+        d_r, d_z, d_n = dgates.chunk(3, -1)
+        torch.mul(d_n, dtanh, out=e_n)
+        torch.mul(e_n, r, out=e_hn)
+        torch.addcmul(d_r, e_n, gh_n, out=e_r).mul_(r).mul_(1 - r)
+        torch.mul(d_z, z, out=e_z).mul_(1 - z)
+    if dghn is not None:
+        e_hn.add_(dghn)
+    return ext
 
 
 def gru_layer(x: Tensor, h0: Tensor, p: LayerParams) -> tuple[Tensor, LayerRecord]:
@@ -230,11 +215,11 @@ def gru_layer(x: Tensor, h0: Tensor, p: LayerParams) -> tuple[Tensor, LayerRecor
     """
     xt = x.transpose(0, 1).contiguous()
     hs, gates, pre, gh_n = _GRULayer.apply(xt, h0, p.w_ih, p.w_hh, p.b_ih, p.b_hh)
-    return hs.transpose(0, 1), LayerRecord("gru", hs, None, gates, pre, gh_n)
+    return hs.transpose(0, 1), LayerRecord(hs, None, gates, pre, gh_n)
 
 
 # ----------------------------------------------------------------------------------------------------- LSTM
-def _lstm_reference(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+def _lstm_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     """:class:`_LSTMLayer`'s outputs by a differentiable step loop of the layer formulas."""
     p, hid = LayerParams(w_ih, w_hh, b_ih, b_hh), h0.shape[-1]
     hs, cs, gates, pres, h, c = [h0], [c0], [], [], h0, c0
@@ -280,7 +265,7 @@ class _LSTMLayer(torch.autograd.Function):
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, hs, cs, gates, tc = ctx.saved_tensors
         if torch.is_grad_enabled():
             inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-            return _double_backward("lstm", inputs, _lstm_reference, (dhs, dcs, dgates, dpre_out))
+            return graph_vjp(_lstm_reference, inputs, (dhs, dcs, dgates, dpre_out))
         steps, b, hid = tc.shape
         coef, s_m, ext = _lstm_coefficients(cs, gates, tc, dgates, dpre_out)
         f = gates[..., hid : 2 * hid]
@@ -334,4 +319,4 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, p: LayerParams) -> tuple[Tenso
         raise ValueError("lstm_layer has no projection: use torch's fused op for proj_size > 0")
     xt = x.transpose(0, 1).contiguous()
     hs, cs, gates, pre = _LSTMLayer.apply(xt, h0, c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh)
-    return hs.transpose(0, 1), cs.transpose(0, 1), LayerRecord("lstm", hs, cs, gates, pre, None)
+    return hs.transpose(0, 1), cs.transpose(0, 1), LayerRecord(hs, cs, gates, pre, None)
