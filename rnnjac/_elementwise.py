@@ -375,10 +375,12 @@ def _fallback(fn: Callable, err: BaseException) -> Callable:
     return fn
 
 
-def elementwise(fn: Callable, compile: bool) -> Callable:  # noqa: A002  (the public keyword's name)
+def elementwise(fn: Callable, compile: bool, *, dynamic: bool | None = True) -> Callable:  # noqa: A002
     """``fn`` itself (``compile=False``), or its ``torch.compile`` version that falls back to ``fn``, with one
     warning, where compiling is not possible (no ``torch.compile``, no C++ compiler, an unsupported platform or
-    any error while compiling).
+    any error while compiling). ``dynamic``: ``torch.compile``'s, taken at the first compile of ``fn`` (None:
+    sizes start static and a size that changes is made symbolic; functions of whole linearisations use it, as
+    symbolic sizes from the start trip a guard bug of dynamo on stacked models).
 
     Examples
     --------
@@ -389,7 +391,7 @@ def elementwise(fn: Callable, compile: bool) -> Callable:  # noqa: A002  (the pu
         return fn
     if fn not in _COMPILED:
         try:
-            compiled = torch.compile(fn, dynamic=True)
+            compiled = torch.compile(fn, dynamic=dynamic)
         except Exception as err:  # noqa: BLE001  (no compiler for this platform/Python: any reason falls back)
             return _fallback(fn, err)
         _COMPILED[fn] = compiled

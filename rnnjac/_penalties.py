@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._elementwise import elementwise
+from ._linearization import FactoredLinearization
 from .errors import NonFiniteError
 
 _CHUNK_ELEMENTS = 2**24
@@ -47,15 +49,67 @@ def _frobenius_from_gates(problem, states: Tensor, t_idx: Tensor, gates, compile
     return problem.dyn.frobenius_from_gates(states, steps, gates, problem.state, compile)
 
 
-def _sphere(shape, generator, like: Tensor) -> Tensor:
-    """Random unit columns: drawn where ``like`` lives (torch's global random state, or a ``generator`` on that
-    device), or, with a generator on another device (a CPU generator for a CUDA model), drawn there in float64
-    so that a seed gives the same vectors on every device (slower: the draw is copied over)."""
+def _gaussian(shape, generator, like: Tensor) -> Tensor:
+    """Standard normal draws of ``like``'s dtype, drawn where ``like`` lives (torch's global random state, or a
+    ``generator`` on that device), or, with a generator on another device (a CPU generator for a CUDA model), drawn
+    there in float64 so that a seed gives the same vectors on every device (slower: the draw is copied over)."""
     if generator is None or generator.device == like.device:
-        u = torch.randn(*shape, generator=generator, dtype=like.dtype, device=like.device)
-    else:
-        u = torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
+        return torch.randn(*shape, generator=generator, dtype=like.dtype, device=like.device)
+    return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
+
+
+def _sphere(shape, generator, like: Tensor) -> Tensor:
+    """Independent random unit columns ``(N, D, r)``, each uniform on the sphere (:func:`_gaussian`)."""
+    u = _gaussian(shape, generator, like)
     return u / u.norm(dim=-2, keepdim=True)
+
+
+#: the power iterations' starts in more than ``4 * START_RANK`` dimensions are combinations of this many shared
+#: Gaussian directions (:func:`_power_starts`)
+START_RANK = 16
+
+
+def _power_starts(n: int, d: int, generator, like: Tensor) -> Tensor:
+    """Unit starts ``(n, d, 1)`` for the power iterations, each uniform on the sphere. In up to ``4 * START_RANK``
+    dimensions independent draws (:func:`_sphere`); above, ``v_i = G c_i / ||G c_i||`` with one Gaussian ``G (d,
+    START_RANK)`` shared by all points and Gaussian ``c_i``: ``START_RANK (n + d)`` draws instead of ``n d``
+    (drawing ``n d`` normals took longer than a power iteration's GEMMs). For a fixed ``c_i``, ``G c_i`` is an
+    isotropic Gaussian vector, so each start is distributed exactly as an independent one (and is a.s. not
+    orthogonal to the top singular vector) and the penalty's expectation is unchanged; the starts share a random
+    subspace, so their errors are correlated: given ``G``, the mean squared overlap of the starts with a direction
+    ``u`` is proportional to ``||G^T u||^2 ~ chi^2_16``, below a third of its mean with probability ~0.6%."""
+    if d <= 4 * START_RANK:
+        return _sphere((n, d, 1), generator, like)
+    g = _gaussian((d, START_RANK), generator, like)
+    c = _gaussian((n, START_RANK), generator, like)
+    return _unit((c @ g.T).unsqueeze(-1))
+
+
+def _unit(w: Tensor) -> Tensor:
+    return w / w.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+
+
+def _power_directions(lin, v: Tensor, state: str, n_iter: int, dtype: torch.dtype | None) -> Tensor:
+    """``n_iter`` power iterations ``v <- J^T J v / ||J^T J v||`` on the unit columns ``v (N, D, 1)`` (closed-form
+    ``J^T`` for built-in cells: two GEMMs per layer and iteration), in ``dtype`` where given (the direction only);
+    one function, so that ``torch.compile`` fuses the elementwise work of all iterations around the GEMMs."""
+    if dtype is not None:
+        lin, v = lin.to(dtype), v.to(dtype)
+    for _ in range(n_iter):
+        v = _unit(lin.apply_transpose(lin.apply(v, state), state))
+    return v
+
+
+def _squared_image(lin, v: Tensor, state: str) -> Tensor:
+    """``||J v||^2`` ``(N,)`` for the unit columns ``v (N, D, 1)``: the spectral penalty's value (its gradient
+    through ``J``; ``v`` carries none)."""
+    return lin.apply(v, state).pow(2).sum((-2, -1))
+
+
+def _squared_coimage(lin, u: Tensor, state: str) -> Tensor:
+    """The mean of ``||J^T u||^2`` ``(N,)`` over the unit columns ``u (N, D, r)``: the projection estimate of
+    ``||J||_F^2`` up to the factor ``D``."""
+    return lin.apply_transpose(u, state).pow(2).sum(-2).mean(-1)
 
 
 def _per_step(
@@ -91,25 +145,20 @@ def _per_step(
         idx = t_idx[c0 : c0 + per_chunk]
         lin = _linearize(problem, states, idx, gates, compile)
         n = lin.s.shape[0]
+        fuse = compile and isinstance(lin, FactoredLinearization)  # a built-in module's (custom cells: eager)
         if kind == "frobenius" and estimator == "exact":
             val = lin.frobenius_sq(state)
         elif kind == "frobenius":
             u = _sphere((n, d, n_proj), generator, states)
-            val = d * lin.apply_transpose(u, state).pow(2).sum(-2).mean(-1)
+            val = d * elementwise(_squared_coimage, fuse, dynamic=None)(lin, u, state)
         else:  # spectral
-            v = _sphere((n, d, 1), generator, states)
-            plain = lin.detached()
-            rounded = power_dtype is not None and power_dtype != states.dtype  # the direction only
-            if rounded:
-                plain, v = plain.to(power_dtype), v.to(power_dtype)
-            with torch.no_grad():  # closed-form J^T for built-in cells: two GEMMs per layer and iteration
-                for _ in range(n_iter):
-                    w = plain.apply_transpose(plain.apply(v, state), state)
-                    v = w / w.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-                if rounded:  # a unit vector in the states' dtype: ||J v||^2 stays a Rayleigh quotient
-                    v = v.to(states.dtype)
-                    v = v / v.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
-            val = lin.apply(v, state).pow(2).sum((-2, -1))
+            v = _power_starts(n, d, generator, states)
+            rounded = power_dtype if power_dtype is not None and power_dtype != states.dtype else None
+            with torch.no_grad():  # the direction only: no gradient
+                v = elementwise(_power_directions, fuse, dynamic=None)(lin.detached(), v, state, n_iter, rounded)
+                if rounded is not None:  # a unit vector in the states' dtype: ||J v||^2 stays a Rayleigh quotient
+                    v = _unit(v.to(states.dtype))
+            val = elementwise(_squared_image, fuse, dynamic=None)(lin, v, state)
         out.append(val.reshape(b, len(idx)))
     return torch.cat(out, 1)
 

@@ -15,6 +15,7 @@ import rnnjac
 import rnnjac._cells as cells
 import rnnjac._elementwise as elementwise_mod
 import rnnjac._fused_rows as fused_rows
+import rnnjac._penalties as penalties
 from rnnjac._builtin_system import BuiltinSystem
 from rnnjac._checks import prepare
 from rnnjac.errors import RnnjacWarning
@@ -184,11 +185,42 @@ def test_compile_falls_back_with_one_warning(monkeypatch, where):
         jacobian_penalty(m, x, compile="yes")
 
 
+@pytest.mark.parametrize(("arch", "layers"), [("gru", 1), ("lstm", 2), ("rnn_tanh", 2)])
+@pytest.mark.parametrize("kind", ["spectral", "projection"])
+def test_compiled_spectral_and_projection_route_through_the_fused_functions(monkeypatch, arch, layers, kind):
+    """With ``compile=True`` the spectral penalty's power iterations and value, and the projection estimate, run as
+    single functions handed to ``torch.compile`` (here the identity, so the test needs no C++ compiler): the same
+    values and gradients as the eager code, from the same random directions; a custom cell is never compiled."""
+    _fresh_compile_state(monkeypatch)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    m, x = _setup(arch, layers, 0)
+    params = list(m.parameters())
+    kw = {"kind": "spectral", "n_iter": 4} if kind == "spectral" else {"estimator": "projection", "n_proj": 3}
+    if kind == "spectral":
+        kw["power_dtype"] = torch.float32  # converted inside the fused function
+    got = []
+    for compile in (False, True):
+        _, states = forward_with_states(m, x)
+        val = jacobian_penalty(m, x, states=states, compile=compile, generator=torch.Generator().manual_seed(5), **kw)
+        got.append((val, torch.autograd.grad(val, params)))
+    want = {penalties._power_directions, penalties._squared_image} if kind == "spectral" else set()
+    want |= {penalties._squared_coimage} if kind == "projection" else set()
+    assert want <= set(elementwise_mod._COMPILED)
+    torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(got[1][1], got[0][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    _fresh_compile_state(monkeypatch)
+    cell = rnnjac.CustomCell(lambda s, xt: torch.tanh(s + xt.sum(-1, keepdim=True)))
+    jacobian_penalty(cell, x.float(), torch.zeros(3, 2), compile=True, **kw)
+    assert elementwise_mod._COMPILED == {}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gru", "lstm"])
 def test_compiled_path_equals_eager_on_the_smallest_case(monkeypatch, arch):
     """Compiling takes ~30 s per function on a 2-core CPU: one layer only, the row form's values and its hand-written
-    backward by the pre-activations (:mod:`rnnjac._fused_rows`), every step and every other step."""
+    backward by the pre-activations (:mod:`rnnjac._fused_rows`), every step and every other step; for the LSTM also
+    the spectral penalty's fused power iterations and value."""
     _fresh_compile_state(monkeypatch)
     m, x = _setup(arch, 1, 0, batch=2, steps=5)
     params = list(m.parameters())
@@ -211,3 +243,20 @@ def test_compiled_path_equals_eager_on_the_smallest_case(monkeypatch, arch):
         torch.testing.assert_close(values[1], values[0], rtol=1e-12, atol=1e-12)
         for a, b in zip(grads[1], grads[0], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if arch == "gru":  # the spectral functions are the same for every cell (compiling them costs ~30 s): LSTM only
+        return
+    spectral = []  # the spectral penalty's fused power iterations and value (one compiled function each)
+    for compile in (False, True):
+        _, states = forward_with_states(m, x)
+        gen = torch.Generator().manual_seed(0)
+        if compile and not compiler:
+            with pytest.warns(RnnjacWarning, match="could not compile"):
+                val = jacobian_penalty(m, x, kind="spectral", states=states, compile=True, generator=gen)
+        else:
+            val = jacobian_penalty(m, x, kind="spectral", states=states, compile=compile, generator=gen)
+        spectral.append((val, torch.autograd.grad(val, params)))
+    if compiler:
+        assert {penalties._power_directions, penalties._squared_image} <= set(elementwise_mod._COMPILED)
+    torch.testing.assert_close(spectral[1][0], spectral[0][0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(spectral[1][1], spectral[0][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
