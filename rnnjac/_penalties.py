@@ -106,6 +106,18 @@ def _squared_image(lin, v: Tensor, state: str) -> Tensor:
     return lin.apply(v, state).pow(2).sum((-2, -1))
 
 
+def _tangent(lin, q: Tensor, state: str) -> Tensor:
+    """``J q`` (``lin.apply``) as a plain function, for ``torch.compile`` (the Lyapunov penalty's step)."""
+    return lin.apply(q, state)
+
+
+def tangent_map(lin, state: str, compile: bool):  # noqa: A002
+    """``q -> J q`` for one step's linearisation ``lin``: with ``compile=True`` and a built-in module's
+    linearisation one compiled function (its elementwise work fused around the GEMMs, forward and backward)."""
+    fused = elementwise(_tangent, compile and isinstance(lin, FactoredLinearization), dynamic=None)
+    return lambda q: fused(lin, q, state)
+
+
 def _squared_coimage(lin, u: Tensor, state: str) -> Tensor:
     """The mean of ``||J^T u||^2`` ``(N,)`` over the unit columns ``u (N, D, r)``: the projection estimate of
     ``||J||_F^2`` up to the factor ``D``."""

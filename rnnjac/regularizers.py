@@ -70,7 +70,7 @@ from ._checks import (
 )
 from ._input_output import input_output_penalty
 from ._lyapunov_qr import LyapunovQR, initial_basis
-from ._penalties import _end_to_end, _linearize, _per_step, _raise_nonfinite, _time_index
+from ._penalties import _end_to_end, _linearize, _per_step, _raise_nonfinite, _time_index, tangent_map
 
 __all__ = ["jacobian_penalty", "lyapunov_penalty", "input_output_penalty", "JacobianPenalty", "forward_with_states"]
 
@@ -327,7 +327,8 @@ def lyapunov_penalty(
     The exponents are computed as in :func:`rnnjac.lyapunov_spectrum` (same transients and
     ``reortho_every``) with gradients flowing through every ``J_t Q`` and QR ("gradient flossing",
     Engelken 2023); they are divided by the number of counted steps. ``outputs``, ``states``, ``submodule``,
-    ``compile`` (the linearisations' elementwise passes): as in :func:`jacobian_penalty`.
+    ``compile`` (the linearisations' elementwise passes, and each step's ``J_t Q`` as one compiled function): as
+    in :func:`jacobian_penalty`.
 
     Examples
     --------
@@ -352,7 +353,7 @@ def lyapunov_penalty(
     finite, qr_steps = [], []  # checked after the loop: no host round-trip per step
     for j, lin_t in enumerate(per_step):
         t = warmup + j + 1
-        flag = acc.step(t, lambda v, lin_t=lin_t: lin_t.apply(v, state))
+        flag = acc.step(t, tangent_map(lin_t, state, compile))
         if flag is not None:
             finite.append(flag)
             qr_steps.append(t)

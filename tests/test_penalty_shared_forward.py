@@ -186,32 +186,39 @@ def test_compile_falls_back_with_one_warning(monkeypatch, where):
 
 
 @pytest.mark.parametrize(("arch", "layers"), [("gru", 1), ("lstm", 2), ("rnn_tanh", 2)])
-@pytest.mark.parametrize("kind", ["spectral", "projection"])
-def test_compiled_spectral_and_projection_route_through_the_fused_functions(monkeypatch, arch, layers, kind):
-    """With ``compile=True`` the spectral penalty's power iterations and value, and the projection estimate, run as
-    single functions handed to ``torch.compile`` (here the identity, so the test needs no C++ compiler): the same
-    values and gradients as the eager code, from the same random directions; a custom cell is never compiled."""
+@pytest.mark.parametrize("kind", ["spectral", "projection", "lyapunov"])
+def test_compiled_penalties_route_through_the_fused_functions(monkeypatch, arch, layers, kind):
+    """With ``compile=True`` the spectral penalty's power iterations and value, the projection estimate and the
+    Lyapunov penalty's per-step ``J_t Q`` run as single functions handed to ``torch.compile`` (here the identity, so
+    the test needs no C++ compiler): the same values and gradients as the eager code, from the same random
+    directions; a custom cell is never compiled."""
     _fresh_compile_state(monkeypatch)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     m, x = _setup(arch, layers, 0)
     params = list(m.parameters())
-    kw = {"kind": "spectral", "n_iter": 4} if kind == "spectral" else {"estimator": "projection", "n_proj": 3}
-    if kind == "spectral":
-        kw["power_dtype"] = torch.float32  # converted inside the fused function
+    fns = {
+        "spectral": (jacobian_penalty, {"kind": "spectral", "n_iter": 4, "power_dtype": torch.float32}),
+        "projection": (jacobian_penalty, {"estimator": "projection", "n_proj": 3}),
+        "lyapunov": (lyapunov_penalty, {"k": 2, "warmup": 1}),
+    }
+    fn, kw = fns[kind]
     got = []
     for compile in (False, True):
         _, states = forward_with_states(m, x)
-        val = jacobian_penalty(m, x, states=states, compile=compile, generator=torch.Generator().manual_seed(5), **kw)
+        val = fn(m, x, states=states, compile=compile, generator=torch.Generator().manual_seed(5), **kw)
         got.append((val, torch.autograd.grad(val, params)))
-    want = {penalties._power_directions, penalties._squared_image} if kind == "spectral" else set()
-    want |= {penalties._squared_coimage} if kind == "projection" else set()
+    want = {
+        "spectral": {penalties._power_directions, penalties._squared_image},
+        "projection": {penalties._squared_coimage},
+        "lyapunov": {penalties._tangent},
+    }[kind]
     assert want <= set(elementwise_mod._COMPILED)
     torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-12, atol=1e-12)
     for a, b in zip(got[1][1], got[0][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     _fresh_compile_state(monkeypatch)
     cell = rnnjac.CustomCell(lambda s, xt: torch.tanh(s + xt.sum(-1, keepdim=True)))
-    jacobian_penalty(cell, x.float(), torch.zeros(3, 2), compile=True, **kw)
+    fn(cell, x.float(), torch.zeros(3, 2), compile=True, **kw)
     assert elementwise_mod._COMPILED == {}
 
 
