@@ -107,14 +107,22 @@ def _squared_image(lin, v: Tensor, state: str) -> Tensor:
 
 
 def _tangent(lin, q: Tensor, state: str) -> Tensor:
-    """``J q`` (``lin.apply``) as a plain function, for ``torch.compile`` (the Lyapunov penalty's step)."""
+    """``J q`` (``lin.apply``) as a plain function, for ``torch.compile`` (one step of the Lyapunov and end-to-end
+    penalties)."""
     return lin.apply(q, state)
 
 
-def tangent_map(lin, state: str, compile: bool):  # noqa: A002
-    """``q -> J q`` for one step's linearisation ``lin``: with ``compile=True`` and a built-in module's
-    linearisation one compiled function (its elementwise work fused around the GEMMs, forward and backward)."""
-    fused = elementwise(_tangent, compile and isinstance(lin, FactoredLinearization), dynamic=None)
+def _cotangent(lin, u: Tensor, state: str) -> Tensor:
+    """``J^T u`` (``lin.apply_transpose``), as :func:`_tangent`."""
+    return lin.apply_transpose(u, state)
+
+
+def tangent_map(lin, state: str, compile: bool, *, transpose: bool = False):  # noqa: A002
+    """``q -> J q`` (``transpose``: ``u -> J^T u``) for one step's linearisation ``lin``: with ``compile=True`` and
+    a built-in module's linearisation one compiled function (its elementwise work fused around the GEMMs, forward
+    and backward)."""
+    fuse = compile and isinstance(lin, FactoredLinearization)
+    fused = elementwise(_cotangent if transpose else _tangent, fuse, dynamic=None)
     return lambda q: fused(lin, q, state)
 
 
@@ -181,11 +189,11 @@ def _end_to_end(problem, states, estimator, n_proj, generator, gates=None, compi
     if estimator == "exact":
         p = torch.eye(d, dtype=states.dtype, device=states.device).expand(b, d, d)
         for lin_t in per_step:
-            p = lin_t.apply(p, state)
+            p = tangent_map(lin_t, state, compile)(p)
         return p.pow(2).sum((-2, -1))
     w = _sphere((b, d, n_proj), generator, states)
     for lin_t in reversed(per_step):
-        w = lin_t.apply_transpose(w, state)  # u^T J_T ... J_1, one step back at a time
+        w = tangent_map(lin_t, state, compile, transpose=True)(w)  # u^T J_T ... J_1, one step back at a time
     return d * w.pow(2).sum(-2).mean(-1)
 
 

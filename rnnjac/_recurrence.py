@@ -164,7 +164,7 @@ def _gru_coefficients(hs, gates, gh_n, dgates, dpre, dghn) -> tuple[Tensor, Tens
     r, z, n = gates.chunk(3, -1)
     coef = gates.new_empty(*gates.shape[:2], 4 * n.shape[-1])
     c_r, c_z, c_hn, c_n = coef.chunk(4, -1)
-    dtanh = torch.mul(n, n, out=c_n).neg_().add_(1)
+    dtanh = torch.addcmul(n.new_ones(()), n, n, value=-1, out=c_n)  # 1 - n^2, one pass
     ext = None if dgates is None and dghn is None else _gru_external(r, z, gh_n, dtanh, dgates, dghn)
     if dpre is not None:
         ext = dpre if ext is None else ext.add_(dpre)
@@ -288,15 +288,16 @@ def _lstm_coefficients(cs, gates, tc, dgates, dpre) -> tuple[Tensor, Tensor, Ten
     ``(T, B, 4H)``; ``d c_{t+1} / d h_{t+1}`` through ``m = o tanh c`` ``(T, B, H)``; and the gradients that other
     consumers gave the gates and the pre-activations, carried to the pre-activations (None when there are none)."""
     i, _, g, o = gates.chunk(4, -1)
-    coef = torch.rsub(gates, 1).mul_(gates)  # sigmoid' of i, f, o
+    one = gates.new_ones(())
+    coef = torch.addcmul(gates, gates, gates, value=-1)  # sigmoid' = s - s^2 of i, f, o: one pass
     c_i, c_f, c_g, c_o = coef.chunk(4, -1)
-    torch.mul(g, g, out=c_g).neg_().add_(1)  # tanh' of g
+    torch.addcmul(one, g, g, value=-1, out=c_g)  # tanh' of g
     ext = dpre if dgates is None else (dgates * coef if dpre is None else torch.addcmul(dpre, dgates, coef))
     c_i.mul_(g)
     c_f.mul_(cs[:-1])
     c_g.mul_(i)
     c_o.mul_(tc)
-    s_m = torch.mul(tc, tc).neg_().add_(1).mul_(o)
+    s_m = torch.addcmul(one, tc, tc, value=-1).mul_(o)
     return coef, s_m, ext
 
 

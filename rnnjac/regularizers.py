@@ -257,8 +257,9 @@ def jacobian_penalty(
         forward, shared with the task loss. Not with ``outputs`` or ``submodule``.
     compile : bool
         Run the elementwise passes of a built-in module's linearisation (its coefficients, the row forms of
-        ``||J||_F^2``, the spectral penalty's power iterations and value, the projection estimate) through
-        ``torch.compile``, which fuses each into a few loops around the GEMMs, forward and backward. The
+        ``||J||_F^2``, the spectral penalty's power iterations and value, the projection estimate, each step's
+        product of the end-to-end penalty) through ``torch.compile``, which fuses each into a few loops around
+        the GEMMs, forward and backward. The
         first call compiles (tens of seconds on a CPU, once per process and input layout); the compiled graphs
         support first-order gradients only (no double backward: leave it False for gradgradcheck or
         Hessian-vector products). Where ``torch.compile`` is unavailable or fails, the eager code runs instead,

@@ -186,12 +186,12 @@ def test_compile_falls_back_with_one_warning(monkeypatch, where):
 
 
 @pytest.mark.parametrize(("arch", "layers"), [("gru", 1), ("lstm", 2), ("rnn_tanh", 2)])
-@pytest.mark.parametrize("kind", ["spectral", "projection", "lyapunov"])
+@pytest.mark.parametrize("kind", ["spectral", "projection", "lyapunov", "end_to_end", "end_to_end_projection"])
 def test_compiled_penalties_route_through_the_fused_functions(monkeypatch, arch, layers, kind):
     """With ``compile=True`` the spectral penalty's power iterations and value, the projection estimate and the
     Lyapunov penalty's per-step ``J_t Q`` run as single functions handed to ``torch.compile`` (here the identity, so
-    the test needs no C++ compiler): the same values and gradients as the eager code, from the same random
-    directions; a custom cell is never compiled."""
+    the test needs no C++ compiler), as are the end-to-end penalty's per-step products: the same values and
+    gradients as the eager code, from the same random directions; a custom cell is never compiled."""
     _fresh_compile_state(monkeypatch)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     m, x = _setup(arch, layers, 0)
@@ -200,6 +200,8 @@ def test_compiled_penalties_route_through_the_fused_functions(monkeypatch, arch,
         "spectral": (jacobian_penalty, {"kind": "spectral", "n_iter": 4, "power_dtype": torch.float32}),
         "projection": (jacobian_penalty, {"estimator": "projection", "n_proj": 3}),
         "lyapunov": (lyapunov_penalty, {"k": 2, "warmup": 1}),
+        "end_to_end": (jacobian_penalty, {"kind": "end_to_end"}),
+        "end_to_end_projection": (jacobian_penalty, {"kind": "end_to_end", "estimator": "projection", "n_proj": 2}),
     }
     fn, kw = fns[kind]
     got = []
@@ -211,6 +213,8 @@ def test_compiled_penalties_route_through_the_fused_functions(monkeypatch, arch,
         "spectral": {penalties._power_directions, penalties._squared_image},
         "projection": {penalties._squared_coimage},
         "lyapunov": {penalties._tangent},
+        "end_to_end": {penalties._tangent},
+        "end_to_end_projection": {penalties._cotangent},
     }[kind]
     assert want <= set(elementwise_mod._COMPILED)
     torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-12, atol=1e-12)
