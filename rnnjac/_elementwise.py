@@ -15,6 +15,7 @@ differentiable once only (no double backward). :func:`elementwise` falls back to
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from collections.abc import Callable
 
@@ -357,17 +358,18 @@ def graph_vjp(outputs_of, inputs: tuple, grads: tuple, wanted: list[int] | None 
     return tuple(out)
 
 
-_COMPILED: dict[Callable, Callable] = {}
-_FAILED: dict[Callable, str] = {}
+_COMPILED: dict = {}  # by fn, or (fn, key) for a keyed copy
+_FAILED: dict = {}
 
 
-def _fallback(fn: Callable, err: BaseException) -> Callable:
-    """Record that ``fn`` runs eagerly from now on; warn the first time only (one warning per process)."""
+def _fallback(slot, fn: Callable, err: BaseException) -> Callable:
+    """Record that ``slot`` (``fn`` or ``(fn, key)``) runs eagerly from now on; warn the first time only (one
+    warning per process)."""
     first = not _FAILED
-    _FAILED[fn] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    _FAILED[slot] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
     if first:
         warnings.warn(
-            f"compile=True: torch.compile could not compile {fn.__name__} ({_FAILED[fn]}); the elementwise passes "
+            f"compile=True: torch.compile could not compile {fn.__name__} ({_FAILED[slot]}); the elementwise passes "
             "that do not compile run eagerly (same values, no fusion) from now on",
             RnnjacWarning,
             stacklevel=4,
@@ -375,34 +377,47 @@ def _fallback(fn: Callable, err: BaseException) -> Callable:
     return fn
 
 
-def elementwise(fn: Callable, compile: bool, *, dynamic: bool | None = True) -> Callable:  # noqa: A002
+def _own_copy(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own: dynamo keeps compiled code, guards and its recompile budget per code
+    object, so each copy compiles, specialises and recompiles independently of the others."""
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__qualname__, copy.__kwdefaults__ = fn.__qualname__, fn.__kwdefaults__
+    return copy
+
+
+def elementwise(fn: Callable, compile: bool, *, dynamic: bool | None = True, key=None) -> Callable:  # noqa: A002
     """``fn`` itself (``compile=False``), or its ``torch.compile`` version that falls back to ``fn``, with one
     warning, where compiling is not possible (no ``torch.compile``, no C++ compiler, an unsupported platform or
-    any error while compiling). ``dynamic``: ``torch.compile``'s, taken at the first compile of ``fn`` (None:
-    sizes start static and a size that changes is made symbolic; functions of whole linearisations use it, as
-    symbolic sizes from the start trip a guard bug of dynamo on stacked models).
+    any error while compiling). ``dynamic``: ``torch.compile``'s, taken at the first compile (None: sizes start
+    static and a size that changes is made symbolic). ``key`` (hashable): compile a separate copy of ``fn`` per
+    key (:func:`_own_copy`); functions of whole linearisations are keyed by the model's structure and layout
+    sizes, which they slice by: a layout size made symbolic trips a dynamo bug on stacked models (and symbolic
+    sizes from the start do too).
 
     Examples
     --------
     >>> elementwise(gru_coefs, False) is gru_coefs
     True
     """
-    if not compile or fn in _FAILED:
+    if not compile:
         return fn
-    if fn not in _COMPILED:
+    slot = fn if key is None else (fn, key)
+    if slot in _FAILED:
+        return fn
+    if slot not in _COMPILED:
         try:
-            compiled = torch.compile(fn, dynamic=dynamic)
+            compiled = torch.compile(fn if key is None else _own_copy(fn), dynamic=dynamic)
         except Exception as err:  # noqa: BLE001  (no compiler for this platform/Python: any reason falls back)
-            return _fallback(fn, err)
-        _COMPILED[fn] = compiled
+            return _fallback(slot, fn, err)
+        _COMPILED[slot] = compiled
 
     def run(*args):
-        if fn in _FAILED:
+        if slot in _FAILED:
             return fn(*args)
         try:
-            return _COMPILED[fn](*args)
+            return _COMPILED[slot](*args)
         except Exception as err:  # noqa: BLE001  (a compile error surfaces at the first call)
-            _fallback(fn, err)
+            _fallback(slot, fn, err)
             return fn(*args)
 
     return run

@@ -49,40 +49,16 @@ def _frobenius_from_gates(problem, states: Tensor, t_idx: Tensor, gates, compile
     return problem.dyn.frobenius_from_gates(states, steps, gates, problem.state, compile)
 
 
-def _gaussian(shape, generator, like: Tensor) -> Tensor:
-    """Standard normal draws of ``like``'s dtype, drawn where ``like`` lives (torch's global random state, or a
-    ``generator`` on that device), or, with a generator on another device (a CPU generator for a CUDA model), drawn
-    there in float64 so that a seed gives the same vectors on every device (slower: the draw is copied over)."""
-    if generator is None or generator.device == like.device:
-        return torch.randn(*shape, generator=generator, dtype=like.dtype, device=like.device)
-    return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
-
-
 def _sphere(shape, generator, like: Tensor) -> Tensor:
-    """Independent random unit columns ``(N, D, r)``, each uniform on the sphere (:func:`_gaussian`)."""
-    u = _gaussian(shape, generator, like)
+    """Independent random unit columns ``(N, D, r)``, each uniform on the sphere: drawn where ``like`` lives
+    (torch's global random state, or a ``generator`` on that device), or, with a generator on another device (a
+    CPU generator for a CUDA model), drawn there in float64 so that a seed gives the same vectors on every device
+    (slower: the draw is copied over)."""
+    if generator is None or generator.device == like.device:
+        u = torch.randn(*shape, generator=generator, dtype=like.dtype, device=like.device)
+    else:
+        u = torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
     return u / u.norm(dim=-2, keepdim=True)
-
-
-#: the power iterations' starts in more than ``4 * START_RANK`` dimensions are combinations of this many shared
-#: Gaussian directions (:func:`_power_starts`)
-START_RANK = 16
-
-
-def _power_starts(n: int, d: int, generator, like: Tensor) -> Tensor:
-    """Unit starts ``(n, d, 1)`` for the power iterations, each uniform on the sphere. In up to ``4 * START_RANK``
-    dimensions independent draws (:func:`_sphere`); above, ``v_i = G c_i / ||G c_i||`` with one Gaussian ``G (d,
-    START_RANK)`` shared by all points and Gaussian ``c_i``: ``START_RANK (n + d)`` draws instead of ``n d``
-    (drawing ``n d`` normals took longer than a power iteration's GEMMs). For a fixed ``c_i``, ``G c_i`` is an
-    isotropic Gaussian vector, so each start is distributed exactly as an independent one (and is a.s. not
-    orthogonal to the top singular vector) and the penalty's expectation is unchanged; the starts share a random
-    subspace, so their errors are correlated: given ``G``, the mean squared overlap of the starts with a direction
-    ``u`` is proportional to ``||G^T u||^2 ~ chi^2_16``, below a third of its mean with probability ~0.6%."""
-    if d <= 4 * START_RANK:
-        return _sphere((n, d, 1), generator, like)
-    g = _gaussian((d, START_RANK), generator, like)
-    c = _gaussian((n, START_RANK), generator, like)
-    return _unit((c @ g.T).unsqueeze(-1))
 
 
 def _unit(w: Tensor) -> Tensor:
@@ -106,6 +82,17 @@ def _squared_image(lin, v: Tensor, state: str) -> Tensor:
     return lin.apply(v, state).pow(2).sum((-2, -1))
 
 
+def fused(fn, lin, state: str, compile: bool):  # noqa: A002
+    """``fn`` (a function of a whole linearisation ``lin``), compiled with ``compile=True`` for a built-in module's
+    linearisation (custom cells stay eager): one compiled copy per structure (cell, layer sizes, projections,
+    ``state``), in which only the number of points may vary."""
+    if not (compile and isinstance(lin, FactoredLinearization)):
+        return fn
+    parts = tuple(tuple(layer) for layer in lin.layout.parts)
+    key = (lin.cell.name, parts, tuple(p.w_hr is not None for p in lin.layers), state)
+    return elementwise(fn, True, dynamic=False, key=key)
+
+
 def _tangent(lin, q: Tensor, state: str) -> Tensor:
     """``J q`` (``lin.apply``) as a plain function, for ``torch.compile`` (one step of the Lyapunov and end-to-end
     penalties)."""
@@ -121,9 +108,8 @@ def tangent_map(lin, state: str, compile: bool, *, transpose: bool = False):  # 
     """``q -> J q`` (``transpose``: ``u -> J^T u``) for one step's linearisation ``lin``: with ``compile=True`` and
     a built-in module's linearisation one compiled function (its elementwise work fused around the GEMMs, forward
     and backward)."""
-    fuse = compile and isinstance(lin, FactoredLinearization)
-    fused = elementwise(_cotangent if transpose else _tangent, fuse, dynamic=None)
-    return lambda q: fused(lin, q, state)
+    fn = fused(_cotangent if transpose else _tangent, lin, state, compile)
+    return lambda q: fn(lin, q, state)
 
 
 def _squared_coimage(lin, u: Tensor, state: str) -> Tensor:
@@ -165,20 +151,19 @@ def _per_step(
         idx = t_idx[c0 : c0 + per_chunk]
         lin = _linearize(problem, states, idx, gates, compile)
         n = lin.s.shape[0]
-        fuse = compile and isinstance(lin, FactoredLinearization)  # a built-in module's (custom cells: eager)
         if kind == "frobenius" and estimator == "exact":
             val = lin.frobenius_sq(state)
         elif kind == "frobenius":
             u = _sphere((n, d, n_proj), generator, states)
-            val = d * elementwise(_squared_coimage, fuse, dynamic=None)(lin, u, state)
+            val = d * fused(_squared_coimage, lin, state, compile)(lin, u, state)
         else:  # spectral
-            v = _power_starts(n, d, generator, states)
+            v = _sphere((n, d, 1), generator, states)
             rounded = power_dtype if power_dtype is not None and power_dtype != states.dtype else None
             with torch.no_grad():  # the direction only: no gradient
-                v = elementwise(_power_directions, fuse, dynamic=None)(lin.detached(), v, state, n_iter, rounded)
+                v = fused(_power_directions, lin, state, compile)(lin.detached(), v, state, n_iter, rounded)
                 if rounded is not None:  # a unit vector in the states' dtype: ||J v||^2 stays a Rayleigh quotient
                     v = _unit(v.to(states.dtype))
-            val = elementwise(_squared_image, fuse, dynamic=None)(lin, v, state)
+            val = fused(_squared_image, lin, state, compile)(lin, v, state)
         out.append(val.reshape(b, len(idx)))
     return torch.cat(out, 1)
 

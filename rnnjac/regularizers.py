@@ -5,9 +5,7 @@ r"""Differentiable penalties on the step Jacobians, for regularising training.
 - ``kind="frobenius"``: ``mean_{b, t} ||J_t||_F^2``;
 - ``kind="spectral"``: ``mean_{b, t} sigma_max(J_t)^2``, by ``n_iter`` power iterations on
   ``J^T J`` run without gradient, then ``||J_t v||^2`` at the converged unit vector ``v`` (its gradient
-  is that of ``sigma_max^2`` when the top singular value is simple); each step's start is uniform on the unit
-  sphere (above 64 dimensions a Gaussian combination of 16 random directions shared by the steps: cheaper to
-  draw than one independent vector per step, and distributed the same way);
+  is that of ``sigma_max^2`` when the top singular value is simple);
 - ``kind="end_to_end"``: ``mean_b ||ds_T/ds_0||_F^2``.
 
 ``estimator="exact"`` uses the factored closed forms: ``||J||_F^2`` of a single-layer built-in cell
@@ -259,11 +257,13 @@ def jacobian_penalty(
         Run the elementwise passes of a built-in module's linearisation (its coefficients, the row forms of
         ``||J||_F^2``, the spectral penalty's power iterations and value, the projection estimate, each step's
         product of the end-to-end penalty) through ``torch.compile``, which fuses each into a few loops around
-        the GEMMs, forward and backward. The
-        first call compiles (tens of seconds on a CPU, once per process and input layout); the compiled graphs
-        support first-order gradients only (no double backward: leave it False for gradgradcheck or
-        Hessian-vector products). Where ``torch.compile`` is unavailable or fails, the eager code runs instead,
-        with one :class:`~rnnjac.errors.RnnjacWarning`. No effect on custom cells.
+        the GEMMs, forward and backward. The first call compiles (tens of seconds on a CPU); the coefficient
+        and row functions recompile once when a size first changes, the functions of whole linearisations
+        (spectral, projection, per-step products) compile once per model structure and input sizes (a new batch
+        size or sequence length compiles again). The compiled graphs support first-order gradients only (no
+        double backward: leave it False for gradgradcheck or Hessian-vector products). Where ``torch.compile``
+        is unavailable or fails, the eager code runs instead, with one :class:`~rnnjac.errors.RnnjacWarning`. No
+        effect on custom cells.
     power_dtype : torch.dtype, optional
         ``kind="spectral"``: run the ``n_iter`` power iterations (no gradient: they only choose the direction
         ``v``) in this floating dtype, e.g. ``torch.bfloat16``, where its matrix products are faster (CPUs with

@@ -10,7 +10,6 @@ from problems import Problem
 from torch import nn
 
 import rnnjac
-import rnnjac._penalties as penalties
 from rnnjac._checks import prepare
 from rnnjac._elementwise import linear_recurrence
 from rnnjac.regularizers import JacobianPenalty, forward_with_states, jacobian_penalty, lyapunov_penalty
@@ -196,23 +195,3 @@ def test_spectral_power_iterations_in_a_cheaper_dtype(arch):
         jacobian_penalty(m, x, kind="spectral", power_dtype=torch.int32)
     with pytest.raises(ValueError, match="power_dtype applies to kind='spectral' .* got kind='frobenius'"):
         jacobian_penalty(m, x, power_dtype=torch.bfloat16)
-
-
-def test_power_starts_are_uniform_unit_vectors_from_few_draws():
-    """Above ``4 * START_RANK`` dimensions the spectral penalty's starts are Gaussian combinations of shared
-    directions: unit columns, reproducible from a generator, isotropic on average (``E[v v^T] = I / d``, checked
-    over many calls), each a.s. not orthogonal to a fixed direction; at most ``4 * START_RANK`` dimensions they are
-    independent draws."""
-    d, n = 4 * penalties.START_RANK + 16, 40
-    like = torch.empty(0, dtype=F64)
-    v = penalties._power_starts(n, d, torch.Generator().manual_seed(1), like)
-    assert v.shape == (n, d, 1)
-    torch.testing.assert_close(v.norm(dim=-2), torch.ones(n, 1, dtype=F64), rtol=1e-14, atol=0)
-    torch.testing.assert_close(v, penalties._power_starts(n, d, torch.Generator().manual_seed(1), like))
-    gen = torch.Generator().manual_seed(2)
-    draws = torch.cat([penalties._power_starts(n, d, gen, like)[..., 0] for _ in range(500)])  # (20000, d)
-    second = draws.T @ draws / len(draws)
-    torch.testing.assert_close(second, torch.eye(d, dtype=F64) / d, rtol=0, atol=0.25 / d)
-    assert (draws[:, 0].abs() > 0).all()
-    few = penalties._power_starts(n, 8, torch.Generator().manual_seed(1), like)  # small: independent draws
-    torch.testing.assert_close(few, penalties._sphere((n, 8, 1), torch.Generator().manual_seed(1), like))
