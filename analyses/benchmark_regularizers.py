@@ -106,13 +106,12 @@ def _steps(cell, hidden, layers, args, old):
         out[name] = (tgt, make(pen, new, "states"))
         if args.compile:
             out[name + " [compile]"] = (tgt, make(pen, new, "compile"))
-        if (
-            old is not None and layers == 1 and target is not None and "power_dtype" not in name
-        ):  # the previous code, same shared forward if it had one
-            out[name + " [old]"] = (
-                None,
-                make(pen, old, "states" if hasattr(old, "forward_with_states") else "outputs"),
-            )
+        if old is not None and layers == 1 and target is not None:  # the previous code, its own shared forward
+            shared = "states" if hasattr(old, "forward_with_states") else "outputs"
+            if args.compile:  # against the compiled rows (the previous code must take compile= too)
+                out[name + " [old, compile]"] = (None, make(pen, old, "compile"))
+            elif "power_dtype" not in name:
+                out[name + " [old]"] = (None, make(pen, old, shared))
     return out
 
 
@@ -199,7 +198,7 @@ def main(argv=None):
         f"1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (a shared machine slows "
         "the memory-bound elementwise passes more than the recurrent kernel: compare ratios of one run only)."
         "\n\nEvery regularised step shares its forward with the task loss (`forward_with_states`, `states=`); "
-        "`[old]` rows: the previous code, one layer, same shared forward. Steps of one configuration are timed "
+        "`[old]` rows: the previous code, one layer, same shared forward (`[old, compile]`: with `compile=True`). Steps of one configuration are timed "
         f"alternating, median of {args.repeat} rounds. Stacked exact Frobenius is run up to H={args.exact_stacked_max}: "
         "its cross-layer block is a product of two step-dependent (H, H) matrices, O(B T H^3) (exact is inherently "
         f"cubic there: the projection estimator is the fast route).{cudnn}"
