@@ -378,8 +378,9 @@ def _fallback(slot, fn: Callable, err: BaseException) -> Callable:
 
 
 def _own_copy(fn: Callable) -> Callable:
-    """``fn`` with a code object of its own: dynamo keeps compiled code, guards and its recompile budget per code
-    object, so each copy compiles, specialises and recompiles independently of the others."""
+    """``fn`` with a code object of its own: dynamo keeps compiled code, guards and the recompile budget per code
+    object, so each copy has its own (its profile of automatic dynamic shapes is keyed by file, line and name, so
+    copies share that one: keyed copies are compiled with ``dynamic=False``)."""
     copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     copy.__qualname__, copy.__kwdefaults__ = fn.__qualname__, fn.__kwdefaults__
     return copy
@@ -390,9 +391,10 @@ def elementwise(fn: Callable, compile: bool, *, dynamic: bool | None = True, key
     warning, where compiling is not possible (no ``torch.compile``, no C++ compiler, an unsupported platform or
     any error while compiling). ``dynamic``: ``torch.compile``'s, taken at the first compile (None: sizes start
     static and a size that changes is made symbolic). ``key`` (hashable): compile a separate copy of ``fn`` per
-    key (:func:`_own_copy`); functions of whole linearisations are keyed by the model's structure and layout
-    sizes, which they slice by: a layout size made symbolic trips a dynamo bug on stacked models (and symbolic
-    sizes from the start do too).
+    key (:func:`_own_copy`). :func:`rnnjac._penalties.fused` keys the functions of whole linearisations by the
+    model's structure and compiles them with ``dynamic=False``: they slice by layout sizes, and a layout size made
+    symbolic (by ``dynamic=True``, or by automatic dynamic shapes once a second model's sizes differ) trips a
+    dynamo bug on stacked models.
 
     Examples
     --------

@@ -85,7 +85,8 @@ def _squared_image(lin, v: Tensor, state: str) -> Tensor:
 def fused(fn, lin, state: str, compile: bool):  # noqa: A002
     """``fn`` (a function of a whole linearisation ``lin``), compiled with ``compile=True`` for a built-in module's
     linearisation (custom cells stay eager): one compiled copy per structure (cell, layer sizes, projections,
-    ``state``), in which only the number of points may vary."""
+    ``state``), with static shapes (a new number of points compiles again; see
+    :func:`rnnjac._elementwise.elementwise` for why not symbolic ones)."""
     if not (compile and isinstance(lin, FactoredLinearization)):
         return fn
     parts = tuple(tuple(layer) for layer in lin.layout.parts)
