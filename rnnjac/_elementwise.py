@@ -380,21 +380,20 @@ def _fallback(slot, fn: Callable, err: BaseException) -> Callable:
 def _own_copy(fn: Callable) -> Callable:
     """``fn`` with a code object of its own: dynamo keeps compiled code, guards and the recompile budget per code
     object, so each copy has its own (its profile of automatic dynamic shapes is keyed by file, line and name, so
-    copies share that one: keyed copies are compiled with ``dynamic=False``)."""
+    copies share that one: keyed copies are compiled with static sizes)."""
     copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     copy.__qualname__, copy.__kwdefaults__ = fn.__qualname__, fn.__kwdefaults__
     return copy
 
 
-def elementwise(fn: Callable, compile: bool, *, dynamic: bool | None = True, key=None) -> Callable:  # noqa: A002
+def elementwise(fn: Callable, compile: bool, *, key=None) -> Callable:  # noqa: A002
     """``fn`` itself (``compile=False``), or its ``torch.compile`` version that falls back to ``fn``, with one
     warning, where compiling is not possible (no ``torch.compile``, no C++ compiler, an unsupported platform or
-    any error while compiling). ``dynamic``: ``torch.compile``'s, taken at the first compile (None: sizes start
-    static and a size that changes is made symbolic). ``key`` (hashable): compile a separate copy of ``fn`` per
-    key (:func:`_own_copy`). :func:`rnnjac._penalties.fused` keys the functions of whole linearisations by the
-    model's structure and compiles them with ``dynamic=False``: they slice by layout sizes, and a layout size made
-    symbolic (by ``dynamic=True``, or by automatic dynamic shapes once a second model's sizes differ) trips a
-    dynamo bug on stacked models.
+    any error while compiling). Without ``key`` compiled with symbolic sizes (``dynamic=True``). With ``key``
+    (hashable): a separate copy of ``fn`` per key (:func:`_own_copy`), compiled with static sizes
+    (``dynamic=False``): :func:`rnnjac._penalties.fused` keys the functions of whole linearisations by the model's
+    structure, as they slice by layout sizes, and a layout size made symbolic (by ``dynamic=True``, or by automatic
+    dynamic shapes once a second model's sizes differ) trips a dynamo bug on stacked models.
 
     Examples
     --------
@@ -408,7 +407,7 @@ def elementwise(fn: Callable, compile: bool, *, dynamic: bool | None = True, key
         return fn
     if slot not in _COMPILED:
         try:
-            compiled = torch.compile(fn if key is None else _own_copy(fn), dynamic=dynamic)
+            compiled = torch.compile(fn, dynamic=True) if key is None else torch.compile(_own_copy(fn), dynamic=False)
         except Exception as err:  # noqa: BLE001  (no compiler for this platform/Python: any reason falls back)
             return _fallback(slot, fn, err)
         _COMPILED[slot] = compiled

@@ -91,7 +91,7 @@ def fused(fn, lin, state: str, compile: bool):  # noqa: A002
         return fn
     parts = tuple(tuple(layer) for layer in lin.layout.parts)
     key = (lin.cell.name, parts, tuple(p.w_hr is not None for p in lin.layers), state)
-    return elementwise(fn, True, dynamic=False, key=key)
+    return elementwise(fn, True, key=key)
 
 
 def _tangent(lin, q: Tensor, state: str) -> Tensor:
