@@ -69,6 +69,22 @@ def check_int_or_auto(name: str, value, *, minimum: int = 1, auto: bool = True) 
     check_positive_int(name, value, minimum=minimum)
 
 
+def check_compile(compile) -> None:  # noqa: A002
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile= must be True or False; got {compile!r}")
+
+
+def check_power_dtype(power_dtype, kind: str) -> None:
+    if power_dtype is None:
+        return
+    if not isinstance(power_dtype, torch.dtype) or not power_dtype.is_floating_point:
+        raise TypeError(
+            f"power_dtype must be a floating torch.dtype (e.g. torch.bfloat16) or None; got {power_dtype!r}"
+        )
+    if kind != "spectral":
+        raise ValueError(f"power_dtype applies to kind='spectral' (its power iterations) only; got kind={kind!r}")
+
+
 def check_lyapunov_options(
     problem: Problem,
     k,

@@ -61,8 +61,10 @@ from ._checks import (
     NonFiniteError,
     RnnjacWarning,
     check_choice,
+    check_compile,
     check_lyapunov_options,
     check_positive_int,
+    check_power_dtype,
     check_states_finite,
     prepare,
 )
@@ -130,22 +132,6 @@ def _check_given_states(problem, states) -> None:
     s0 = problem.s0.to(dtype=states.dtype, device=states.device)
     if not torch.allclose(states[:, 0].detach(), s0.detach(), rtol=1e-5, atol=1e-6):
         raise ValueError("states[:, 0] is not the initial state of h0: pass the h0 given to forward_with_states")
-
-
-def _check_compile(compile) -> None:  # noqa: A002
-    if not isinstance(compile, bool):
-        raise TypeError(f"compile= must be True or False; got {compile!r}")
-
-
-def _check_power_dtype(power_dtype, kind: str) -> None:
-    if power_dtype is None:
-        return
-    if not isinstance(power_dtype, torch.dtype) or not power_dtype.is_floating_point:
-        raise TypeError(
-            f"power_dtype must be a floating torch.dtype (e.g. torch.bfloat16) or None; got {power_dtype!r}"
-        )
-    if kind != "spectral":
-        raise ValueError(f"power_dtype applies to kind='spectral' (its power iterations) only; got kind={kind!r}")
 
 
 def forward_with_states(model, inputs, h0=None, *, batch_first: bool | None = None) -> tuple[Tensor, Tensor]:
@@ -291,8 +277,8 @@ def jacobian_penalty(
     check_positive_int("n_proj", n_proj)
     check_positive_int("n_iter", n_iter)
     check_positive_int("time_stride", time_stride)
-    _check_compile(compile)
-    _check_power_dtype(power_dtype, kind)
+    check_compile(compile)
+    check_power_dtype(power_dtype, kind)
     problem = _prepare(model, inputs, h0, state, batch_first, outputs, submodule, states)
     states, gates = _states_and_gates(problem, outputs, states)
     if kind == "end_to_end":
@@ -340,7 +326,7 @@ def lyapunov_penalty(
     """
     if not isinstance(target, (int, float)) or not math.isfinite(target):
         raise ValueError(f"target must be a finite number; got {target!r}")
-    _check_compile(compile)
+    check_compile(compile)
     problem = _prepare(model, inputs, h0, state, batch_first, outputs, submodule, states)
     check_lyapunov_options(problem, k, warmup, tangent_warmup, reortho_every, k_required=True)
     d = problem.dyn.size(problem.state)
