@@ -23,8 +23,8 @@ On a GPU (one H100: about 4 minutes; the stacked exact Frobenius at H=512 is O(B
     python analyses/benchmark_regularizers.py --device cuda --hidden 256 512 --steps 200 --repeat 5 \
         --exact-stacked-max 512 --out benchmark_regularizers_gpu.md
 
-There the unregularised step runs ``rnn(x)`` on cuDNN, while ``forward_with_states`` runs torch's own fused CUDA
-kernels (cuDNN off: its RNN backward cannot be differentiated again), so the ratios include that difference.
+There the unregularised step's ``rnn(x)`` and ``forward_with_states`` both run on cuDNN; a ``[double_backward=True]``
+row times the exact penalty with the shared forward on torch's own fused CUDA kernels (differentiable twice).
 """
 
 from __future__ import annotations
@@ -84,8 +84,9 @@ def _steps(cell, hidden, layers, args, old):
         def step():
             if pen is None:
                 out, pen_val = rnn(x)[0], 0.0
-            elif shared in ("states", "compile"):
-                out, states = mod.forward_with_states(rnn, x)  # the same package's: it keeps what its penalty reads
+            elif shared in ("states", "compile", "no cudnn"):
+                kw = {"double_backward": True} if shared == "no cudnn" else {}  # CUDA: torch's kernels, not cuDNN
+                out, states = mod.forward_with_states(rnn, x, **kw)  # the same package's: it keeps what it reads
                 pen_val = pen(mod, rnn, x, {"states": states} | ({"compile": True} if shared == "compile" else {}))
             else:
                 out = rnn(x)[0]
@@ -106,6 +107,8 @@ def _steps(cell, hidden, layers, args, old):
         out[name] = (tgt, make(pen, new, "states"))
         if args.compile:
             out[name + " [compile]"] = (tgt, make(pen, new, "compile"))
+        if args.device == "cuda" and name == "frobenius, exact":  # the shared forward without cuDNN, for comparison
+            out[name + " [double_backward=True]"] = (None, make(pen, new, "no cudnn"))
         if old is not None and layers == 1 and target is not None:  # the previous code, its own shared forward
             shared = "states" if hasattr(old, "forward_with_states") else "outputs"
             if args.compile:  # against the compiled rows (the previous code must take compile= too)
@@ -181,11 +184,16 @@ def main(argv=None):
                     row = [cell.upper(), hidden, layers, label, f"{med[label] * 1e3:.0f}", f"{ratio:.2f}x", tgt, note]
                     rows.append(row)
                     print(row, flush=True)
+                _report(args, argv, rows, compile_s, t_start, load0)  # after every configuration: a cut run keeps its rows
+
+
+def _report(args, argv, rows, compile_s, t_start, load0) -> None:
     text = table(rows, ["model", "H", "layers", "penalty", "step [ms]", "vs unregularised", "target", "top ops"])
     dev = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     cudnn = (
-        " On CUDA the unregularised step's `rnn(x)` runs on cuDNN, `forward_with_states` on torch's own fused "
-        "kernels (cuDNN's RNN backward is first-order only)."
+        " On CUDA both the unregularised step's `rnn(x)` and `forward_with_states` run on cuDNN; the "
+        "`[double_backward=True]` row shares `forward_with_states(..., double_backward=True)` instead (torch's own "
+        "fused CUDA kernels, differentiable twice)."
         if args.device == "cuda"
         else ""
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
@@ -232,25 +234,28 @@ class BuiltinSystem(System):
         states, gates = self._layer_states(self.layers[0], xs, h0, c0, out)
         return states, [gates]
 
-    def fused_states(self, s0: Tensor, xs: Tensor) -> Tensor:
+    def fused_states(self, s0: Tensor, xs: Tensor, *, cudnn: bool = False) -> Tensor:
         """States ``(B, T+1, D)`` of the whole stack, one layer at a time.
 
         On the CPU a GRU or LSTM layer without projection runs :mod:`rnnjac._recurrence` (states and gates from one
         autograd Function). Any other layer runs the op its module's forward uses (``torch._VF.gru``...) with that
-        layer's own weights, no dropout and ``train=True``, with cuDNN off (its backward cannot be differentiated
-        again). Either way gradients reach the weights exactly as through the module's forward. The LSTM cell
-        states, which the fused op does not return, are rebuilt by :meth:`LSTMArch.cell_sequence`.
+        layer's own weights, no dropout and ``train=True`` (so its backward works in eval mode too); on CUDA on
+        cuDNN with ``cudnn=True`` (fast, but its backward cannot be differentiated again), else on torch's own
+        fused kernels (differentiable twice). Either way gradients reach the weights exactly as through the
+        module's forward. The LSTM cell states, which the fused op does not return, are rebuilt by
+        :meth:`LSTMArch.cell_sequence`.
         """
-        return self.fused_states_and_gates(s0, xs)[0]
+        return self.fused_states_and_gates(s0, xs, cudnn=cudnn)[0]
 
-    def fused_states_and_gates(self, s0: Tensor, xs: Tensor) -> tuple[Tensor, list]:
+    def fused_states_and_gates(self, s0: Tensor, xs: Tensor, *, cudnn: bool = False) -> tuple[Tensor, list]:
         """:meth:`fused_states` and the per-layer gates of :meth:`sequence_states_and_gates`."""
         parts, all_gates, inp = [], [], xs
         for p, (h0, c0) in zip(self.layers, self.split(s0), strict=True):
             if self._gated_loop(p, inp):
                 part, gates = self._gated_layer(p, inp, h0, c0)
             else:
-                states, gates = self._layer_states(p, inp, h0, c0, self._fused_layer(p, inp, h0, c0))
+                out = self._fused_layer(p, inp, h0, c0, cudnn=cudnn)
+                states, gates = self._layer_states(p, inp, h0, c0, out)
                 part = (states, None) if c0 is None else states.split([h0.shape[-1], c0.shape[-1]], -1)
             parts.append(part)
             all_gates.append(gates)
@@ -335,8 +340,9 @@ class BuiltinSystem(System):
             return None
         return self.cell.frobenius_from_record(self.layers[0], record, steps, compile).t()
 
-    def _fused_layer(self, p: LayerParams, xs: Tensor, h0: Tensor, c0: Tensor | None) -> Tensor:
-        """One layer's outputs ``(B, T, H_out)`` from torch's fused op (batch-first inputs ``(B, T, I)``)."""
+    def _fused_layer(self, p: LayerParams, xs: Tensor, h0: Tensor, c0: Tensor | None, *, cudnn: bool) -> Tensor:
+        """One layer's outputs ``(B, T, H_out)`` from torch's fused op (batch-first inputs ``(B, T, I)``); on CUDA
+        cuDNN's kernel only with ``cudnn=True`` (and where torch's own flags allow it)."""
         bias = p.b_ih is not None
         weights = [p.w_ih, p.w_hh] + ([p.b_ih, p.b_hh] if bias else []) + ([p.w_hr] if p.w_hr is not None else [])
         op = getattr(torch._VF, self.arch)  # rnn_tanh, rnn_relu, gru, lstm: the names of the ops
@@ -344,9 +350,9 @@ class BuiltinSystem(System):
         hx = (
             h0.unsqueeze(0).contiguous() if c0 is None else (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous())
         )
-        # cuDNN's RNN backward is first-order only, and a penalty's gradient may need a double backward: use
-        # torch's own fused CUDA kernels (differentiable twice) instead of cuDNN; no effect on the CPU
-        with torch.backends.cudnn.flags(enabled=False):
+        # cuDNN's RNN backward is first-order only: unless asked for, use torch's own fused CUDA kernels
+        # (differentiable twice) instead; no effect on the CPU
+        with contextlib.nullcontext() if cudnn else torch.backends.cudnn.flags(enabled=False):
             return op(xs.contiguous(), hx, weights, bias, 1, 0.0, True, False, True)[0]
 
     def _outputs(self, outputs, xs: Tensor, unbatched: bool) -> Tensor:

@@ -134,7 +134,9 @@ def _check_given_states(problem, states) -> None:
         raise ValueError("states[:, 0] is not the initial state of h0: pass the h0 given to forward_with_states")
 
 
-def forward_with_states(model, inputs, h0=None, *, batch_first: bool | None = None) -> tuple[Tensor, Tensor]:
+def forward_with_states(
+    model, inputs, h0=None, *, batch_first: bool | None = None, double_backward: bool = False
+) -> tuple[Tensor, Tensor]:
     """Run a built-in recurrent module once, returning its outputs and the states every penalty needs.
 
     The layers run one at a time with the module's own weights (no inter-layer dropout), so gradients reach the
@@ -144,9 +146,11 @@ def forward_with_states(model, inputs, h0=None, *, batch_first: bool | None = No
     task loss and pass ``states=states`` to :func:`jacobian_penalty` / :func:`lyapunov_penalty` (or
     :class:`JacobianPenalty`): the trajectory is then computed once per training step, for any number of layers.
 
-    On CUDA the kernel is cuDNN's: it runs with ``train=True`` here, so the backward pass works whether the
-    module is in train or eval mode, but cuDNN's RNN backward is first-order only (no double backward: run
-    gradgradcheck or Hessian-vector products on the CPU or under ``torch.backends.cudnn.flags(enabled=False)``).
+    On CUDA the layers run on cuDNN (as ``model(inputs)`` does), with ``train=True``, so the backward pass works
+    whether the module is in train or eval mode. cuDNN's RNN backward is first-order only: if the loss's gradient
+    is differentiated again (``create_graph=True``: gradient penalties, Hessian-vector products, gradgradcheck),
+    pass ``double_backward=True``, which runs the layers on torch's own fused CUDA kernels instead (slower,
+    differentiable twice). On the CPU ``double_backward`` changes nothing.
 
     Parameters
     ----------
@@ -154,6 +158,8 @@ def forward_with_states(model, inputs, h0=None, *, batch_first: bool | None = No
         Unidirectional, any ``num_layers`` and ``proj_size``; ``dropout > 0`` only in eval mode.
     inputs, h0, batch_first
         As for ``model(inputs, h0)`` (``h0`` also as the flat state, README "Conventions").
+    double_backward : bool
+        On CUDA, avoid cuDNN so that the loss's gradient can be differentiated again (see above).
 
     Returns
     -------
@@ -180,8 +186,10 @@ def forward_with_states(model, inputs, h0=None, *, batch_first: bool | None = No
             "system does not have: call model.eval(), build it with dropout=0, or compute the task outputs with "
             "model(inputs) and call the penalty without states="
         )
+    if not isinstance(double_backward, bool):
+        raise TypeError(f"double_backward must be True or False; got {double_backward!r}")
     problem = prepare(model, inputs, h0, batch_first=batch_first)
-    states, gates = problem.dyn.fused_states_and_gates(problem.s0, problem.xs)
+    states, gates = problem.dyn.fused_states_and_gates(problem.s0, problem.xs, cudnn=not double_backward)
     problem.dyn.remember_gates(states, gates)  # the LSTM gates, for the penalty's linearisation
     out = problem.dyn.split(states[:, 1:])[-1][0]
     if problem.unbatched:

@@ -69,3 +69,37 @@ def test_penalties_match_cpu_in_eval_mode_with_double_backward(arch):
     la = lyapunov_penalty(m, x, k=2, generator=torch.Generator().manual_seed(0))
     lb = lyapunov_penalty(mg, xg, k=2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(lb.cpu(), la, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("arch,layers,proj", [("rnn_tanh", 2, 0), ("gru", 2, 0), ("lstm", 2, 2), ("lstm", 1, 0)])
+@pytest.mark.parametrize("train", [False, True])
+def test_shared_forward_on_cudnn_matches_cpu(arch, layers, proj, train):
+    """forward_with_states runs cuDNN by default (train=True inside, so eval-mode modules backpropagate too): outputs,
+    states, a penalty and the gradients of the whole loss equal the CPU's."""
+    from rnnjac.regularizers import forward_with_states
+
+    p = Problem(arch, layers=layers, proj=proj)
+    m, x = p.module().train(train), p.inputs(batch=3, steps=12)
+    mg, xg = p.module().train(train).to("cuda"), x.to("cuda")
+    grads = []
+    for mod, inp in ((m, x), (mg, xg)):
+        out, states = forward_with_states(mod, inp)
+        spectral = jacobian_penalty(
+            mod, inp, kind="spectral", n_iter=20, states=states, generator=torch.Generator().manual_seed(0)
+        )  # a CPU generator: the same start vectors on both devices
+        loss = out.pow(2).mean() + jacobian_penalty(mod, inp, states=states) + spectral
+        grads.append([out, states, *torch.autograd.grad(loss, list(mod.parameters()))])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-6, atol=1e-9)
+
+
+def test_shared_forward_double_backward_on_cuda():
+    from rnnjac.regularizers import forward_with_states
+
+    m = Problem("gru", layers=2).module().eval().to("cuda")
+    x = Problem("gru").inputs(batch=3, steps=8).to("cuda")
+    out, states = forward_with_states(m, x, double_backward=True)  # torch's own kernels: differentiable twice
+    loss = out.pow(2).mean() + jacobian_penalty(m, x, states=states)
+    (g,) = torch.autograd.grad(loss, m.weight_hh_l0, create_graph=True)
+    (gg,) = torch.autograd.grad(g.pow(2).sum(), m.weight_hh_l0)
+    assert torch.isfinite(gg).all()

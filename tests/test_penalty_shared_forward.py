@@ -182,6 +182,8 @@ def test_compile_falls_back_with_one_warning(monkeypatch, where):
     torch.testing.assert_close(got2, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(TypeError, match="compile= must be True or False; got 'yes'"):
         jacobian_penalty(m, x, compile="yes")
+    with pytest.raises(TypeError, match="double_backward must be True or False; got 1"):
+        forward_with_states(m, x, double_backward=1)
 
 
 _FUSED_PENALTIES = {  # penalty, options, the functions it hands to torch.compile
