@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -352,7 +352,14 @@ class BuiltinSystem(System):
         )
         # cuDNN's RNN backward is first-order only: unless asked for, use torch's own fused CUDA kernels
         # (differentiable twice) instead; no effect on the CPU
-        with contextlib.nullcontext() if cudnn else torch.backends.cudnn.flags(enabled=False):
+        if not cudnn:
+            with torch.backends.cudnn.flags(enabled=False):
+                return op(xs.contiguous(), hx, weights, bias, 1, 0.0, True, False, True)[0]
+        with warnings.catch_warnings():
+            # one layer of a stack is never the module's whole flat weight buffer, so cuDNN copies its weights
+            # into one (a copy of one layer's weights per call) and warns with advice (flatten_parameters) that
+            # cannot apply here
+            warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
             return op(xs.contiguous(), hx, weights, bias, 1, 0.0, True, False, True)[0]
 
     def _outputs(self, outputs, xs: Tensor, unbatched: bool) -> Tensor:

@@ -411,7 +411,7 @@ class LSTMArch:
         ``xs`` ``(B, T, I)`` are the layer's inputs and ``hs`` ``(B, T+1, H_out)`` its outputs ``h_0..h_T``
         (e.g. from the module's own forward, which does not return ``c_t``). The gates of all steps come
         from two GEMMs (or ``gates``, :meth:`gates` of ``xs`` and ``hs[:, :-1]``); the linear recurrence
-        ``c' = f c + i g`` is :func:`linear_recurrence` (a blocked scan).
+        ``c' = f c + i g`` is :func:`linear_recurrence` (a loop on the CPU, a doubling scan on a GPU).
 
         Examples
         --------

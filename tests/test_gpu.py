@@ -103,3 +103,17 @@ def test_shared_forward_double_backward_on_cuda():
     (g,) = torch.autograd.grad(loss, m.weight_hh_l0, create_graph=True)
     (gg,) = torch.autograd.grad(g.pow(2).sum(), m.weight_hh_l0)
     assert torch.isfinite(gg).all()
+
+
+def test_cell_state_scan_on_cuda_equals_the_loop():
+    from rnnjac._elementwise import linear_recurrence
+
+    g = torch.Generator().manual_seed(0)
+    f, u, c0 = torch.rand(4, 200, 8, dtype=F64, generator=g), torch.randn(4, 200, 8, dtype=F64, generator=g), None
+    f[0, 50], f[1, 99] = 0.0, 1.0
+    c0 = torch.randn(4, 8, dtype=F64, generator=g)
+    want = linear_recurrence(f, u, c0, method="loop")
+    args = [t.cuda().requires_grad_() for t in (f, u, c0)]
+    got = linear_recurrence(*args)  # the scan: the default on CUDA
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
+    assert all(torch.isfinite(gr).all() for gr in torch.autograd.grad(got.pow(2).sum(), args))

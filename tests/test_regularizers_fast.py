@@ -144,25 +144,34 @@ def test_states_errors():
         JacobianPenalty("input_output")(m, x, states=states)
 
 
-@pytest.mark.parametrize("block", [1, 2, 4, 7, 40])
-def test_linear_recurrence_blocked_scan_equals_the_loop(block):
-    g = torch.Generator().manual_seed(0)
-    f = torch.rand(3, 17, 4, dtype=F64, generator=g)
-    f[0, 3], f[1, 5], f[2] = 0.0, 1.0, 1.0 - 1e-12  # forget gates at 0, at 1, and next to 1
+@pytest.mark.parametrize("steps", [1, 2, 5, 16, 17])
+@pytest.mark.parametrize("method", ["loop", "scan"])
+def test_linear_recurrence_equals_the_plain_loop(method, steps):
+    """Both methods (the scan is the GPU default) against a loop written here, values and gradients by ``f``, ``u``
+    and ``c_0``, with forget gates at 0, at 1 and next to 1; the scan's hand-written backward is differentiable
+    again (gradgradcheck)."""
+    g = torch.Generator().manual_seed(steps)
+    f = torch.rand(3, steps, 4, dtype=F64, generator=g)
+    f[0, steps // 2], f[1, -1], f[2] = 0.0, 1.0, 1.0 - 1e-12  # forget gates at 0, at 1, and next to 1
     f.requires_grad_(True)
-    u = torch.randn(3, 17, 4, dtype=F64, generator=g, requires_grad=True)
-    c0 = torch.randn(3, 4, dtype=F64, generator=g)
+    u = torch.randn(3, steps, 4, dtype=F64, generator=g, requires_grad=True)
+    c0 = torch.randn(3, 4, dtype=F64, generator=g, requires_grad=True)
     cs, c = [c0], c0
-    for t in range(17):
+    for t in range(steps):
         c = f[:, t] * c + u[:, t]
         cs.append(c)
     want = torch.stack(cs, 1)
-    got = linear_recurrence(f, u, c0, block=block)
+    got = linear_recurrence(f, u, c0, method=method)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     w = torch.randn(want.shape, dtype=F64, generator=g)
-    g_got, g_want = torch.autograd.grad((got * w).sum(), (f, u)), torch.autograd.grad((want * w).sum(), (f, u))
+    g_got, g_want = torch.autograd.grad((got * w).sum(), (f, u, c0)), torch.autograd.grad((want * w).sum(), (f, u, c0))
     for a, b in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if method == "scan" and steps in (5, 16):
+        small = (f.detach()[:2, :, :2].requires_grad_(), u.detach()[:2, :, :2].requires_grad_(), c0.detach()[:2, :2])
+        assert torch.autograd.gradgradcheck(lambda *a: linear_recurrence(*a, method="scan"), (*small[:2], small[2]))
+    with pytest.raises(ValueError, match="method must be 'loop' or 'scan'; got 'blocked'"):
+        linear_recurrence(f, u, c0, method="blocked")
 
 
 @pytest.mark.parametrize("arch", ["gru", "lstm", "rnn_tanh"])
