@@ -78,13 +78,14 @@ def _mm(w: Tensor, v):
         return w
     if v.dim() == 3 and v.shape[-1] == 1:  # one tangent per point: a plain (N, n) @ (n, m) GEMM, no transposes
         return (v[..., 0] @ w.T).unsqueeze(-1)
+    if v.dim() == 3 and _column_major(v):
+        # a column-major block (a QR's Q, or a product of one): one (N k, n) @ (n, m) GEMM without a copy, and the
+        # product column-major as well, so that the elementwise passes after it run along the long dimension
+        return (v.mT @ w.T).mT
     if v.dim() == 3 and v.shape[-1] < 64:
         # one (m, n) @ (n, N k) GEMM beats N small ones for narrow tangent blocks
         n, k = v.shape[0], v.shape[-1]
         return (w @ v.transpose(0, 1).reshape(v.shape[1], n * k)).reshape(w.shape[0], n, k).transpose(0, 1)
-    if v.dim() == 3 and v.stride(-2) == 1 and v.stride(0) == v.shape[-1] * v.stride(-1) and v.shape[-2] > 1:
-        # a column-major block (a QR's Q): one (N k, n) @ (n, m) GEMM, and the product column-major as well
-        return (v.mT @ w.T).mT
     return torch.matmul(w, v)
 
 
@@ -112,11 +113,21 @@ def _lincomb(terms, diag=None):
     return acc
 
 
+def _column_major(v: Tensor) -> bool:
+    """Whether the ``(N, n, k)`` block ``v`` is stored as ``(N, k, n)`` (each matrix column-major, LAPACK's layout)."""
+    return v.stride(-2) == 1 and v.stride(0) == v.shape[-1] * v.stride(-1) and v.shape[-2] > 1 and v.shape[-1] > 1
+
+
 def _gate_blocks(g, n_gates: int) -> list:
     """The gate blocks of ``g`` (``(..., n_gates * H, k)``, or None for zero) along its rows: one ``split``, whose
     backward is one concatenation (separate slices would each scatter their gradient into a zero tensor of the
-    whole size)."""
-    return [None] * n_gates if g is None else list(g.chunk(n_gates, dim=-2))
+    whole size). A column-major ``g`` is split as its transpose, so that this concatenation is column-major too
+    and the GEMM's backward reads it without a copy."""
+    if g is None:
+        return [None] * n_gates
+    if g.dim() == 3 and _column_major(g):
+        return [b.mT for b in g.mT.chunk(n_gates, dim=-1)]
+    return list(g.chunk(n_gates, dim=-2))
 
 
 def _add(*terms):
