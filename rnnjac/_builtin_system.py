@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import warnings
 
 import torch
@@ -12,6 +14,23 @@ from ._cells import ARCHITECTURES, LayerParams
 from ._linearization import FactoredLinearization, Linearization, StateLayout, frobenius_row_local, normal
 from ._recurrence import LayerRecord, gru_layer, lstm_layer
 from ._system import System, as_tensor
+
+_COMPACTION = "RNN module weights are not part of single contiguous"
+
+
+def _silence_compaction_warning() -> None:
+    """One layer of a stack is never its module's whole flat weight buffer, so cuDNN copies the layer's weights into
+    one per call (one layer's weights) and warns with advice (``flatten_parameters``) that cannot apply: ignore that
+    warning where this module calls the op (torch attributes it to the calling Python line, in ``_fused_layer``).
+    Added when missing rather than once at import, since leaving a ``warnings.catch_warnings()`` block drops filters
+    added inside it (rnnjac's modules are imported on first use)."""
+    module = re.escape(__name__)
+    for action, message, _, mod, _ in warnings.filters:
+        if action == "ignore" and message is not None and message.pattern == _COMPACTION and mod is not None:
+            if mod.pattern == module:
+                return
+    warnings.filterwarnings("ignore", message=_COMPACTION, module=module)
+
 
 __all__ = ["BuiltinSystem", "builtin_system"]
 
@@ -352,14 +371,9 @@ class BuiltinSystem(System):
         )
         # cuDNN's RNN backward is first-order only: unless asked for, use torch's own fused CUDA kernels
         # (differentiable twice) instead; no effect on the CPU
-        if not cudnn:
-            with torch.backends.cudnn.flags(enabled=False):
-                return op(xs.contiguous(), hx, weights, bias, 1, 0.0, True, False, True)[0]
-        with warnings.catch_warnings():
-            # one layer of a stack is never the module's whole flat weight buffer, so cuDNN copies its weights
-            # into one (a copy of one layer's weights per call) and warns with advice (flatten_parameters) that
-            # cannot apply here
-            warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+        if cudnn:
+            _silence_compaction_warning()
+        with contextlib.nullcontext() if cudnn else torch.backends.cudnn.flags(enabled=False):
             return op(xs.contiguous(), hx, weights, bias, 1, 0.0, True, False, True)[0]
 
     def _outputs(self, outputs, xs: Tensor, unbatched: bool) -> Tensor:

@@ -307,7 +307,8 @@ def linear_recurrence(f: Tensor, u: Tensor, c0: Tensor, method: str | None = Non
     >>> linear_recurrence(f, u, torch.zeros(1, 1), method="scan").flatten().tolist()
     [0.0, 1.0, 1.5, 1.75, 1.875, 1.9375]
     """
-    method = method or ("scan" if f.is_cuda else "loop")
+    if method is None:
+        method = "scan" if f.is_cuda else "loop"
     if method == "scan":
         return _LinearScan.apply(f, u, c0)
     if method != "loop":
@@ -337,22 +338,39 @@ class _LinearScan(torch.autograd.Function):
     """``c_0..c_T`` of ``c_t = f_t c_{t-1} + u_t`` by :func:`_doubling_scan`, with the gradient as the same scan
     backwards in time: ``G_t = g_t + f_{t+1} G_{t+1}`` (``G_T = g_T``), then ``dL/du_t = G_t``,
     ``dL/df_t = G_t c_{t-1}``, ``dL/dc_0 = g_0 + f_1 G_1``. The backward calls this Function again, so it is
-    differentiable in turn (double backward)."""
+    differentiable in turn (double backward); the forward-mode tangent is the scan of
+    ``df_t c_{t-1} + du_t`` from ``dc_0``; ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``) work on it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, f: Tensor, u: Tensor, c0: Tensor) -> Tensor:
-        c = _doubling_scan(f, u, c0)
-        ctx.save_for_backward(f, c)
-        return c
+    def forward(f: Tensor, u: Tensor, c0: Tensor) -> Tensor:
+        return _doubling_scan(f, u, c0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        f = inputs[0]
+        ctx.save_for_backward(f, output)
+        ctx.save_for_forward(f, output)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         f, c = ctx.saved_tensors
+        need_f, need_u, need_c0 = ctx.needs_input_grad
         # reversed time: G'_s = f'_s G'_{s-1} + g_{T+1-s} with G'_0 = 0, f'_s = f_{T+2-s} (f'_1 multiplies 0)
         f_rev = torch.cat([torch.zeros_like(f[:, :1]), f[:, 1:].flip(1)], 1)
         big_g = _LinearScan.apply(f_rev, grad[:, 1:].flip(1), torch.zeros_like(c[:, 0]))[:, 1:].flip(1)
-        grad_c0 = torch.addcmul(grad[:, 0], f[:, 0], big_g[:, 0])
-        return big_g * c[:, :-1], big_g, grad_c0
+        grad_f = big_g * c[:, :-1] if need_f else None
+        grad_c0 = torch.addcmul(grad[:, 0], f[:, 0], big_g[:, 0]) if need_c0 else None
+        return grad_f, big_g if need_u else None, grad_c0
+
+    @staticmethod
+    def jvp(ctx, df, du, dc0):
+        f, c = ctx.saved_tensors
+        drive = du if du is not None else torch.zeros_like(f)
+        if df is not None:
+            drive = drive + df * c[:, :-1]
+        return _LinearScan.apply(f, drive, dc0 if dc0 is not None else torch.zeros_like(c[:, 0]))
 
 
 def graph_vjp(outputs_of, inputs: tuple, grads: tuple, wanted: list[int] | None = None) -> tuple:

@@ -290,3 +290,20 @@ def test_compiled_path_equals_eager_on_the_smallest_case(monkeypatch, arch):
     torch.testing.assert_close(spectral[1][0], spectral[0][0], rtol=1e-10, atol=1e-12)
     for a, b in zip(spectral[1][1], spectral[0][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_cudnn_weight_compaction_warning_silenced_for_this_module_only():
+    """cuDNN warns that one layer's weights are not the module's flat buffer (always true for a layer of a stack,
+    where its advice cannot apply): silenced where rnnjac's stack calls the op, nowhere else."""
+    import warnings
+
+    import rnnjac._builtin_system as bs
+
+    text = "RNN module weights are not part of single contiguous chunk of memory. ..."
+    with warnings.catch_warnings(record=True) as seen:
+        bs._silence_compaction_warning()  # as _fused_layer does before a cuDNN call
+        bs._silence_compaction_warning()  # added once only
+        assert sum(f[1] is not None and f[1].pattern == bs._COMPACTION for f in warnings.filters) == 1
+        warnings.warn_explicit(text, UserWarning, bs.__file__, 1, module=bs.__name__)
+        warnings.warn_explicit(text, UserWarning, "user.py", 1, module="user")
+    assert [str(w.message) for w in seen] == [text]

@@ -174,6 +174,20 @@ def test_linear_recurrence_equals_the_plain_loop(method, steps):
         linear_recurrence(f, u, c0, method="blocked")
 
 
+def test_linear_recurrence_scan_under_torch_func():
+    """The scan's autograd Function works under torch.func (forward-mode jvp, vmap, grad) as the loop does."""
+    g = torch.Generator().manual_seed(3)
+    f, u = torch.rand(2, 3, 9, 4, dtype=F64, generator=g), torch.randn(2, 3, 9, 4, dtype=F64, generator=g)
+    c0 = torch.randn(2, 3, 4, dtype=F64, generator=g)
+    loop, scan = (lambda *a, m=m: linear_recurrence(*a, method=m) for m in ("loop", "scan"))
+    tangents = tuple(torch.randn_like(t) for t in (f[0], u[0], c0[0]))
+    want, got = torch.func.jvp(loop, (f[0], u[0], c0[0]), tangents), torch.func.jvp(scan, (f[0], u[0], c0[0]), tangents)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.func.vmap(scan)(f, u, c0), torch.func.vmap(loop)(f, u, c0), rtol=1e-12, atol=1e-12)
+    grads = [torch.func.grad(lambda f, fn=fn: fn(f, u[0], c0[0]).pow(2).sum())(f[0]) for fn in (loop, scan)]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("arch", ["gru", "lstm", "rnn_tanh"])
 def test_spectral_power_iterations_in_a_cheaper_dtype(arch):
     """``power_dtype``: the power iterations (the direction only) run in float32 for a float64 model; the value is
