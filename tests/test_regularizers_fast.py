@@ -174,6 +174,7 @@ def test_linear_recurrence_equals_the_plain_loop(method, steps):
         linear_recurrence(f, u, c0, method="blocked")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func's own imports
 def test_linear_recurrence_scan_under_torch_func():
     """The scan's autograd Function works under torch.func (forward-mode jvp, vmap, grad) as the loop does."""
     g = torch.Generator().manual_seed(3)
