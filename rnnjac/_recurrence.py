@@ -106,20 +106,29 @@ class _GRULayer(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no work for them
         steps, b, _ = x.shape
         hid = h0.shape[-1]
-        gi_rz = _input_projection(x, w_ih[: 2 * hid], None if b_ih is None else b_ih[: 2 * hid])
         hs, pre = x.new_empty(steps + 1, b, hid), x.new_empty(steps, b, 4 * hid)
         gates = x.new_empty(steps, b, 3 * hid)
-        # the input n block straight into its columns of pre (a strided GEMM output, no copy)
-        flat_x, gi_n = x.reshape(-1, x.shape[-1]), pre.view(-1, 4 * hid)[:, 3 * hid :]
-        w_in = w_ih[2 * hid :].t()
-        torch.mm(flat_x, w_in, out=gi_n) if b_ih is None else torch.addmm(b_ih[2 * hid :], flat_x, w_in, out=gi_n)
+        # every step's input and bias parts straight into their columns of pre (strided GEMM outputs, no copy):
+        # r, z: x W_i^T + b_i + b_h; hidden n: b_hn; input n: x W_in^T + b_in. Each step then accumulates its
+        # recurrent GEMM into the r, z and hidden n columns in place.
+        flat_x, flat = x.reshape(-1, x.shape[-1]), pre.view(-1, 4 * hid)
+        for cols, rows in ((slice(0, 2 * hid), slice(0, 2 * hid)), (slice(3 * hid, None), slice(2 * hid, None))):
+            w = w_ih[rows].t()
+            if b_ih is None:
+                torch.mm(flat_x, w, out=flat[:, cols])
+            else:
+                bias = b_ih[rows] + b_hh[rows] if rows.stop == 2 * hid else b_ih[rows]
+                torch.addmm(bias, flat_x, w, out=flat[:, cols])
+        if b_hh is None:
+            flat[:, 2 * hid : 3 * hid].zero_()
+        else:
+            flat[:, 2 * hid : 3 * hid].copy_(b_hh[2 * hid :])
         hs[0] = h0
         wt = w_hh.t()
         for t in range(steps):
             h, g_t, p_t = hs[t], gates[t], pre[t]
-            gh_t = p_t[:, : 3 * hid]  # r, z, hidden n: the recurrent GEMM's output, then r, z plus the input part
-            torch.mm(h, wt, out=gh_t) if b_hh is None else torch.addmm(b_hh, h, wt, out=gh_t)
-            torch.sigmoid(p_t[:, : 2 * hid].add_(gi_rz[t]), out=g_t[:, : 2 * hid])
+            p_t[:, : 3 * hid].addmm_(h, wt)  # r, z (with their input parts) and hidden n (with b_hn)
+            torch.sigmoid(p_t[:, : 2 * hid], out=g_t[:, : 2 * hid])
             n_t = torch.addcmul(p_t[:, 3 * hid :], g_t[:, :hid], p_t[:, 2 * hid : 3 * hid], out=g_t[:, 2 * hid :])
             torch.lerp(n_t.tanh_(), h, g_t[:, hid : 2 * hid], out=hs[t + 1])
         ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, hs, gates, pre)
@@ -246,13 +255,15 @@ class _LSTMLayer(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         steps, b, _ = x.shape
         hid = h0.shape[-1]
-        gi = _input_projection(x, w_ih, None if b_ih is None else b_ih + b_hh)
+        # the input part of every step's pre-activations, then each step's recurrent GEMM accumulated in place
+        # (beta = 1 into its own rows: no copy of the input part per step)
+        pre = _input_projection(x, w_ih, None if b_ih is None else b_ih + b_hh)
         hs, cs = x.new_empty(steps + 1, b, hid), x.new_empty(steps + 1, b, hid)
-        gates, pre, tc = x.new_empty(steps, b, 4 * hid), x.new_empty(steps, b, 4 * hid), x.new_empty(steps, b, hid)
+        gates, tc = x.new_empty(steps, b, 4 * hid), x.new_empty(steps, b, hid)
         hs[0], cs[0] = h0, c0
         wt = w_hh.t()
         for t in range(steps):
-            p_t, g_t = torch.addmm(gi[t], hs[t], wt, out=pre[t]), gates[t]
+            p_t, g_t = pre[t].addmm_(hs[t], wt), gates[t]
             torch.sigmoid(p_t, out=g_t)  # one operator for i, f, o (and g, overwritten next)
             torch.tanh(p_t[:, 2 * hid : 3 * hid], out=g_t[:, 2 * hid : 3 * hid])
             torch.mul(g_t[:, :hid], g_t[:, 2 * hid : 3 * hid], out=cs[t + 1]).addcmul_(g_t[:, hid : 2 * hid], cs[t])
