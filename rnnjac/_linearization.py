@@ -104,6 +104,23 @@ class StateLayout:
         pieces = iter(torch.split(s, [n for parts in self.parts for _, n in parts], -1))
         return [(next(pieces), next(pieces) if len(parts) > 1 else None) for parts in self.parts]
 
+    def split_rows(self, q: Tensor, state: str = "full") -> list[tuple[Tensor, Tensor | None]]:
+        """Per layer ``(h, c)`` rows of ``q (..., D, k)`` (a block of tangent or cotangent columns over the chosen
+        ``state``; ``c`` None without a cell state or for ``state="h"``): views from one ``torch.split``, as
+        :meth:`split` on the last dimension.
+
+        Examples
+        --------
+        >>> layout = StateLayout([[("h", 2), ("c", 1)], [("h", 1)]])
+        >>> [(h.shape[-2], None if c is None else c.shape[-2]) for h, c in layout.split_rows(torch.ones(4, 1))]
+        [(2, 1), (1, None)]
+        >>> [(h.shape[-2], c) for h, c in layout.split_rows(torch.ones(3, 1), "h")]
+        [(2, None), (1, None)]
+        """
+        full = state == "full"
+        pieces = iter(torch.split(q, [n for parts in self.parts for p, n in parts if full or p == "h"], -2))
+        return [(next(pieces), next(pieces) if len(parts) > 1 and full else None) for parts in self.parts]
+
     def join(self, layers: list[tuple[Tensor, Tensor | None]]) -> Tensor:
         """Inverse of :meth:`split`."""
         return torch.cat([t for h, c in layers for t in ((h,) if c is None else (h, c))], -1)
@@ -303,15 +320,8 @@ class FactoredLinearization(Linearization):
         return self._with(layers, self.s.to(dtype), self.x.to(dtype), coefs)
 
     def apply(self, q: Tensor, state: str = "full") -> Tensor:
-        out, dx, off = [], None, 0
-        for p, coef, parts in zip(self.layers, self.coefs, self.layout.parts, strict=False):
-            n_h = parts[0][1]
-            dh = q[..., off : off + n_h, :]
-            off += n_h
-            dc = None
-            if len(parts) > 1 and state == "full":
-                dc = q[..., off : off + parts[1][1], :]
-                off += parts[1][1]
+        out, dx = [], None
+        for p, coef, (dh, dc) in zip(self.layers, self.coefs, self.layout.split_rows(q, state), strict=True):
             dh, dc = self.cell.tangent(p, coef, dx, dh, dc)
             out.append(dh)
             if dc is not None and state == "full":
@@ -323,14 +333,7 @@ class FactoredLinearization(Linearization):
         """``J^T U`` in closed form (:meth:`CellArch.tangent_transpose`): the layers from the top down, each one
         GEMM per weight matrix; a layer's input cotangent joins the output cotangent of the layer below.
         Differentiable when grad mode is on, plain tensor ops under ``no_grad``/``inference_mode``."""
-        pieces, off = [], 0
-        for parts in self.layout.parts:
-            uh, uc = u[..., off : off + parts[0][1], :], None
-            off += parts[0][1]
-            if len(parts) > 1 and state == "full":
-                uc = u[..., off : off + parts[1][1], :]
-                off += parts[1][1]
-            pieces.append((uh, uc))
+        pieces = self.layout.split_rows(u, state)
         out, carry = [], None
         for li in reversed(range(len(self.layers))):
             uh, uc = pieces[li]
