@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import random
 import statistics
 import sys
 import time
@@ -118,11 +119,15 @@ def _steps(cell, hidden, layers, args, old):
     return out
 
 
-def _measure(steps: dict, repeat: int, sync, clock=time.perf_counter) -> dict:
-    """Median seconds per step over ``repeat`` alternating rounds, and the warm-up round's time per label."""
+def _measure(steps: dict, repeat: int, sync, clock=time.perf_counter, shuffle: bool = False) -> dict:
+    """Median seconds per step over ``repeat`` alternating rounds (``shuffle``: each round in a random order, seeded,
+    so that no configuration always runs after the same one), and the warm-up round's time per label."""
     times = {k: [] for k in steps}
-    for _ in range(repeat + 1):  # the first round warms up (and compiles)
-        for label, (_, fn) in steps.items():
+    for r in range(repeat + 1):  # the first round warms up (and compiles)
+        order = list(steps.items())
+        if shuffle and r > 0:
+            random.Random(r).shuffle(order)
+        for label, (_, fn) in order:
             t0 = clock()
             fn()
             sync()
@@ -155,6 +160,7 @@ def main(argv=None):
     ap.add_argument("--cells", nargs="+", default=["gru", "lstm"], choices=["gru", "lstm"])
     ap.add_argument("--penalties", nargs="+", default=[""], help="run the penalties whose label contains a word")
     ap.add_argument("--compile", action="store_true", help="also time every penalty with compile=True")
+    ap.add_argument("--shuffle", action="store_true", help="run each round's steps in a random (seeded) order")
     ap.add_argument(
         "--cpu-time",
         action="store_true",
@@ -171,7 +177,7 @@ def main(argv=None):
             for layers in args.layers:
                 steps = _steps(cell, hidden, layers, args, old)
                 clock = time.thread_time if args.cpu_time else time.perf_counter
-                med, first = _measure(steps, args.repeat, sync, clock)
+                med, first = _measure(steps, args.repeat, sync, clock, args.shuffle)
                 for label in steps:
                     if label.endswith("[compile]"):
                         print(f"{cell} H={hidden} L={layers} {label}: first step {first[label]:.1f} s", flush=True)
@@ -209,7 +215,7 @@ def _report(args, argv, rows, compile_s, t_start, load0) -> None:
         "the memory-bound elementwise passes more than the recurrent kernel: compare ratios of one run only)."
         "\n\nEvery regularised step shares its forward with the task loss (`forward_with_states`, `states=`); "
         "`[old]` rows: the previous code, one layer, same shared forward (`[old, compile]`: with `compile=True`). Steps of one configuration are timed "
-        f"alternating, median of {args.repeat} rounds. Stacked exact Frobenius is run up to H={args.exact_stacked_max}: "
+        f"alternating{' (each round in a random order)' if args.shuffle else ''}, median of {args.repeat} rounds. Stacked exact Frobenius is run up to H={args.exact_stacked_max}: "
         "its cross-layer block is a product of two step-dependent (H, H) matrices, O(B T H^3) (exact is inherently "
         f"cubic there: the projection estimator is the fast route).{cudnn}"
         + (
