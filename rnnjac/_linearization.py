@@ -101,7 +101,8 @@ class StateLayout:
         """Full state ``(..., D)`` -> per layer ``(h, c)`` (``c`` is None without a cell state): views from one
         ``torch.split``, whose backward joins the parts' gradients in one pass (a slice per part would zero-fill
         a full-size gradient for each)."""
-        pieces = iter(torch.split(s, [n for parts in self.parts for _, n in parts], -1))
+        sizes = [n for parts in self.parts for _, n in parts]
+        pieces = iter(torch.split(s, sizes, -1) if len(sizes) > 1 else (s,))  # one part: s itself, no copy back
         return [(next(pieces), next(pieces) if len(parts) > 1 else None) for parts in self.parts]
 
     def split_rows(self, q: Tensor, state: str = "full") -> list[tuple[Tensor, Tensor | None]]:
@@ -118,7 +119,8 @@ class StateLayout:
         [(2, None), (1, None)]
         """
         full = state == "full"
-        pieces = iter(torch.split(q, [n for parts in self.parts for p, n in parts if full or p == "h"], -2))
+        sizes = [n for parts in self.parts for p, n in parts if full or p == "h"]
+        pieces = iter(torch.split(q, sizes, -2) if len(sizes) > 1 else (q,))  # one part: q itself, no copy back
         return [(next(pieces), next(pieces) if len(parts) > 1 and full else None) for parts in self.parts]
 
     def join(self, layers: list[tuple[Tensor, Tensor | None]]) -> Tensor:
