@@ -358,7 +358,7 @@ class FactoredLinearization(Linearization):
         # under autograd the rows below are copied (the GEMM saves them, and j is written afterwards)
         copy_below = torch.is_grad_enabled() and any(t.requires_grad for t in self._operands())
         r0, below = 0, None  # below: the h rows of the previous layer's row block
-        for p, coef, parts in zip(self.layers, self.coefs, self.layout.parts, strict=False):
+        for p, coef, parts in zip(self.layers, self.coefs, self.layout.parts, strict=True):
             n_h = parts[0][1]
             r1 = r0 + (n_h if h_only else sum(m for _, m in parts))
             c0 = r0

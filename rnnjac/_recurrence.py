@@ -54,11 +54,20 @@ class LayerRecord:
         return iter([t.transpose(0, 1) for t in blocks])
 
 
-def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
-    """``x W_ih^T + bias`` for all steps at once: ``(T, B, G)`` from time-major ``x (T, B, I)``."""
+def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """``x W_ih^T + bias`` for all steps at once: ``(T, B, G)`` from time-major ``x (T, B, I)``; written into
+    ``out`` (``(T B, G)``, e.g. columns of a larger buffer) when given."""
     flat = x.reshape(-1, x.shape[-1])
-    out = flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())
-    return out.view(x.shape[0], x.shape[1], -1)
+    if out is not None:
+        return torch.mm(flat, w_ih.t(), out=out) if bias is None else torch.addmm(bias, flat, w_ih.t(), out=out)
+    res = flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())
+    return res.view(x.shape[0], x.shape[1], -1)
+
+
+def _bias_sum(*biases: Tensor | None) -> Tensor | None:
+    """The sum of the biases given (None: absent), None if there are none."""
+    present = [b for b in biases if b is not None]
+    return None if not present else present[0] if len(present) == 1 else sum(present[1:], present[0])
 
 
 def _linear_grads(need: tuple, x: Tensor, w: Tensor, dpre: Tensor) -> tuple:
@@ -111,18 +120,18 @@ class _GRULayer(torch.autograd.Function):
         # every step's input and bias parts straight into their columns of pre (strided GEMM outputs, no copy):
         # r, z: x W_i^T + b_i + b_h; hidden n: b_hn; input n: x W_in^T + b_in. Each step then accumulates its
         # recurrent GEMM into the r, z and hidden n columns in place.
-        flat_x, flat = x.reshape(-1, x.shape[-1]), pre.view(-1, 4 * hid)
-        for cols, rows in ((slice(0, 2 * hid), slice(0, 2 * hid)), (slice(3 * hid, None), slice(2 * hid, None))):
-            w = w_ih[rows].t()
-            if b_ih is None:
-                torch.mm(flat_x, w, out=flat[:, cols])
-            else:
-                bias = b_ih[rows] + b_hh[rows] if rows.stop == 2 * hid else b_ih[rows]
-                torch.addmm(bias, flat_x, w, out=flat[:, cols])
-        if b_hh is None:
+        flat = pre.view(-1, 4 * hid)
+        rz, n = slice(0, 2 * hid), slice(2 * hid, None)
+        b_i, b_h = (
+            (None, None) if b_ih is None else (b_ih[rz], b_ih[n]),
+            (None, None) if b_hh is None else (b_hh[rz], b_hh[n]),
+        )
+        _input_projection(x, w_ih[rz], _bias_sum(b_i[0], b_h[0]), out=flat[:, : 2 * hid])
+        _input_projection(x, w_ih[n], b_i[1], out=flat[:, 3 * hid :])
+        if b_h[1] is None:
             flat[:, 2 * hid : 3 * hid].zero_()
         else:
-            flat[:, 2 * hid : 3 * hid].copy_(b_hh[2 * hid :])
+            flat[:, 2 * hid : 3 * hid].copy_(b_h[1])
         hs[0] = h0
         wt = w_hh.t()
         for t in range(steps):
@@ -257,7 +266,8 @@ class _LSTMLayer(torch.autograd.Function):
         hid = h0.shape[-1]
         # the input part of every step's pre-activations, then each step's recurrent GEMM accumulated in place
         # (beta = 1 into its own rows: no copy of the input part per step)
-        pre = _input_projection(x, w_ih, None if b_ih is None else b_ih + b_hh)
+        pre = x.new_empty(steps, b, 4 * hid)  # not a view: pre is an output of this Function
+        _input_projection(x, w_ih, _bias_sum(b_ih, b_hh), out=pre.view(-1, 4 * hid))
         hs, cs = x.new_empty(steps + 1, b, hid), x.new_empty(steps + 1, b, hid)
         gates, tc = x.new_empty(steps, b, 4 * hid), x.new_empty(steps, b, hid)
         hs[0], cs[0] = h0, c0

@@ -192,6 +192,8 @@ def forward_with_states(
     states, gates = problem.dyn.fused_states_and_gates(problem.s0, problem.xs, cudnn=not double_backward)
     problem.dyn.remember_gates(states, gates)  # the LSTM gates, for the penalty's linearisation
     out = problem.dyn.split(states[:, 1:])[-1][0]
+    if out.shape[-1] == states.shape[-1]:  # one part (an RNN or GRU layer): a split view, as for the other layouts,
+        out = out.split(out.shape[-1], -1)[0]  # so that torch refuses in-place edits that would change the states
     if problem.unbatched:
         out = out.squeeze(0)
     elif not (model.batch_first if batch_first is None else batch_first):

@@ -307,3 +307,13 @@ def test_cudnn_weight_compaction_warning_silenced_for_this_module_only():
         warnings.warn_explicit(text, UserWarning, bs.__file__, 1, module=bs.__name__)
         warnings.warn_explicit(text, UserWarning, "user.py", 1, module="user")
     assert [str(w.message) for w in seen] == [text]
+
+
+@pytest.mark.parametrize("arch,layers", [("gru", 1), ("gru", 2), ("lstm", 1)])
+def test_shared_outputs_refuse_in_place_edits(arch, layers):
+    """The outputs of forward_with_states are views of the states the penalty reads: an in-place edit (a mask,
+    say) would change the penalty silently, so torch refuses it for every layout."""
+    m, x = _setup(arch, layers, 0)
+    out, states = forward_with_states(m, x)
+    with pytest.raises(RuntimeError, match="view"):
+        out.mul_(0.5)

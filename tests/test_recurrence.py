@@ -136,3 +136,26 @@ def test_which_layers_run_the_gated_loop():
     with pytest.raises(ValueError, match="no projection"):
         lstm = nn.LSTM(2, 3, proj_size=2)
         lstm_layer(x, torch.zeros(2, 2), torch.zeros(2, 3), builtin_system(lstm).layers[0])
+
+
+@pytest.mark.parametrize("which", ["input bias only", "hidden bias only"])
+@pytest.mark.parametrize("arch", ["gru", "lstm"])
+def test_one_of_the_two_biases(arch, which):
+    """A hand-built layer with only one of the two biases: states and their gradients equal the module's with the
+    other bias set to zero (torch's modules always have both or neither)."""
+    m, x, h0, c0 = _setup(arch)
+    drop = "bias_hh_l0" if which == "input bias only" else "bias_ih_l0"
+    with torch.no_grad():
+        getattr(m, drop).zero_()
+    p = _params(m)
+    p = LayerParams(p.w_ih, p.w_hh, None if drop == "bias_ih_l0" else p.b_ih, None if drop == "bias_hh_l0" else p.b_hh)
+    got = _run(arch, m, x, h0, c0, p)[: 2 if arch == "lstm" else 1]
+    want_out, final = m(x, h0[None] if arch == "gru" else (h0[None], c0[None]))
+    torch.testing.assert_close(got[0][:, 1:], want_out, rtol=1e-12, atol=1e-12)
+    if arch == "lstm":
+        torch.testing.assert_close(got[1][:, -1], final[1][0], rtol=1e-12, atol=1e-12)
+    kept = [t for t in (x, h0, p.w_ih, p.w_hh, p.b_ih, p.b_hh) if t is not None]
+    g_got = torch.autograd.grad(got[0][:, 1:].pow(2).sum(), kept)
+    g_want = torch.autograd.grad(want_out.pow(2).sum(), kept)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
