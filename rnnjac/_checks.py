@@ -69,9 +69,14 @@ def check_int_or_auto(name: str, value, *, minimum: int = 1, auto: bool = True) 
     check_positive_int(name, value, minimum=minimum)
 
 
+def check_bool(name: str, value) -> None:
+    """``value`` must be True or False (not merely truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+
+
 def check_compile(compile) -> None:  # noqa: A002
-    if not isinstance(compile, bool):
-        raise TypeError(f"compile= must be True or False; got {compile!r}")
+    check_bool("compile=", compile)
 
 
 def check_power_dtype(power_dtype, kind: str) -> None:

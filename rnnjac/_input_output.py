@@ -54,6 +54,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_bool
 from .errors import NonFiniteError
 
 __all__ = ["input_output_penalty"]
@@ -75,9 +76,8 @@ def _check_options(estimator, n_proj, reduction, generator, create_graph, check_
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; got {reduction!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
-    for name, value in (("create_graph", create_graph), ("check_independence", check_independence)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False; got {value!r}")
+    check_bool("create_graph", create_graph)
+    check_bool("check_independence", check_independence)
 
 
 def _first_bad_sample(t: Tensor) -> int:

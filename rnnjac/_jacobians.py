@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ._checks import Problem, check_positive_int, check_states_finite, prepare
+from ._checks import Problem, check_bool, check_positive_int, check_states_finite, prepare
 from ._kernels import DEFAULT_MAX_CHUNK_ELEMENTS, linearization_stream, run_states, time_chunk_for  # noqa: F401
 
 __all__ = ["trajectory", "jacobians", "iter_jacobians"]
@@ -103,8 +103,7 @@ def iter_jacobians(
     """
     check_positive_int("time_chunk", time_chunk, allow_none=True)
     check_positive_int("chunk_size", chunk_size, allow_none=True)
-    if not isinstance(differentiable, bool):
-        raise TypeError(f"differentiable must be True or False; got {differentiable!r}")
+    check_bool("differentiable", differentiable)
     problem = prepare(model, inputs, h0, state=state, method=method, batch_first=batch_first, submodule=submodule)
     return _iter(problem, chunk_size, time_chunk, differentiable=differentiable and torch.is_grad_enabled())
 

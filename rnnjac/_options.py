@@ -16,7 +16,15 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from ._checks import METHODS, STATES, check_choice, check_int_or_auto, check_lyapunov_options, check_positive_int
+from ._checks import (
+    METHODS,
+    STATES,
+    check_bool,
+    check_choice,
+    check_int_or_auto,
+    check_lyapunov_options,
+    check_positive_int,
+)
 
 __all__ = ["SpectraOptions"]
 
@@ -128,8 +136,7 @@ class SpectraOptions:
 
     def __post_init__(self) -> None:
         for name in _FLAGS:
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         if not any(getattr(self, name) for name in _OUTPUTS):
             raise ValueError("nothing to compute: every output (singular_values, eigenvalues, lyapunov, ...) is off")
         if self.local_lyapunov and not self.lyapunov:

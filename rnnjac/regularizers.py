@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from ._checks import (
     NonFiniteError,
     RnnjacWarning,
+    check_bool,
     check_choice,
     check_compile,
     check_lyapunov_options,
@@ -186,14 +187,11 @@ def forward_with_states(
             "system does not have: call model.eval(), build it with dropout=0, or compute the task outputs with "
             "model(inputs) and call the penalty without states="
         )
-    if not isinstance(double_backward, bool):
-        raise TypeError(f"double_backward must be True or False; got {double_backward!r}")
+    check_bool("double_backward", double_backward)
     problem = prepare(model, inputs, h0, batch_first=batch_first)
     states, gates = problem.dyn.fused_states_and_gates(problem.s0, problem.xs, cudnn=not double_backward)
     problem.dyn.remember_gates(states, gates)  # the LSTM gates, for the penalty's linearisation
-    out = problem.dyn.split(states[:, 1:])[-1][0]
-    if out.shape[-1] == states.shape[-1]:  # one part (an RNN or GRU layer): a split view, as for the other layouts,
-        out = out.split(out.shape[-1], -1)[0]  # so that torch refuses in-place edits that would change the states
+    out = problem.dyn.split(states[:, 1:])[-1][0]  # a split view: torch refuses in-place edits of the states
     if problem.unbatched:
         out = out.squeeze(0)
     elif not (model.batch_first if batch_first is None else batch_first):
