@@ -26,9 +26,8 @@ def _silence_compaction_warning() -> None:
     added inside it (rnnjac's modules are imported on first use)."""
     module = re.escape(__name__)
     for action, message, _, mod, _ in warnings.filters:
-        if action == "ignore" and message is not None and message.pattern == _COMPACTION and mod is not None:
-            if mod.pattern == module:
-                return
+        if action == "ignore" and message and mod and (message.pattern, mod.pattern) == (_COMPACTION, module):
+            return
     warnings.filterwarnings("ignore", message=_COMPACTION, module=module)
 
 

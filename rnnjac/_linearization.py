@@ -101,9 +101,7 @@ class StateLayout:
         """Full state ``(..., D)`` -> per layer ``(h, c)`` (``c`` is None without a cell state): views from one
         ``torch.split``, whose backward joins the parts' gradients in one pass (a slice per part would zero-fill
         a full-size gradient for each)."""
-        sizes = [n for parts in self.parts for _, n in parts]
-        pieces = iter(torch.split(s, sizes, -1) if len(sizes) > 1 else (s,))  # one part: s itself, no copy back
-        return [(next(pieces), next(pieces) if len(parts) > 1 else None) for parts in self.parts]
+        return self._split(s, -1, "full", whole=False)
 
     def split_rows(self, q: Tensor, state: str = "full") -> list[tuple[Tensor, Tensor | None]]:
         """Per layer ``(h, c)`` rows of ``q (..., D, k)`` (a block of tangent or cotangent columns over the chosen
@@ -118,9 +116,16 @@ class StateLayout:
         >>> [(h.shape[-2], c) for h, c in layout.split_rows(torch.ones(3, 1), "h")]
         [(2, None), (1, None)]
         """
+        return self._split(q, -2, state, whole=True)
+
+    def _split(self, t: Tensor, dim: int, state: str, *, whole: bool) -> list[tuple[Tensor, Tensor | None]]:
+        """:meth:`split` / :meth:`split_rows` along ``dim``. ``whole``: a single part is ``t`` itself (for the
+        linearisation's internal blocks: a one-piece ``torch.split`` still copies the whole gradient back); else
+        always split views, which torch refuses to edit in place (the states behind the outputs that
+        ``forward_with_states`` hands out)."""
         full = state == "full"
         sizes = [n for parts in self.parts for p, n in parts if full or p == "h"]
-        pieces = iter(torch.split(q, sizes, -2) if len(sizes) > 1 else (q,))  # one part: q itself, no copy back
+        pieces = iter((t,) if whole and len(sizes) == 1 else torch.split(t, sizes, dim))
         return [(next(pieces), next(pieces) if len(parts) > 1 and full else None) for parts in self.parts]
 
     def join(self, layers: list[tuple[Tensor, Tensor | None]]) -> Tensor:

@@ -58,16 +58,14 @@ def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None, out: Tensor 
     """``x W_ih^T + bias`` for all steps at once: ``(T, B, G)`` from time-major ``x (T, B, I)``; written into
     ``out`` (``(T B, G)``, e.g. columns of a larger buffer) when given."""
     flat = x.reshape(-1, x.shape[-1])
-    if out is not None:
-        return torch.mm(flat, w_ih.t(), out=out) if bias is None else torch.addmm(bias, flat, w_ih.t(), out=out)
-    res = flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())
-    return res.view(x.shape[0], x.shape[1], -1)
+    res = torch.mm(flat, w_ih.t(), out=out) if bias is None else torch.addmm(bias, flat, w_ih.t(), out=out)
+    return res if out is not None else res.view(x.shape[0], x.shape[1], -1)
 
 
 def _bias_sum(*biases: Tensor | None) -> Tensor | None:
     """The sum of the biases given (None: absent), None if there are none."""
     present = [b for b in biases if b is not None]
-    return None if not present else present[0] if len(present) == 1 else sum(present[1:], present[0])
+    return sum(present[1:], present[0]) if present else None
 
 
 def _linear_grads(need: tuple, x: Tensor, w: Tensor, dpre: Tensor) -> tuple:
@@ -122,16 +120,16 @@ class _GRULayer(torch.autograd.Function):
         # recurrent GEMM into the r, z and hidden n columns in place.
         flat = pre.view(-1, 4 * hid)
         rz, n = slice(0, 2 * hid), slice(2 * hid, None)
-        b_i, b_h = (
-            (None, None) if b_ih is None else (b_ih[rz], b_ih[n]),
-            (None, None) if b_hh is None else (b_hh[rz], b_hh[n]),
-        )
-        _input_projection(x, w_ih[rz], _bias_sum(b_i[0], b_h[0]), out=flat[:, : 2 * hid])
-        _input_projection(x, w_ih[n], b_i[1], out=flat[:, 3 * hid :])
-        if b_h[1] is None:
+
+        def rows(bias, part):
+            return None if bias is None else bias[part]
+
+        _input_projection(x, w_ih[rz], _bias_sum(rows(b_ih, rz), rows(b_hh, rz)), out=flat[:, : 2 * hid])
+        _input_projection(x, w_ih[n], rows(b_ih, n), out=flat[:, 3 * hid :])
+        if b_hh is None:
             flat[:, 2 * hid : 3 * hid].zero_()
         else:
-            flat[:, 2 * hid : 3 * hid].copy_(b_h[1])
+            flat[:, 2 * hid : 3 * hid].copy_(b_hh[n])
         hs[0] = h0
         wt = w_hh.t()
         for t in range(steps):
