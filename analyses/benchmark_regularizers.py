@@ -190,9 +190,8 @@ def main(argv=None):
                     row = [cell.upper(), hidden, layers, label, f"{med[label] * 1e3:.0f}", f"{ratio:.2f}x", tgt, note]
                     rows.append(row)
                     print(row, flush=True)
-                _report(
-                    args, argv, rows, compile_s, t_start, load0
-                )  # after every configuration: a cut run keeps its rows
+                # after every configuration, so that a run cut at its time limit keeps its rows
+                _report(args, argv, rows, compile_s, t_start, load0)
 
 
 def _report(args, argv, rows, compile_s, t_start, load0) -> None:
