@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ._checks import NonFiniteError, RnnjacWarning, check_choice, check_positive_int, prepare, recurrent_module
 from ._datasets import build_dataset
+from ._system import as_tensor
 
 __all__ = ["fixed_points"]
 
@@ -235,11 +236,7 @@ def _check_eigenvectors(eigenvectors, d: int) -> int:
 
 
 def _as_tensor(name: str, value) -> Tensor:
-    if isinstance(value, Tensor):
-        return value.detach()
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(value)
-    raise TypeError(f"{name} must be a torch.Tensor (or numpy array); got {type(value).__name__}")
+    return as_tensor(name, value).detach()
 
 
 def _builtin(model) -> bool:

@@ -242,6 +242,11 @@ class DenseLinearization(Linearization):
     def apply(self, q: Tensor, state: str = "full") -> Tensor:
         return self.materialize(state) @ q
 
+    def apply_transpose(self, u: Tensor, state: str = "full") -> Tensor:
+        """``J^T U``: one batched product with the transposed view of ``J`` (no vjp graph), differentiable in
+        ``J`` and ``U`` under grad mode like :meth:`apply`."""
+        return self.materialize(state).mT @ u
+
     def materialize(self, state: str = "full") -> Tensor:
         return self.jac if state == "full" else self.layout.h_block(self.jac)
 

@@ -38,6 +38,12 @@ def as_tensor(name: str, value) -> Tensor:
         return value
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value)
+    if isinstance(value, torch.nn.utils.rnn.PackedSequence):
+        raise TypeError(
+            f"{name} must be a padded torch.Tensor (B, T, I) or (T, B, I); got a PackedSequence. Pad it with "
+            "torch.nn.utils.rnn.pad_packed_sequence (every step of the padded tensor is then analysed, the padding "
+            "too: take a batch of equal lengths, or the steps within each sequence's length from the result)"
+        )
     raise TypeError(f"{name} must be a torch.Tensor (or numpy array); got {type(value).__name__}")
 
 

@@ -331,6 +331,23 @@ def test_dtype_mismatch_messages_say_which_argument_has_which_dtype():
     assert "custom cell's parameters are torch.float64" in str(err.value) and "dtype=" not in str(err.value)
 
 
+def test_a_packed_sequence_is_refused_with_what_to_do():
+    """A PackedSequence (variable-length batches) is refused before any work by every entry point that takes
+    inputs, with the way to pad it and what padding means for the analysis."""
+    gru = nn.GRU(3, 4, batch_first=True)
+    x = torch.randn(2, 5, 3)
+    packed = nn.utils.rnn.pack_padded_sequence(x, [5, 3], batch_first=True)
+    calls = (
+        lambda: rnnjac.jacobians(gru, packed),
+        lambda: regularizers.jacobian_penalty(gru, packed),
+        lambda: regularizers.forward_with_states(gru, packed),
+        lambda: rnnjac.fixed_points(gru, packed),
+    )
+    for call in calls:
+        with pytest.raises(TypeError, match=r"inputs must be a padded torch.Tensor.*got a PackedSequence.*pad_packed"):
+            call()
+
+
 # ----------------------------------------------------------------------------------------- no_grad / inference_mode
 
 

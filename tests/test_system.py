@@ -11,7 +11,7 @@ from rnnjac._builtin_system import BuiltinSystem
 from rnnjac._cells import ARCHITECTURES, LayerParams
 from rnnjac._custom_system import CustomSystem
 from rnnjac._dynamics import Dynamics, as_dynamics
-from rnnjac._linearization import DenseLinearization, FactoredLinearization
+from rnnjac._linearization import DenseLinearization, FactoredLinearization, Linearization
 from rnnjac._system import System
 
 F64 = torch.float64
@@ -271,3 +271,19 @@ def test_converted_copies_are_still_builtin_and_leave_the_model_alone():
     custom = as_dynamics(_custom(), state_size=4)
     with pytest.raises(TypeError, match="cannot convert a custom step"):
         custom.converted(torch.zeros(2, 3, 4), None, F64, None)
+
+
+def test_dense_transpose_is_the_generic_vjp_and_differentiable():
+    """``DenseLinearization.apply_transpose`` (one product with ``J^T``) equals the interface's generic vjp route, for
+    the full state and the h block, under grad mode and inference mode, and its gradient in ``J`` passes gradcheck."""
+    layout = as_dynamics(torch.nn.LSTM(2, 3)).layout
+    jac = torch.randn(4, 6, 6, dtype=F64, generator=_gen(7), requires_grad=True)
+    lin = DenseLinearization(layout, torch.zeros(4, 6, dtype=F64), torch.zeros(4, 2, dtype=F64), jac)
+    for state, d in (("full", 6), ("h", 3)):
+        u = torch.randn(4, d, 2, dtype=F64, generator=_gen(8))
+        want = Linearization.apply_transpose(lin, u, state)
+        torch.testing.assert_close(lin.apply_transpose(u, state), want, rtol=0, atol=1e-15)
+        with torch.inference_mode():
+            torch.testing.assert_close(lin.detached().apply_transpose(u, state), want.detach(), rtol=0, atol=1e-15)
+        transposed = lambda j, u=u, s=state: lin._with(lin.s, lin.x, j).apply_transpose(u, s)  # noqa: E731
+        assert torch.autograd.gradcheck(transposed, (jac,))
