@@ -339,7 +339,10 @@ class _LinearScan(torch.autograd.Function):
     backwards in time: ``G_t = g_t + f_{t+1} G_{t+1}`` (``G_T = g_T``), then ``dL/du_t = G_t``,
     ``dL/df_t = G_t c_{t-1}``, ``dL/dc_0 = g_0 + f_1 G_1``. The backward calls this Function again, so it is
     differentiable in turn (double backward); the forward-mode tangent is the scan of
-    ``df_t c_{t-1} + du_t`` from ``dc_0``; ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``) work on it."""
+    ``df_t c_{t-1} + du_t`` from ``dc_0``; ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``) work on it,
+    except forward-over-forward (``jacfwd(jacfwd(...))``): torch hands a custom Function's ``jvp`` its saved
+    tensors without the outer tangent, so second derivatives taken that way are wrong (reverse-over-reverse,
+    forward-over-reverse and reverse-over-forward are exact)."""
 
     generate_vmap_rule = True
 
@@ -357,6 +360,8 @@ class _LinearScan(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         f, c = ctx.saved_tensors
         need_f, need_u, need_c0 = ctx.needs_input_grad
+        if f.shape[1] == 0:  # no step: c_0 is the only output
+            return None, None, grad[:, 0] if need_c0 else None
         # reversed time: G'_s = f'_s G'_{s-1} + g_{T+1-s} with G'_0 = 0, f'_s = f_{T+2-s} (f'_1 multiplies 0)
         f_rev = torch.cat([torch.zeros_like(f[:, :1]), f[:, 1:].flip(1)], 1)
         big_g = _LinearScan.apply(f_rev, grad[:, 1:].flip(1), torch.zeros_like(c[:, 0]))[:, 1:].flip(1)

@@ -174,6 +174,19 @@ def test_linear_recurrence_equals_the_plain_loop(method, steps):
         linear_recurrence(f, u, c0, method="blocked")
 
 
+@pytest.mark.parametrize("method", ["loop", "scan"])
+def test_linear_recurrence_of_no_step(method):
+    """T = 0: the only output is ``c_0``, whose gradient is the incoming one (the scan's backward took an index of
+    the empty time axis)."""
+    f, u = (torch.rand(2, 0, 3, dtype=F64, requires_grad=True) for _ in range(2))
+    c0 = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    got = linear_recurrence(f, u, c0, method=method)
+    torch.testing.assert_close(got, c0.unsqueeze(1), rtol=0, atol=0)
+    w = torch.randn(2, 1, 3, dtype=F64)
+    (got * w).sum().backward()
+    torch.testing.assert_close(c0.grad, w[:, 0], rtol=0, atol=0)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func's own imports
 def test_linear_recurrence_scan_under_torch_func():
     """The scan's autograd Function works under torch.func (forward-mode jvp, vmap, grad) as the loop does."""
