@@ -165,6 +165,9 @@ class Linearization(ABC):
     x: Tensor
     factored: bool = False
     """Whether ``J`` is kept as coefficients (``apply`` costs GEMMs with the shared weights)."""
+    forms_cheaply: bool = True
+    """Whether :meth:`materialize` costs no matrix product (``J`` is held, or is weight blocks scaled by rows):
+    then ``J`` formed once beats the factored product for more than a couple of tangent columns."""
 
     @abstractmethod
     def apply(self, q: Tensor, state: str = "full") -> Tensor:
@@ -287,6 +290,13 @@ class FactoredLinearization(Linearization):
     """
 
     factored = True
+
+    @property
+    def forms_cheaply(self) -> bool:
+        """One layer without projection: its ``J`` is its weight blocks scaled by rows (O(D^2) per point, the
+        work of one factored product with a single vector); a stack's cross-layer blocks and a projection are
+        matrix products (O(D^3))."""
+        return len(self.layers) == 1 and self.layers[0].w_hr is None
 
     def __init__(
         self,

@@ -157,19 +157,25 @@ def test_state_h_spectrum_equals_the_autograd_path():
 
 # ----------------------------------------------------------------------------- top-k singular values
 @pytest.mark.parametrize(
-    ("model", "state", "dtype"),
+    ("model", "state", "dtype", "formed"),
     [
-        (lambda: torch.nn.GRU(4, 96), "full", torch.float32),
-        (lambda: torch.nn.GRU(4, 96), "full", F64),
-        (lambda: torch.nn.LSTM(4, 40, num_layers=2), "full", torch.float32),
-        (lambda: torch.nn.LSTM(4, 40, num_layers=2), "h", F64),
+        (lambda: torch.nn.GRU(4, 96), "full", torch.float32, True),
+        (lambda: torch.nn.GRU(4, 96), "full", F64, True),
+        (lambda: torch.nn.LSTM(4, 40), "full", F64, True),
+        (lambda: torch.nn.LSTM(4, 40), "h", F64, True),
+        (lambda: torch.nn.LSTM(4, 40, proj_size=30), "full", F64, False),
+        (lambda: torch.nn.LSTM(4, 40, num_layers=2), "full", torch.float32, False),
+        (lambda: torch.nn.LSTM(4, 40, num_layers=2), "h", F64, False),
     ],
 )
-def test_top_singular_values_equal_full_svd(model, state, dtype):
+def test_top_singular_values_equal_full_svd(model, state, dtype, formed):
+    """Both routes of the Krylov products, against full SVDs: ``J`` formed once (one layer, no projection: row
+    scalings of the weights) and the factored products (a stack or a projection, whose ``J`` holds products)."""
     torch.manual_seed(0)
     dyn = as_dynamics(model().to(dtype))
     s = torch.randn(5, dyn.state_size, generator=gen(0), dtype=dtype)
     lin = dyn.linearize(s, torch.randn(5, 4, generator=gen(1), dtype=dtype))
+    assert lin.factored and lin.forms_cheaply == formed
     j = lin.materialize(state)
     want = torch.linalg.svdvals(j.double())[:, :8]
     got = top_singular_values(lin, 8, state)
