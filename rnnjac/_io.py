@@ -303,7 +303,7 @@ def _check(path, overwrite: bool, suffixes: tuple[str, ...], *, tidy: bool = Tru
     return path
 
 
-def check_output(path, *, overwrite: bool = False) -> Path:
+def check_output(path, *, overwrite: bool = False, kind: str | None = None) -> Path:
     """Check, before any work, that ``path`` can be written; return it as a ``Path``.
 
     The kind comes from the suffix: dataset ``.nc``/``.zarr``, figure ``.png``/``.pdf``/``.svg``. Also recovers an
@@ -315,6 +315,8 @@ def check_output(path, *, overwrite: bool = False) -> Path:
         The output.
     overwrite : bool
         Allow replacing an existing output, but only one that rnnjac wrote itself.
+    kind : {"dataset", "figure"}, optional
+        What the caller will write there: only that kind's suffixes are accepted (default: either kind).
 
     Raises
     ------
@@ -330,14 +332,22 @@ def check_output(path, *, overwrite: bool = False) -> Path:
     Examples
     --------
     >>> import tempfile, os
-    >>> check_output(os.path.join(tempfile.mkdtemp(), "spectra.nc")).name
+    >>> check_output(os.path.join(tempfile.mkdtemp(), "spectra.nc"), kind="dataset").name
     'spectra.nc'
     """
-    return _check(path, overwrite, _ALL_SUFFIXES)
+    return _check(path, overwrite, _suffixes(kind))
 
 
-def check_outputs(paths, *, overwrite: bool = False) -> list[Path]:
-    """:func:`check_output` for several outputs, all checked before any is written; duplicates are refused.
+def _suffixes(kind: str | None) -> tuple[str, ...]:
+    kinds = {None: _ALL_SUFFIXES, "dataset": DATASET_SUFFIXES, "figure": FIGURE_SUFFIXES}
+    if kind not in kinds:
+        raise ValueError(f"kind must be 'dataset', 'figure' or None; got {kind!r}")
+    return kinds[kind]
+
+
+def check_outputs(paths, *, overwrite: bool = False, kind: str | None = None) -> list[Path]:
+    """:func:`check_output` (of the given ``kind``) for several outputs, all checked before any is written;
+    duplicates are refused.
 
     Examples
     --------
@@ -353,7 +363,7 @@ def check_outputs(paths, *, overwrite: bool = False) -> list[Path]:
         if key in seen:
             raise ValueError(f"the same output is given twice: {seen[key]} and {p}")
         seen[key] = p
-    return [check_output(p, overwrite=overwrite) for p in paths]
+    return [check_output(p, overwrite=overwrite, kind=kind) for p in paths]
 
 
 # ----------------------------------------------------------------------------- writing

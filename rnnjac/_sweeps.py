@@ -264,7 +264,7 @@ def analyze_checkpoints(
 
 def _existing_rows(out: Path, paths, digests, config: str, overwrite: bool):
     """``(old Dataset or None, its rows to keep)``; raises before any work what may not be replaced."""
-    check_output(out, overwrite=True)  # recovers an interrupted swap; refuses an output that rnnjac did not write
+    check_output(out, overwrite=True, kind="dataset")  # recovers an interrupted swap; refuses a foreign output
     if not os.path.lexists(out):
         return None, []
     old = open_dataset(out)

@@ -124,7 +124,7 @@ class SpectrumCallback(Callback):
         if self.save_to is not None and trainer.is_global_zero:
             from ._io import check_output
 
-            check_output(self.save_to, overwrite=self.overwrite)
+            check_output(self.save_to, overwrite=self.overwrite, kind="dataset")
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._measure(trainer, pl_module)

@@ -59,6 +59,28 @@ def test_analyze_refuses_an_unknown_output_kind_before_work(tmp_path, ckpt, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gru.pt"]
 
 
+@pytest.mark.parametrize("command", ["analyze", "verify", "fixed-points"])
+@pytest.mark.parametrize("name", ["s.png", "s.svg"])
+def test_a_figure_name_for_a_dataset_output_is_refused_before_work(tmp_path, ckpt, capsys, monkeypatch, command, name):
+    """``-o`` of analyze, verify and fixed-points is a Dataset: a figure suffix (which the general check accepts for
+    other outputs) is refused before any work, not after the whole computation."""
+    import rnnjac._fixed_points
+    import rnnjac._pipeline
+    import rnnjac._verify
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the output was checked")
+
+    for module, name_ in ((rnnjac._pipeline, "analyze_checkpoint"), (rnnjac._verify, "verify")):
+        monkeypatch.setattr(module, name_, no_work)
+    monkeypatch.setattr(rnnjac._fixed_points, "fixed_points", no_work)
+    monkeypatch.setattr(rnnjac._pipeline, "load_checkpoint", no_work, raising=False)
+    assert main([command, str(ckpt), "-o", str(tmp_path / name)]) == 2
+    err = _one_error(capsys)
+    assert "must end in .nc or .zarr" in err and name in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gru.pt"]
+
+
 def test_overwrite_replaces_only_rnnjac_outputs(tmp_path, ckpt, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "results.nc"

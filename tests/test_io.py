@@ -145,6 +145,14 @@ def test_only_known_suffixes(tmp_path):
     plt.close("all")
     with pytest.raises(ValueError, match="got no suffix"):
         _io.check_output(tmp_path / "spectra")
+    # what the caller will write: only that kind's suffixes, checked before any work
+    assert _io.check_output(tmp_path / "f.png").name == "f.png"
+    with pytest.raises(ValueError, match=r"must end in \.nc or \.zarr; got \.png"):
+        _io.check_output(tmp_path / "f.png", kind="dataset")
+    with pytest.raises(ValueError, match=r"must end in \.png, \.pdf or \.svg; got \.zarr"):
+        _io.check_outputs([tmp_path / "f.png", tmp_path / "s.zarr"], kind="figure")
+    with pytest.raises(ValueError, match="kind must be 'dataset', 'figure' or None; got 'table'"):
+        _io.check_output(tmp_path / "s.nc", kind="table")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         _io.check_output(tmp_path / "missing" / "s.nc")
     (tmp_path / "afile").write_text("x")

@@ -97,6 +97,15 @@ def test_existing_output_stops_the_fit_before_training(tmp_path):
     assert trainer.global_step == 0 and cb.monitor.steps == [] and out.read_bytes() == b"not mine"
 
 
+def test_a_figure_name_for_save_to_stops_the_fit_before_training(tmp_path):
+    """``save_to`` is a Dataset: a figure suffix is refused at the start of the fit, not after the training."""
+    cb = SpectrumCallback(torch.randn(1, 10, 2), every=10, save_to=tmp_path / "spectra.png")
+    trainer = _trainer(tmp_path, cb)
+    with pytest.raises(ValueError, match=r"spectra.png must end in \.nc or \.zarr; got \.png"):
+        trainer.fit(TinyModule(), _loader())
+    assert trainer.global_step == 0 and cb.monitor.steps == []
+
+
 def test_import_without_lightning_names_the_extra(monkeypatch):
     for name in [m for m in sys.modules if m == "lightning" or m.startswith("lightning.")]:
         monkeypatch.delitem(sys.modules, name)

@@ -147,7 +147,7 @@ def cmd_analyze(args, argv) -> int:
     # a sweep resumes or extends an existing output of its own configuration (analyze_checkpoints decides);
     # it must still be a file rnnjac wrote, of the right kind
     exists = os.path.lexists(out)
-    _io.check_output(out, overwrite=args.overwrite or bool(sweep and exists))
+    _io.check_output(out, overwrite=args.overwrite or bool(sweep and exists), kind="dataset")
     if model is None:
         _warn_ignored(paths[0], args)
     if sweep:
@@ -301,7 +301,7 @@ def cmd_verify(args, argv) -> int:
 
         check_options(10, 1e-7, 0, 0, 0.95, spec.steps)
     if args.out:
-        _io.check_output(args.out, overwrite=args.overwrite)
+        _io.check_output(args.out, overwrite=args.overwrite, kind="dataset")
     if model is None:
         _warn_ignored(args.checkpoint, args)
     digest = sha256(args.checkpoint) if args.out else ""

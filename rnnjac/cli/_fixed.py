@@ -96,7 +96,9 @@ def cmd_fixed_points(args, argv) -> int:
     folder = _output_folder(Path(args.plot_dir)) if args.plot_dir else contextlib.nullcontext()
     with folder:
         targets = plot_targets(FIGURES, args.plot_dir, "png", stem) if args.plot_dir else {}
-        _io.check_outputs([*([out] if out else []), *targets.values()], overwrite=args.overwrite)
+        if out:
+            _io.check_output(out, overwrite=args.overwrite, kind="dataset")
+        _io.check_outputs(list(targets.values()), overwrite=args.overwrite, kind="figure")
         load = {"arch": args.arch, "nonlinearity": args.nonlinearity, "prefix": args.prefix, "unsafe": args.unsafe}
         module = load_checkpoint(args.checkpoint, **load).double()
         states = _initial_states(args, module, checkpoint_info(module)["input_size"])

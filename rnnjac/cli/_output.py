@@ -131,7 +131,7 @@ def write_plots(ds, out_dir, fmt: str = "png", overwrite: bool = False, stem: st
     if not names:
         raise ValueError("nothing to plot: the file has no spectra variables")
     targets = plot_targets(names, out_dir, fmt, stem)
-    _io.check_outputs(list(targets.values()), overwrite=overwrite)
+    _io.check_outputs(list(targets.values()), overwrite=overwrite, kind="figure")
     figures = {}
     try:
         for name in names:
