@@ -4,7 +4,9 @@ the warning about ignored weights, ``--threads``; each compared with the Python 
 from __future__ import annotations
 
 import math
+import os
 import re
+import sys
 import textwrap
 
 import numpy as np
@@ -148,6 +150,32 @@ def test_model_gives_the_exponents_of_the_python_call(tmp_path, encoder_model, c
         main(["verify", str(ckpt), "--model", f"{name}:Net", "--inputs", str(xfile), "--dtype", "float64", "-q"]) == 0
     )
     assert capsys.readouterr().out.startswith("PASS")
+
+
+def test_model_in_the_current_folder_is_importable(tmp_path, capsys, monkeypatch):
+    """``--model mynet:Net`` finds ``./mynet.py`` as ``python -m`` would, although a console script's import path
+    lacks the current folder (the README's example); sweep workers get it through ``PYTHONPATH``."""
+    here = tmp_path / "work"
+    here.mkdir()
+    (here / "rnnjac_cwd_test_model.py").write_text(MODEL_SOURCE)
+    monkeypatch.chdir(here)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(here))])
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.delitem(sys.modules, "rnnjac_cwd_test_model", raising=False)
+    torch.manual_seed(0)
+    with monkeypatch.context() as m:  # the checkpoint, built with the module importable for a moment
+        m.syspath_prepend(str(here))
+        import rnnjac_cwd_test_model as models
+
+        state = models.Net().state_dict()
+    monkeypatch.delitem(sys.modules, "rnnjac_cwd_test_model")
+    assert str(here) not in sys.path
+    torch.save(state, here / "net.pt")
+    np.save(here / "x.npy", torch.randn(2, 20, 5).numpy())
+    argv = ["analyze", "net.pt", "--model", "rnnjac_cwd_test_model:Net", "--inputs", "x.npy", "-k", "2", "-o", "s.nc"]
+    assert main([*argv, "-q", "--submodule", "gru"]) == 0, capsys.readouterr().err
+    assert rnnjac.open_dataset(here / "s.nc").attrs["model"] == "rnnjac_cwd_test_model:Net"
+    assert os.environ["PYTHONPATH"].split(os.pathsep)[0] == str(here)
 
 
 def test_without_model_a_warning_names_the_ignored_weights(tmp_path, encoder_model, capsys):

@@ -58,8 +58,21 @@ def _model_spec(args):
             raise ValueError(f"--model-kwargs must be a JSON object {{...}}; got {args.model_kwargs!r}")
     from .._user_model import ModelSpec, import_model_class
 
+    _import_from_the_current_folder()
     import_model_class(args.model)
     return ModelSpec(args.model, kwargs, args.submodule)
+
+
+def _import_from_the_current_folder() -> None:
+    """Put the current folder first on the import path, as ``python -m`` does (a console script's path lacks it),
+    for this process and for the worker processes a sweep starts (``PYTHONPATH``): ``--model mynet:Net`` finds
+    ``./mynet.py``."""
+    here = os.getcwd()
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if here not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([here, *filter(None, paths)])
 
 
 def _warn_ignored(path, args) -> None:
