@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +28,8 @@ from ._options import SpectraOptions
 from ._sensitivity import _check_max_lag as check_max_lag
 from ._spectra import spectra
 from ._user_model import ModelSpec, load_model
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "InputSpec",
@@ -273,6 +278,26 @@ def _to(h0, device, dtype):
     return h0.to(device=device, dtype=dtype)
 
 
+@contextmanager
+def stage(what: str):
+    """Log ``what`` when it starts and how long it took when it is done, on the ``rnnjac`` logger at INFO (the
+    lines ``rnnjac -v`` shows; in Python, ``logging.getLogger("rnnjac").setLevel(logging.INFO)`` with a handler).
+
+    Examples
+    --------
+    >>> with stage("nothing"):
+    ...     pass
+    """
+    log.info("%s ...", what)
+    t0 = time.perf_counter()
+    yield
+    log.info("%s: done in %.1f s", what, time.perf_counter() - t0)
+
+
+def _log_target(module, x, dtype, device, described: str) -> None:
+    log.info("model %s; inputs %s of shape %s, %s on %s", module, described, tuple(x.shape), dtype, device)
+
+
 def analyze_checkpoint(
     path,
     inputs,
@@ -308,7 +333,8 @@ def analyze_checkpoint(
         return _analyze_model(*args, check_lyapunov, max_lag)
     if model is not None and model.submodule is not None:
         raise ValueError("submodule= names a submodule of model=; give model= as well")
-    module = load_checkpoint(path, **(load_kwargs or {}))
+    with stage(f"loading {path}"):
+        module = load_checkpoint(path, **(load_kwargs or {}))
     info = checkpoint_info(module)
     dtype = options.torch_dtype or next(module.parameters()).dtype
     module = module.to(dtype=dtype)  # the model of the analysis (and of the lambda_1 check) in the inputs' dtype
@@ -332,9 +358,12 @@ def analyze_checkpoint(
     }
     h0 = _to(as_h0(h0), device, dtype)
     _check_before_work(options, x.shape[1], check_lyapunov, max_lag)
-    ds = spectra(module, x.to(device), h0, options=options, progress=progress, attrs=attrs)
+    _log_target(module, x, dtype, device, described)
+    with stage("spectra"):
+        ds = spectra(module, x.to(device), h0, options=options, progress=progress, attrs=attrs)
     if check_lyapunov:
-        ds.attrs.update(lyapunov_check_attrs(module, x.to(device), h0, options, used=ds.attrs))
+        with stage("checking lambda_1 by direct simulation"):
+            ds.attrs.update(lyapunov_check_attrs(module, x.to(device), h0, options, used=ds.attrs))
     return with_sensitivity(ds, module, x.to(device), h0, options, max_lag)
 
 
@@ -385,17 +414,18 @@ def with_sensitivity(ds, model, x, h0, options: SpectraOptions, max_lag, *, subm
 
     from ._sensitivity import sensitivity
 
-    sens = sensitivity(
-        model,
-        x,
-        h0,
-        max_lag=max_lag,
-        state=options.state,
-        method=options.method,
-        dtype=options.torch_dtype,
-        device=options.device,
-        submodule=submodule,
-    )
+    with stage(f"input sensitivities up to lag {max_lag}"):
+        sens = sensitivity(
+            model,
+            x,
+            h0,
+            max_lag=max_lag,
+            state=options.state,
+            method=options.method,
+            dtype=options.torch_dtype,
+            device=options.device,
+            submodule=submodule,
+        )
     ds = xr.merge([ds, sens], combine_attrs="override")
     ds.attrs["max_lag"] = int(max_lag)
     return ds
@@ -453,7 +483,8 @@ def _analyze_model(path, inputs, h0, options, model: ModelSpec, load_kwargs, pro
             f"{', '.join(extra)} describe a bare recurrent module; with model= the class says what the checkpoint "
             f"holds: leave {extra[0]} out (submodule= names the recurrent core)"
         )
-    whole = load_model(path, model.model, model.model_kwargs, unsafe=bool(load_kwargs.get("unsafe", False)))
+    with stage(f"loading {path} into {model.model}"):
+        whole = load_model(path, model.model, model.model_kwargs, unsafe=bool(load_kwargs.get("unsafe", False)))
     params = next(iter(whole.parameters()), None)
     dtype = options.torch_dtype or (params.dtype if params is not None else torch.float32)
     whole = whole.to(device=device, dtype=dtype)
@@ -482,11 +513,16 @@ def _analyze_model(path, inputs, h0, options, model: ModelSpec, load_kwargs, pro
     }
     h0 = _to(h0, device, dtype)
     _check_before_work(options, x.shape[1], check, lag)
-    ds = spectra(whole, x.to(device), h0, options=options, submodule=model.submodule, progress=progress, attrs=attrs)
-    if check:
-        ds.attrs.update(
-            lyapunov_check_attrs(whole, x.to(device), h0, options, submodule=model.submodule, used=ds.attrs)
+    _log_target(model.model, x, dtype, device, described)
+    with stage("spectra"):
+        ds = spectra(
+            whole, x.to(device), h0, options=options, submodule=model.submodule, progress=progress, attrs=attrs
         )
+    if check:
+        with stage("checking lambda_1 by direct simulation"):
+            ds.attrs.update(
+                lyapunov_check_attrs(whole, x.to(device), h0, options, submodule=model.submodule, used=ds.attrs)
+            )
     return with_sensitivity(ds, whole, x.to(device), h0, options, lag, submodule=model.submodule)
 
 

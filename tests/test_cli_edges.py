@@ -182,6 +182,27 @@ def test_plot_on_a_sweep_writes_figures_or_refuses_before_writing(tmp_path, ckpt
         assert not figs.exists()
 
 
+@pytest.mark.parametrize("suffix", [".nc", ".zarr"])
+def test_a_sweep_rerun_with_nothing_to_compute_says_so(tmp_path, ckpt, capsys, suffix):
+    """A rerun of a finished sweep writes nothing and says so (it printed "wrote"); -q on a single analysis keeps the
+    result line only."""
+    torch.manual_seed(1)
+    second = tmp_path / "gru2.pt"
+    torch.save({"model_state_dict": nn.GRU(3, 6, num_layers=2).state_dict(), "step": 9}, second)
+    sweep = tmp_path / f"sweep{suffix}"
+    argv = ["analyze", str(ckpt), str(second), "-o", str(sweep), "--steps", "10", "--batch", "2", "-q"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == f"wrote {sweep} (2 checkpoints)\n"
+    before = sorted((p.relative_to(sweep).as_posix(), p.stat().st_mtime_ns) for p in [sweep, *sweep.rglob("*")])
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out == f"{sweep} already holds all 2 checkpoints with these options: nothing to compute, nothing written\n"
+    assert sorted((p.relative_to(sweep).as_posix(), p.stat().st_mtime_ns) for p in [sweep, *sweep.rglob("*")]) == before
+    assert _analyze(ckpt, tmp_path / "one.nc") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(("λ1 = ", "lambda1 = ")), lines
+
+
 def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tmp_path, ckpt, capsys, monkeypatch):
     out = tmp_path / "s.nc"
     assert _analyze(ckpt, out) == 0
@@ -633,6 +654,28 @@ def test_conventional_names_and_hidden_old_aliases(capsys):
     assert "-o DIR, --out DIR" in _help(capsys, "plot")
     nonlinearity = _subparsers()["analyze"]._option_string_actions["--nonlinearity"].help  # noqa: SLF001
     assert "required for an nn.RNN checkpoint that does not record it" in nonlinearity
+
+
+@pytest.mark.parametrize(
+    ("command", "stages"),
+    [
+        (["analyze", "--steps", "12", "--batch", "2"], ["loading", "model GRU(3, 6, num_layers=2", "spectra"]),
+        (["verify", "--steps", "6", "--batch", "1", "--dtype", "float64"], ["loading", "checking J_t against float64"]),
+        (["fixed-points", "--n-initial", "4", "--max-iter", "5"], ["loading", "searching fixed points of GRU"]),
+    ],
+)
+def test_verbose_logs_each_stage_with_its_time(tmp_path, ckpt, capsys, command, stages):
+    """``-v`` logs each stage (its start, and its time when done) on stderr, one ``rnnjac:`` line each; without it
+    none of these lines appear."""
+    argv = [command[0], str(ckpt), *command[1:], "-o", str(tmp_path / "out.nc"), "-q"]
+    assert main(argv) == 0
+    assert "rnnjac: loading" not in capsys.readouterr().err
+    assert main([*argv, "-v", "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    for what in stages:
+        assert f"rnnjac: {what}" in err, err
+    done = [line for line in err.splitlines() if re.fullmatch(r"rnnjac: .+: done in \d+\.\d s", line)]
+    assert len(done) == sum(1 for line in err.splitlines() if line.endswith(" ...")) >= 2, err
 
 
 def test_verify_quiet_prints_one_result_line(ckpt, capsys):

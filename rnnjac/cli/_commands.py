@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 
 from ._messages import _printable
-from ._output import _command_line, _expand, _open_spectra, _output_folder, _print_table, _write, write_plots
+from ._output import (
+    _command_line,
+    _expand,
+    _identity,
+    _open_spectra,
+    _output_folder,
+    _print_table,
+    _write,
+    write_plots,
+)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -166,6 +175,7 @@ def cmd_analyze(args, argv) -> int:
     if sweep:
         from .._sweeps import analyze_checkpoints
 
+        before = _identity(out)
         ds = analyze_checkpoints(
             paths,
             inputs=inputs,
@@ -179,7 +189,11 @@ def cmd_analyze(args, argv) -> int:
             progress=not args.quiet,
             model=model,
         )
-        print(f"wrote {out} ({ds.sizes.get('checkpoint', 0)} checkpoints)")
+        n = ds.sizes.get("checkpoint", 0)
+        if before is not None and _identity(out) == before:
+            print(f"{out} already holds all {n} checkpoints with these options: nothing to compute, nothing written")
+        else:
+            print(f"wrote {out} ({n} checkpoints)")
         return 0
     extra = {} if model is None else {"model": model}
     if args.check_lyapunov:
@@ -196,7 +210,8 @@ def cmd_analyze(args, argv) -> int:
         **extra,
     )
     _write(_io.save, ds, out, overwrite=args.overwrite, written=args.written)
-    print(f"wrote {out}: {', '.join(ds.data_vars)}")
+    if not args.quiet or "lyapunov_exponents" not in ds:  # -q: the result line only
+        print(f"wrote {out}: {', '.join(ds.data_vars)}")
     if "lyapunov_exponents" in ds:
         print(exponent_summary(ds))
     if "lyapunov_check_passed" in ds.attrs:
@@ -303,7 +318,7 @@ def cmd_verify(args, argv) -> int:
 
     from .. import _io
     from .._checkpoints import sha256
-    from .._pipeline import check_device
+    from .._pipeline import check_device, stage
     from .._verify import verify
 
     spec = _input_spec(args)
@@ -318,20 +333,22 @@ def cmd_verify(args, argv) -> int:
     if model is None:
         _warn_ignored(args.checkpoint, args)
     digest = sha256(args.checkpoint) if args.out else ""
-    module, x, h0, extra, attrs = _verify_target(args, spec, device, model)
-    ds = verify(
-        module,
-        x.to(device),
-        h0,
-        state=args.state,
-        method=args.method,
-        eps=args.eps,
-        rtol=args.rtol,
-        atol=args.atol,
-        directions=args.directions,
-        generator=torch.Generator().manual_seed(args.seed),
-        **extra,
-    )
+    with stage(f"loading {args.checkpoint}"):
+        module, x, h0, extra, attrs = _verify_target(args, spec, device, model)
+    with stage(f"checking J_t against float64 finite differences on {tuple(x.shape)} inputs"):
+        ds = verify(
+            module,
+            x.to(device),
+            h0,
+            state=args.state,
+            method=args.method,
+            eps=args.eps,
+            rtol=args.rtol,
+            atol=args.atol,
+            directions=args.directions,
+            generator=torch.Generator().manual_seed(args.seed),
+            **extra,
+        )
     _verify_report(ds, args.quiet)
     passed = bool(ds.attrs["passed"])
     if args.check_lyapunov:

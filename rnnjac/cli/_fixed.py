@@ -88,7 +88,7 @@ def cmd_fixed_points(args, argv) -> int:
     from .. import _io
     from .._checkpoints import checkpoint_info, load_checkpoint, sha256
     from .._fixed_points import fixed_points
-    from .._pipeline import check_device
+    from .._pipeline import check_device, stage
 
     device = check_device(args.device)
     out = Path(args.out) if args.out else None
@@ -100,22 +100,24 @@ def cmd_fixed_points(args, argv) -> int:
             _io.check_output(out, overwrite=args.overwrite, kind="dataset")
         _io.check_outputs(list(targets.values()), overwrite=args.overwrite, kind="figure")
         load = {"arch": args.arch, "nonlinearity": args.nonlinearity, "prefix": args.prefix, "unsafe": args.unsafe}
-        module = load_checkpoint(args.checkpoint, **load).double()
+        with stage(f"loading {args.checkpoint}"):
+            module = load_checkpoint(args.checkpoint, **load).double()
         states = _initial_states(args, module, checkpoint_info(module)["input_size"])
-        ds = fixed_points(
-            module,
-            _constant_input(args),
-            states,
-            n_initial=args.n_initial,
-            noise=args.noise,
-            method=args.method,
-            tol=args.tol,
-            max_iter=args.max_iter,
-            state=args.state,
-            device=device,
-            generator=torch.Generator().manual_seed(args.seed),
-            progress=not args.quiet,
-        )
+        with stage(f"searching fixed points of {module} from {args.n_initial} initial states"):
+            ds = fixed_points(
+                module,
+                _constant_input(args),
+                states,
+                n_initial=args.n_initial,
+                noise=args.noise,
+                method=args.method,
+                tol=args.tol,
+                max_iter=args.max_iter,
+                state=args.state,
+                device=device,
+                generator=torch.Generator().manual_seed(args.seed),
+                progress=not args.quiet,
+            )
         ds.attrs.update(
             checkpoint=str(args.checkpoint), checkpoint_sha256=sha256(args.checkpoint), command=_command_line(argv)
         )
