@@ -8,6 +8,7 @@ batch-first inputs ``(B, T, I)`` and a flat initial state ``(B, D)``, or raises 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +21,7 @@ from .errors import NonFiniteError, RnnjacWarning  # noqa: F401  (RnnjacWarning:
 log = logging.getLogger("rnnjac")
 
 STATES = ("full", "h")
+_DEVICE = re.compile(r"(cpu|cuda)(:(\d+))?")
 METHODS = ("auto", "analytic", "autograd")
 
 
@@ -190,6 +192,38 @@ def recurrent_module(model, submodule=None):
     return module, {"submodule": name}
 
 
+def check_device(device) -> torch.device:
+    """The ``torch.device`` for ``device`` (``'cpu'``, ``'cuda'`` or ``'cuda:N'``), checked before any work.
+
+    Raises ``ValueError`` for another name, and when CUDA (or device ``N``) is not available here.
+
+    Examples
+    --------
+    >>> check_device("cpu")
+    device(type='cpu')
+    >>> check_device("gpu")
+    Traceback (most recent call last):
+    ...
+    ValueError: device must be cpu, cuda or cuda:N; got 'gpu'
+    """
+    name = str(device)
+    match = _DEVICE.fullmatch(name)
+    if match is None:
+        raise ValueError(f"device must be cpu, cuda or cuda:N; got {device!r}")
+    if match.group(1) == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={name!r} was asked for but CUDA is not available on this machine "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})"
+            )
+        index = match.group(3)
+        if index is not None and int(index) >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 ...)"
+            )
+    return torch.device(name)
+
+
 def prepare(
     model,
     inputs,
@@ -238,6 +272,8 @@ def prepare(
             f"inputs must have at least one sample; got B=0 in shape {tuple(inputs.shape)}, read as {layout}"
         )
     dyn.check_input_size(xs, tuple(inputs.shape))
+    if device is not None and torch.device(device).type == "cuda":  # not torch's bare AssertionError
+        device = check_device(device)
     dyn, xs = dyn.converted(xs, h0, dtype, device)
     dyn.check_matches(xs)
     t_bad = first_nonfinite_step(xs, 1)

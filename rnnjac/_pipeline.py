@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from ._checkpoints import _training_step, checkpoint_info, load_checkpoint, sha256
-from ._checks import NonFiniteError, check_choice, check_positive_int, first_nonfinite_step
+from ._checks import NonFiniteError, check_choice, check_device, check_positive_int, first_nonfinite_step
 from ._dynamics import as_dynamics
 from ._lyapunov_check import check_options, verify_lyapunov
 from ._options import SpectraOptions
@@ -46,7 +45,6 @@ __all__ = [
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 """The ``dtype`` names the command line offers."""
 H0_CHOICES = ("zeros", "random")
-_DEVICE = re.compile(r"(cpu|cuda)(:(\d+))?")
 
 
 @dataclass
@@ -99,38 +97,6 @@ def check_input_spec(spec: InputSpec) -> InputSpec:
     if isinstance(spec.seed, bool) or not isinstance(spec.seed, (int, np.integer)):
         raise ValueError(f"seed must be an integer; got {spec.seed!r}")
     return spec
-
-
-def check_device(device) -> torch.device:
-    """The ``torch.device`` for ``device`` (``'cpu'``, ``'cuda'`` or ``'cuda:N'``), checked before any work.
-
-    Raises ``ValueError`` for another name, and when CUDA (or device ``N``) is not available here.
-
-    Examples
-    --------
-    >>> check_device("cpu")
-    device(type='cpu')
-    >>> check_device("gpu")
-    Traceback (most recent call last):
-    ...
-    ValueError: device must be cpu, cuda or cuda:N; got 'gpu'
-    """
-    name = str(device)
-    match = _DEVICE.fullmatch(name)
-    if match is None:
-        raise ValueError(f"device must be cpu, cuda or cuda:N; got {device!r}")
-    if match.group(1) == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"device={name!r} was asked for but CUDA is not available on this machine "
-                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})"
-            )
-        index = match.group(3)
-        if index is not None and int(index) >= torch.cuda.device_count():
-            raise ValueError(
-                f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 ...)"
-            )
-    return torch.device(name)
 
 
 def _pick(arrays: dict, key: str | None, path) -> np.ndarray:

@@ -331,6 +331,21 @@ def test_dtype_mismatch_messages_say_which_argument_has_which_dtype():
     assert "custom cell's parameters are torch.float64" in str(err.value) and "dtype=" not in str(err.value)
 
 
+def test_cuda_without_cuda_is_a_clear_error_in_python_too(monkeypatch):
+    """``device="cuda"`` where CUDA is missing: the ValueError the CLI gives, before any work (it was torch's bare
+    AssertionError "Torch not compiled with CUDA enabled" from the conversion)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    gru, x = nn.GRU(2, 3, batch_first=True), torch.randn(2, 5, 2)
+    calls = (
+        lambda: rnnjac.lyapunov_spectrum(gru, x, device="cuda"),
+        lambda: rnnjac.spectra(gru, x, device=torch.device("cuda", 0)),
+        lambda: rnnjac.fixed_points(gru, torch.zeros(2), device="cuda"),
+    )
+    for call in calls:
+        with pytest.raises(ValueError, match=r"device='cuda(:0)?' was asked for but CUDA is not available"):
+            call()
+
+
 def test_a_packed_sequence_is_refused_with_what_to_do():
     """A PackedSequence (variable-length batches) is refused before any work by every entry point that takes
     inputs, with the way to pad it and what padding means for the analysis."""
