@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from contextlib import contextmanager
 
 __all__ = ["compute_distributed"]
@@ -30,15 +31,23 @@ def compute_distributed(tasks, client, scheduler, workers, progress):
     if scheduler is not None:
         with Client(scheduler) as own_client:
             return _gather(own_client, tasks, progress)
+    import dask
     from dask.distributed import LocalCluster
 
-    with _quiet_distributed():
+    # the workers' scratch space in a folder of ours, removed afterwards (dask's default is a shared
+    # dask-scratch-space in the system's temporary folder, left behind)
+    with (
+        _quiet_distributed(),
+        tempfile.TemporaryDirectory(prefix="rnnjac-dask-") as scratch,
+        dask.config.set({"temporary-directory": scratch}),
+    ):
         cluster = LocalCluster(
             n_workers=int(workers or 1),
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
             silence_logs=logging.CRITICAL,
+            local_directory=scratch,
         )
         try:
             with Client(cluster) as own_client:

@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -112,21 +113,24 @@ def _named(err: Exception, path: str) -> Exception:
     return named if str(named) == msg else RuntimeError(msg)
 
 
-def _run_one(path: str, part: str, inputs, options, load_kwargs, command, in_worker: bool, h0=None, model=None) -> str:
-    """Analyse one checkpoint and write its part atomically (unless it is there); returns the part's path."""
+def _run_one(path: str, part: str, inputs, options, load_kwargs, command, in_worker: bool, h0=None, model=None):
+    """Analyse one checkpoint and write its part atomically (unless it is there); returns the part's path and the
+    warnings the analysis raised, as ``(category, message)`` (a worker process cannot show them as the caller
+    does: :func:`_compute` raises them again in the caller's process, naming the checkpoint)."""
     import torch
 
     if in_worker:
         torch.set_num_threads(1)
     if Path(part).exists():
-        return part
-    try:
-        extra = {} if h0 is None and model is None else {"h0": h0, "model": model}
-        ds = analyze_checkpoint(path, inputs, options, load_kwargs=load_kwargs, command=command, **extra)
-    except Exception as err:
-        raise _named(err, path) from err
+        return part, []
+    with warnings.catch_warnings(record=True) as caught:  # the filters in force here decide what is recorded
+        try:
+            extra = {} if h0 is None and model is None else {"h0": h0, "model": model}
+            ds = analyze_checkpoint(path, inputs, options, load_kwargs=load_kwargs, command=command, **extra)
+        except Exception as err:
+            raise _named(err, path) from err
     save(ds, part)
-    return part
+    return part, [(w.category, str(w.message)) for w in caught]
 
 
 def _check_compatible(paths, load_kwargs, inputs) -> None:
@@ -338,8 +342,13 @@ def _compute(todo, parts: Path, names: dict, run: dict) -> list[str]:
     if not tasks:
         return []
     if use_distributed:
-        return list(compute_distributed(tasks, run["client"], run["scheduler"], run["workers"], run["progress"]))
-    return list(dask.compute(*tasks, scheduler="synchronous"))
+        results = compute_distributed(tasks, run["client"], run["scheduler"], run["workers"], run["progress"])
+    else:
+        results = dask.compute(*tasks, scheduler="synchronous")
+    for path, (_, caught) in zip(todo, results, strict=True):
+        for category, message in caught:
+            warnings.warn(f"{Path(path).name}: {message}", category, stacklevel=2)
+    return [part for part, _ in results]
 
 
 def _interrupted(out: Path, existed: bool, parts: Path, todo_names, total: int, done: int) -> Interrupted | None:

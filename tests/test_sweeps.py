@@ -61,6 +61,26 @@ def test_local_cluster_two_workers(tmp_path, checkpoints):
     _check_against_single(back, checkpoints)
 
 
+@pytest.mark.slow
+def test_workers_warnings_reach_the_caller_and_no_scratch_is_left(tmp_path, checkpoints, monkeypatch):
+    """A worker's warnings are raised again in the caller's process, naming the checkpoint (so the CLI shows them
+    as one ``rnnjac: warning:`` line in its own terms, as without workers); dask's scratch space lives in a
+    temporary folder that is removed afterwards (it was left in the system's temporary folder)."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    short = InputSpec(batch=2, steps=12, seed=3)  # too short for the exponents to converge: a ConvergenceWarning
+    options = SpectraOptions(k=3, dtype="float64", seed=3)
+    with pytest.warns(rnnjac.ConvergenceWarning) as caught:
+        rnnjac.analyze_checkpoints(checkpoints[:2], inputs=short, options=options, out=tmp_path / "s.nc", workers=2)
+    names = sorted({str(w.message).split(":")[0] for w in caught if issubclass(w.category, rnnjac.ConvergenceWarning)})
+    assert names and set(names) <= {p.name for p in checkpoints[:2]}, names
+    assert list(scratch.iterdir()) == []
+
+
 def test_rerun_extends_without_recomputing(tmp_path, checkpoints, monkeypatch):
     out = tmp_path / "sweep.nc"
     rnnjac.analyze_checkpoints(checkpoints[:2], inputs=INPUTS, options=OPTIONS, out=out)
