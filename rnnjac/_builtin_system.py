@@ -309,7 +309,11 @@ class BuiltinSystem(System):
 
     @staticmethod
     def remember_gates(states: Tensor, gates: list) -> None:
-        """Keep ``gates`` (:meth:`fused_states_and_gates`) for :meth:`recall_gates` of this very ``states``."""
+        """Keep ``gates`` (:meth:`fused_states_and_gates`) for :meth:`recall_gates` of this very ``states``. Not for
+        an inference tensor (``torch.inference_mode``): it has no version counter to tell an in-place edit, so the
+        penalty recomputes the gates instead."""
+        if states.is_inference():
+            return
         if any(g is not None for g in gates):
             _GATES[states] = (states._version, gates)
 

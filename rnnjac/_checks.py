@@ -81,6 +81,23 @@ def check_compile(compile) -> None:  # noqa: A002
     check_bool("compile=", compile)
 
 
+def check_generator(generator) -> None:
+    """``generator`` is None or a ``torch.Generator``.
+
+    Examples
+    --------
+    >>> check_generator(0)
+    Traceback (most recent call last):
+    ...
+    TypeError: generator must be a torch.Generator or None (e.g. torch.Generator().manual_seed(0)); got int
+    """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            "generator must be a torch.Generator or None (e.g. torch.Generator().manual_seed(0)); got "
+            f"{type(generator).__name__}"
+        )
+
+
 def check_power_dtype(power_dtype, kind: str) -> None:
     if power_dtype is None:
         return

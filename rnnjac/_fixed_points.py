@@ -30,7 +30,15 @@ import torch
 import xarray as xr
 from torch import Tensor, nn
 
-from ._checks import NonFiniteError, RnnjacWarning, check_choice, check_positive_int, prepare, recurrent_module
+from ._checks import (
+    NonFiniteError,
+    RnnjacWarning,
+    check_choice,
+    check_generator,
+    check_positive_int,
+    prepare,
+    recurrent_module,
+)
 from ._datasets import build_dataset
 from ._system import as_tensor
 
@@ -209,8 +217,7 @@ def _check_options(method, tol, max_iter, unique_tol, outlier_distance, noise, l
             raise ValueError(f"{name} must be a number >= 0; got {value!r}")
     if outlier_distance is not None and (not _is_number(outlier_distance) or not outlier_distance > 0):
         raise ValueError(f"outlier_distance must be a positive number or None; got {outlier_distance!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+    check_generator(generator)
     return {
         "tol": tol,
         "max_iter": max_iter,

@@ -54,7 +54,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_bool
+from ._checks import check_bool, check_generator
 from .errors import NonFiniteError
 
 __all__ = ["input_output_penalty"]
@@ -74,8 +74,7 @@ def _check_options(estimator, n_proj, reduction, generator, create_graph, check_
         raise ValueError(f"n_proj must be an integer >= 1; got {n_proj!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; got {reduction!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+    check_generator(generator)
     check_bool("create_graph", create_graph)
     check_bool("check_independence", check_independence)
 

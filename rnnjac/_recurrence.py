@@ -299,7 +299,10 @@ class _LSTMLayer(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx, dw_ih, db = _linear_grads((need[0], need[3], need[5] or need[6]), x, w_ih, dpre)
         _, dw_hh, _ = _linear_grads((False, need[4], False), hs[:-1], w_hh, dpre)
-        return dx, dh, dc_carry, dw_ih, dw_hh, db if need[5] else None, db if need[6] else None
+        # one tensor per bias: the same object for both would let an in-place edit of one gradient change the other
+        db_ih = db if need[5] else None
+        db_hh = (db.clone() if need[5] else db) if need[6] else None
+        return dx, dh, dc_carry, dw_ih, dw_hh, db_ih, db_hh
 
 
 def _lstm_coefficients(cs, gates, tc, dgates, dpre) -> tuple[Tensor, Tensor, Tensor | None]:

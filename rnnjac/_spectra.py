@@ -51,7 +51,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from ._checks import prepare
+from ._checks import check_generator, prepare
 from ._datasets import build_dataset
 from ._kernels import spectra_tensors
 from ._options import SpectraOptions
@@ -92,6 +92,7 @@ def _resolve_options(options, generator, keywords: dict) -> tuple[SpectraOptions
     None for torch's global random state). With ``options``, every keyword must keep its default (else
     ``TypeError``); a ``generator`` given as well replaces ``options.seed``.
     """
+    check_generator(generator)
     if options is None:
         seed = None if generator is None else int(generator.initial_seed())
         return SpectraOptions(**keywords, seed=seed), generator

@@ -63,6 +63,7 @@ from ._checks import (
     check_bool,
     check_choice,
     check_compile,
+    check_generator,
     check_lyapunov_options,
     check_positive_int,
     check_power_dtype,
@@ -79,11 +80,11 @@ KINDS = ("frobenius", "spectral", "end_to_end")
 ESTIMATORS = ("exact", "projection")
 
 
-def _warn_no_grad(dyn, inputs) -> None:
+def _warn_no_grad(dyn, inputs, s0) -> None:
     params = dyn.tensors()
-    if params and not any(p.requires_grad for p in params) and not getattr(inputs, "requires_grad", False):
+    if params and not any(t.requires_grad for t in [*params, inputs, s0]):
         warnings.warn(
-            "none of the model's parameters (nor the inputs) require grad: the penalty will have no gradient",
+            "none of the model's parameters (nor the inputs, nor h0) require grad: the penalty will have no gradient",
             RnnjacWarning,
             stacklevel=4,
         )
@@ -100,7 +101,7 @@ def _prepare(model, inputs, h0, state, batch_first, outputs, submodule, states=N
             "outputs=/states= come from the recurrent module's own forward; with a whole model (submodule "
             f"{problem.attrs['submodule']!r}) the core is re-run on its captured inputs: leave them None"
         )
-    _warn_no_grad(problem.dyn, problem.xs)
+    _warn_no_grad(problem.dyn, problem.xs, problem.s0)
     return problem
 
 
@@ -226,10 +227,13 @@ def jacobian_penalty(
         As in :func:`rnnjac.jacobians`; gradients flow to the model's parameters and to ``inputs``.
     kind : {"frobenius", "spectral", "end_to_end"}
     estimator : {"exact", "projection"}
+        For ``kind="frobenius"`` and ``"end_to_end"``; ``kind="spectral"`` ignores it (and ``n_proj``): its power
+        iterations are its estimator. Ignored options are accepted, so that one set of options can serve every
+        ``kind`` (e.g. a loop over kinds in a sweep).
     n_proj : int
         Random projections per Jacobian (projection estimator).
     n_iter : int
-        Power iterations (``kind="spectral"``).
+        Power iterations (``kind="spectral"``; the other kinds ignore it).
     time_stride : int
         Use every ``time_stride``-th step (t = 1, 1 + stride, ...) for the per-step kinds.
     generator : torch.Generator, optional
@@ -287,6 +291,7 @@ def jacobian_penalty(
     check_positive_int("time_stride", time_stride)
     check_compile(compile)
     check_power_dtype(power_dtype, kind)
+    check_generator(generator)
     problem = _prepare(model, inputs, h0, state, batch_first, outputs, submodule, states)
     states, gates = _states_and_gates(problem, outputs, states)
     if kind == "end_to_end":
@@ -335,6 +340,7 @@ def lyapunov_penalty(
     if not isinstance(target, (int, float)) or not math.isfinite(target):
         raise ValueError(f"target must be a finite number; got {target!r}")
     check_compile(compile)
+    check_generator(generator)
     problem = _prepare(model, inputs, h0, state, batch_first, outputs, submodule, states)
     check_lyapunov_options(problem, k, warmup, tangent_warmup, reortho_every, k_required=True)
     d = problem.dyn.size(problem.state)

@@ -346,6 +346,18 @@ def test_cuda_without_cuda_is_a_clear_error_in_python_too(monkeypatch):
             call()
 
 
+def test_a_generator_that_is_not_one_is_refused_before_work():
+    """``generator=0`` (a seed where a ``torch.Generator`` goes) was an AttributeError deep in the run."""
+    gru, x = nn.GRU(2, 3, batch_first=True), torch.randn(2, 5, 2)
+    for call in (
+        lambda: rnnjac.lyapunov_spectrum(gru, x, generator=0),
+        lambda: rnnjac.spectra(gru, x, generator=1),
+        lambda: rnnjac.fixed_points(gru, torch.zeros(2), generator=2),
+    ):
+        with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None \(e.g. .*\); got int"):
+            call()
+
+
 def test_a_packed_sequence_is_refused_with_what_to_do():
     """A PackedSequence (variable-length batches) is refused before any work by every entry point that takes
     inputs, with the way to pad it and what padding means for the analysis."""

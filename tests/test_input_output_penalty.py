@@ -263,7 +263,7 @@ def test_non_finite():
         ({"n_proj": True}, ValueError, "n_proj must be an integer >= 1; got True"),
         ({"n_proj": 2.0}, ValueError, "n_proj must be an integer >= 1; got 2.0"),
         ({"reduction": "max"}, ValueError, "reduction must be one of 'mean', 'sum', 'none'; got 'max'"),
-        ({"generator": 3}, TypeError, "generator must be a torch.Generator or None; got int"),
+        ({"generator": 3}, TypeError, r"generator must be a torch.Generator or None \(e.g. .*\); got int"),
         ({"create_graph": "yes"}, TypeError, "create_graph must be True or False"),
     ],
 )

@@ -232,3 +232,56 @@ def test_spectral_power_iterations_in_a_cheaper_dtype(arch):
         jacobian_penalty(m, x, kind="spectral", power_dtype=torch.int32)
     with pytest.raises(ValueError, match="power_dtype applies to kind='spectral' .* got kind='frobenius'"):
         jacobian_penalty(m, x, power_dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- edges found by a review
+@pytest.mark.parametrize("arch", ["gru", "lstm"])
+def test_shared_forward_under_inference_mode(arch):
+    """``forward_with_states`` under ``torch.inference_mode`` (Lightning's validation and test steps): it raised on
+    the inference tensor's missing version counter when keeping the gates. It now keeps none there and gives the
+    outputs and the penalty of ``no_grad``."""
+    m, x = _setup(arch, 2, 0)
+    with torch.no_grad():
+        out, states = forward_with_states(m, x)
+        want = jacobian_penalty(m, x, states=states)
+    with torch.inference_mode():
+        out_i, states_i = forward_with_states(m, x)
+        got = jacobian_penalty(m, x, states=states_i)
+    torch.testing.assert_close(out_i, out, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_lstm_layer_gives_each_bias_its_own_gradient():
+    """The LSTM layer's backward returned one tensor object as the gradient of both biases: an in-place edit of one
+    (gradient clipping on the tuple of ``autograd.grad``) changed the other. Values against torch's own LSTM."""
+    m, x = _setup("lstm", 1, 0)
+    params = [m.bias_ih_l0, m.bias_hh_l0]
+    g_ih, g_hh = torch.autograd.grad(forward_with_states(m, x)[0].sum(), params)
+    want = torch.autograd.grad(m(x)[0].sum(), params)
+    assert g_ih is not g_hh
+    torch.testing.assert_close(g_ih, want[0], rtol=1e-12, atol=1e-12)
+    g_ih.mul_(0.5)
+    torch.testing.assert_close(g_hh, want[1], rtol=1e-12, atol=1e-12)
+
+
+def test_no_gradient_warning_counts_h0():
+    """The "no gradient" warning is for a penalty with nothing to differentiate: a frozen model with ``h0`` requiring
+    grad has a gradient (by ``h0``) and gets no warning."""
+    m, x = _setup("gru", 1, 0)
+    m.requires_grad_(False)
+    h0 = torch.zeros(1, 3, 4, dtype=F64, requires_grad=True)
+    pen = jacobian_penalty(m, x, h0)  # warnings are errors in this suite
+    (grad,) = torch.autograd.grad(pen, h0)
+    assert grad.abs().sum() > 0
+    with pytest.warns(rnnjac.RnnjacWarning, match=r"nor the inputs, nor h0\) require grad"):
+        jacobian_penalty(m, x, h0.detach())
+
+
+def test_a_generator_that_is_not_one_is_refused_before_work():
+    m, x = _setup("gru", 1, 0)
+    for call in (
+        lambda: jacobian_penalty(m, x, kind="spectral", generator=0),
+        lambda: lyapunov_penalty(m, x, k=2, generator=1),
+    ):
+        with pytest.raises(TypeError, match="generator must be a torch.Generator or None .*; got int"):
+            call()
