@@ -23,7 +23,7 @@ import rnnjac  # noqa: E402
 from rnnjac._datasets import concat_checkpoints, stack_checkpoints, validate  # noqa: E402
 from rnnjac._lyapunov_qr import LyapunovQR, initial_basis  # noqa: E402
 from rnnjac._uncertainty import MAX_BLOCKS, BlockAccumulator, blocks_from_local, lyapunov_uncertainty  # noqa: E402
-from rnnjac.cli._commands import exponent_summary  # noqa: E402
+from rnnjac.cli._messages import exponent_summary  # noqa: E402
 from rnnjac.errors import ConvergenceWarning  # noqa: E402
 
 NEW = (

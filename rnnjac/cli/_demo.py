@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from ._commands import _symbols, exponent_summary
+from ._messages import _symbols, exponent_summary
 from ._output import _command_line, _output_folder, _write, write_plots
 
 DEMO_CHECKPOINT = "flipflop_gru.safetensors"

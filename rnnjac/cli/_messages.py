@@ -7,6 +7,7 @@ them into its flags here, and only here.
 from __future__ import annotations
 
 import re
+import sys
 
 FLAGS = {
     "overwrite": "--overwrite",
@@ -118,3 +119,54 @@ def _error_line(err: BaseException) -> str:
     if not isinstance(err, known):
         msg = f"{type(err).__name__}: {msg} (rerun with --debug for the traceback)"
     return msg
+
+
+# ----------------------------------------------------------------------------- result lines
+def lyapunov_check_line(attrs: dict) -> str:
+    """The ``lyapunov_check_*`` attrs as one line: both estimates of lambda_1 ± their standard errors, the
+    difference against its limit, and PASS/FAIL (with what a failure means)."""
+    lam, pm = _symbols()
+    a = {k.removeprefix("lyapunov_check_"): v for k, v in attrs.items() if k.startswith("lyapunov_check_")}
+    ok = bool(a["passed"])
+    text = (
+        f"{lam}1 check: {'PASS' if ok else 'FAIL'}: direct simulation {a['dns']:+.4f} {pm} {a['dns_stderr']:.4f}, "
+        f"QR {a['qr']:+.4f} {pm} {a['qr_stderr']:.4f} nats/step (standard errors); difference {a['difference']:+.4f}, "
+        f"allowed {a['limit']:.4f} ({100 * a['ci']:g}% level)"
+    )
+    if not ok:
+        text += (
+            "; the Jacobians may be wrong (rnnjac verify compares them with finite differences) or the run too short "
+            f"(a correct model fails {100 * (1 - a['ci']):g}% of the time: rerun with more --steps or another --seed)"
+        )
+    return text
+
+
+def _symbols() -> tuple[str, str]:
+    """``("λ", "±")`` where stdout can encode them, else ``("lambda", "+/-")`` (e.g. a cp1252 file redirect)."""
+    try:
+        "λ±".encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return "lambda", "+/-"
+    return "λ", "±"
+
+
+def exponent_summary(ds, n: int = 3, digits: int = 4) -> str:
+    """The top ``n`` exponents as ``λ1 = -0.0652 ± 0.0031, ...``: the mean over the batch ± the half-width of its
+    confidence interval (``ds.attrs["ci"]``) when the Dataset has ``lyapunov_exponents_bounds``, else the median
+    over the batch alone."""
+    lam, pm = _symbols()
+    if "lyapunov_exponents_bounds" not in ds:
+        top = ds.lyapunov_exponents.median("batch").values[:n]
+        return "top Lyapunov exponents (median over batch, nats/step): " + ", ".join(f"{v:+.{digits}f}" for v in top)
+    mean = ds.lyapunov_exponents_mean.values[:n]
+    b = ds.lyapunov_exponents_bounds
+    half = (b.sel(bound="upper") - b.sel(bound="lower")).values[:n] / 2
+    pairs = enumerate(zip(mean, half, strict=True))
+    parts = [f"{lam}{i + 1} = {m:+.{digits}f} {pm} {h:.{digits}f}" for i, (m, h) in pairs]
+    ci = float(ds.attrs.get("ci", 0.95))
+    text = ", ".join(parts) + f" nats/step (mean over batch {pm} half-width of the {100 * ci:g}% interval)"
+    if "lyapunov_converged" in ds and not bool(ds.lyapunov_converged.all()):
+        text += (
+            f"; not converged: {', '.join(f'{lam}{i + 1}' for i in (ds.lyapunov_converged.values == 0).nonzero()[0])}"
+        )
+    return text
