@@ -80,7 +80,7 @@ class System(ABC):
     convertible: bool = True
     """Whether :meth:`to` converts the model (a custom step's closure is opaque: it is never converted)."""
     _weights_are = "the model's weights are"
-    _dtype_fix = " (or pass dtype=...)"
+    _dtype_fix = " (model.to(dtype) or inputs.to(dtype); the functions that take dtype= convert both)"
 
     # ------------------------------------------------------------------------------------ layout
     @property

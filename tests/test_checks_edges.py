@@ -358,6 +358,15 @@ def test_a_generator_that_is_not_one_is_refused_before_work():
             call()
 
 
+def test_a_dtype_mismatch_says_what_every_caller_can_do():
+    """The hint of a dtype mismatch holds for every function (the penalties and ``jacobians`` take no ``dtype=``; it
+    said "or pass dtype=...")."""
+    gru, x = nn.GRU(2, 3, batch_first=True), torch.randn(2, 4, 2, dtype=torch.float64)
+    for call in (lambda: regularizers.jacobian_penalty(gru, x), lambda: rnnjac.jacobians(gru, x)):
+        with pytest.raises(TypeError, match=r"convert one of them \(model.to\(dtype\) or inputs.to\(dtype\); the"):
+            call()
+
+
 def test_a_packed_sequence_is_refused_with_what_to_do():
     """A PackedSequence (variable-length batches) is refused before any work by every entry point that takes
     inputs, with the way to pad it and what padding means for the analysis."""
